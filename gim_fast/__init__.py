@@ -1,6 +1,12 @@
-"""gim_fast: fast, faithful GIM attributions for Hugging Face language models."""
+"""gim_fast: fast, faithful GIM (Gradient Interaction Modifications) attributions for Hugging Face LLMs.
+
+    scores = gim_fast.explain(model, input_ids, tokenizer=tokenizer)
+    with gim_fast.GIM(model): ...   # any gradient method, with GIM's backward
+"""
 from . import ops
+from .explain import explain
+from .integration import GIM
 from .settings import GIMSettings
 
 __version__ = "0.1.0"
-__all__ = ["ops", "GIMSettings", "__version__"]
+__all__ = ["explain", "GIM", "ops", "GIMSettings", "__version__"]

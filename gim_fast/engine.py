@@ -1,0 +1,71 @@
+"""The attribution engine: one forward and one input-gradient backward under GIM, for a padded batch.
+
+Parameters are frozen for the duration (no weight gradients are ever computed) and only the target positions'
+logits are computed (``logits_to_keep``). Everything is restored on exit, also after an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .integration import GIM
+from .settings import GIMSettings
+
+
+@dataclass
+class Attribution:
+    """What one engine run computes, per row of the batch."""
+
+    scores: torch.Tensor          # [B, S]: Σ_h ∂logit/∂e · (e − e_b); 0 at padded positions
+    target_ids: torch.Tensor      # [B]
+    target_logits: torch.Tensor   # [B], the raw logit being explained
+    target_positions: torch.Tensor  # [B], absolute positions in the padded input
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: torch.nn.Module):
+    """``requires_grad_(False)`` on every parameter for the duration; the flags are restored exactly."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_positions: torch.Tensor,
+              target_ids: torch.Tensor | None, baseline_token_id: int, settings: GIMSettings) -> Attribution:
+    """GIM gradient × (input − baseline) for a batch whose inputs were already validated.
+
+    input_ids, attention_mask: ``[B, S]`` on the embedding's device; target_positions: ``[B]`` absolute positions
+    of real tokens; target_ids: ``[B]`` or None for each row's top prediction.
+    """
+    embed = model.get_input_embeddings()
+    batch = input_ids.shape[0]
+    rows = torch.arange(batch, device=input_ids.device)
+    keep = torch.unique(target_positions)  # sorted; logits only where a row needs them
+    column = torch.searchsorted(keep, target_positions)
+    # Positions count real tokens only, so a left-padded row sees the same positions as when it is alone.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    with frozen_parameters(model), GIM.from_settings(model, settings):
+        with torch.no_grad():
+            baseline = embed(torch.full_like(input_ids, baseline_token_id))
+            inputs = embed(input_ids)
+        inputs.requires_grad_(True)
+        output = model(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=keep)
+        logits = output.logits[rows, column]  # [B, V]
+        if target_ids is None:
+            target_ids = logits.detach().argmax(-1)
+        target_logits = logits[rows, target_ids]
+        (grad,) = torch.autograd.grad(target_logits.sum(), inputs)
+
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    scores = (grad.to(acc) * (inputs.detach().to(acc) - baseline.to(acc))).sum(-1)
+    scores = scores * attention_mask.to(acc)
+    return Attribution(scores.detach(), target_ids, target_logits.detach().float(), target_positions)

@@ -1,0 +1,168 @@
+"""``GIM(model)``: the context manager that makes a Hugging Face model's backward pass follow GIM.
+
+On entry, per instance and nothing global: the model goes to eval mode; its attention implementation becomes
+gim_fast's (registered with transformers' ``AttentionInterface``/``AttentionMaskInterface``); every norm's
+``forward`` is swapped for the frozen-statistic one; the gate and up projections of gated MLPs get a hook that
+scales their gradient. On exit, also after an exception, all of it is undone. The forward pass stays the
+model's own: same modules, same order, same values.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from .. import ops
+from ..ops.grad_scale import scale_grad
+from ..settings import GIMSettings
+from . import hf_attention
+from .families import Family, family_of
+
+_DEFAULTS = GIMSettings()
+
+
+def check_model(model) -> Family:
+    """Everything GIM needs of a model, checked before anything is touched."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"gim_fast expects a Hugging Face PreTrainedModel (e.g. AutoModelForCausalLM), got {type(model).__name__}")
+    family = family_of(model)
+    if getattr(model.config, "is_causal", True) is False or getattr(model.config, "use_bidirectional_attention", False):
+        raise ValueError("gim_fast explains causal language models; this model is configured for bidirectional "
+                         "attention (is_causal=False / use_bidirectional_attention=True)")
+    attention = [m for m in model.modules() if isinstance(m, family.attention_type())]
+    if not attention:
+        raise ValueError(f"found no {family.attention_class} module in {type(model).__name__}")
+    if any(getattr(m, "is_causal", True) is False for m in attention):
+        raise ValueError(f"gim_fast explains causal language models; {type(model).__name__} has non-causal "
+                         "(bidirectional or cross-) attention layers")
+    if any(hf_attention.is_active(m) for m in attention):
+        raise ValueError("this model is already inside a gim_fast.GIM context; GIM contexts cannot be nested")
+    return family
+
+
+def _attn_configs(model: nn.Module) -> list:
+    """Every config whose attention implementation set_attn_implementation may change."""
+    from transformers import PreTrainedModel
+
+    seen, todo, out = set(), [m.config for m in model.modules() if isinstance(m, PreTrainedModel)], []
+    while todo:
+        config = todo.pop()
+        if id(config) in seen:
+            continue
+        seen.add(id(config))
+        out.append(config)
+        todo.extend(c for key in getattr(config, "sub_configs", {}) if (c := getattr(config, key, None)) is not None)
+    return out
+
+
+def _use_gim_attention(model, stack: contextlib.ExitStack) -> None:
+    configs = _attn_configs(model)
+    saved = [(c, c._attn_implementation_internal) for c in configs]
+
+    def restore():
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+    stack.callback(restore)
+    hf_attention.register()
+    model.set_attn_implementation(hf_attention.ATTENTION_NAME)
+
+
+def _swap_forward(module: nn.Module, forward, stack: contextlib.ExitStack) -> None:
+    had_own = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = forward
+
+    def restore():
+        if had_own:
+            module.forward = old
+        else:
+            del module.forward
+
+    stack.callback(restore)
+
+
+def _frozen_norm_forward(module: nn.Module, family: Family, backend: str):
+    if family.norm_kind == "layer":
+        if len(module.normalized_shape) != 1:
+            raise ValueError(f"frozen LayerNorm supports normalisation over the last dim only, got {module.normalized_shape}")
+        return lambda x: ops.frozen_layer_norm(x, module.weight, module.bias, module.eps, backend=backend)
+    offset = 1.0 if family.norm_kind == "rms_gemma" else 0.0
+    eps = getattr(module, family.norm_eps_attr)
+    return lambda x: ops.frozen_rms_norm(x, module.weight, eps, offset=offset, backend=backend)
+
+
+def _scale_output_grad(scale: float):
+    def hook(module, args, output):
+        return scale_grad(output, scale)
+    return hook
+
+
+class GIM:
+    """Context manager: inside it, gradients through ``model`` follow GIM.
+
+    ``None`` turns a modification off; with all off the gradients are plain autograd's. The model is put in
+    eval mode for the duration (dropout would make attributions random) and restored exactly on exit.
+
+    Example::
+
+        with gim_fast.GIM(model):
+            logits = model(input_ids).logits
+            logits[0, -1, target].backward()
+    """
+
+    def __init__(self, model, *, freeze_norm=_DEFAULTS.freeze_norm, softmax_temperature=_DEFAULTS.softmax_temperature,
+                 q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale, v_scale=_DEFAULTS.v_scale,
+                 gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend):
+        self.model = model
+        self.settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+                                    q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
+                                    up_scale=up_scale, backend=backend)
+        self._stack: contextlib.ExitStack | None = None
+
+    @classmethod
+    def from_settings(cls, model, settings: GIMSettings) -> "GIM":
+        return cls(model, **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
+
+    def __enter__(self):
+        if self._stack is not None:
+            raise ValueError("this GIM context is already entered; GIM contexts cannot be nested")
+        family = check_model(self.model)
+        settings = self.settings
+        stack = contextlib.ExitStack()
+        try:
+            training = [(m, m.training) for m in self.model.modules()]
+            stack.callback(lambda: [m.train(flag) for m, flag in reversed(training)])
+            self.model.eval()
+
+            _use_gim_attention(self.model, stack)
+            for module in self.model.modules():
+                if isinstance(module, family.attention_type()):
+                    hf_attention.activate(module, settings)
+                    stack.callback(hf_attention.deactivate, module)
+
+            if settings.freeze_norm:
+                for module in self.model.modules():
+                    if isinstance(module, family.norm_type()):
+                        _swap_forward(module, _frozen_norm_forward(module, family, settings.backend), stack)
+
+            mlp_type = family.mlp_type()
+            if mlp_type is not None:
+                for module in self.model.modules():
+                    if isinstance(module, mlp_type):
+                        for proj, scale in ((module.gate_proj, settings.gate_scale), (module.up_proj, settings.up_scale)):
+                            if scale is not None:
+                                stack.callback(proj.register_forward_hook(_scale_output_grad(scale)).remove)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info):
+        stack, self._stack = self._stack, None
+        stack.close()
+        return False
