@@ -33,8 +33,15 @@ def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def frozen_rms_norm_eager(x, weight, eps, offset=0.0):
-    """Reference: the module's forward with the statistic detached; autograd does the rest."""
-    return _rms_forward(x, weight, eps, offset, _rstd(x, eps).detach())
+    """Reference: the value of the module's own forward; the gradient of ``x · r · w_eff`` with r detached,
+    left to autograd (in float64 for float64 inputs)."""
+    rstd = _rstd(x, eps).detach()
+    with torch.no_grad():
+        exact = _rms_forward(x, weight, eps, offset, rstd)
+    ct = torch.promote_types(x.dtype, torch.float32)
+    w_eff = (1.0 + offset) if weight is None else offset + weight.to(ct)
+    y = (x.to(ct) * rstd.to(ct) * w_eff).to(exact.dtype)
+    return exact + (y - y.detach())
 
 
 class FrozenRMSNorm(torch.autograd.Function):
@@ -52,15 +59,17 @@ class FrozenRMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         offset = ctx.offset
         grad_x = grad_w = None
+        ct = torch.promote_types(grad_out.dtype, torch.float32)  # float64 models keep float64 gradients
+        grad = grad_out.to(ct)
         if ctx.needs_input_grad[0]:
-            w_eff = 1.0 + offset if weight is None else offset + weight.to(torch.float32)
-            grad_x = (grad_out.to(torch.float32) * w_eff * rstd).to(ctx.x_dtype)
+            w_eff = 1.0 + offset if weight is None else offset + weight.to(ct)
+            grad_x = (grad * w_eff * rstd.to(ct)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             normed = x.to(torch.float32) * rstd
             if offset == 0.0:  # Llama order: the weight multiplies the already-cast activations
-                normed = normed.to(x.dtype).to(torch.float32)
+                normed = normed.to(x.dtype)
             dims = tuple(range(grad_out.dim() - 1))
-            grad_w = (grad_out.to(torch.float32) * normed).sum(dims).to(weight.dtype)
+            grad_w = (grad * normed.to(ct)).sum(dims).to(weight.dtype)
         return grad_x, grad_w, None, None
 
 
@@ -78,8 +87,10 @@ def frozen_layer_norm_eager(x, weight, bias, eps):
         y = y * weight.to(ct)
     if bias is not None:
         y = y + bias.to(ct)
-    exact = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return exact + (y.to(exact.dtype) - y.to(exact.dtype).detach())
+    with torch.no_grad():
+        exact = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    y = y.to(exact.dtype)
+    return exact + (y - y.detach())  # the value of F.layer_norm, the gradient of the formula
 
 
 class FrozenLayerNorm(torch.autograd.Function):
