@@ -135,7 +135,12 @@ class GIM:
         stack = contextlib.ExitStack()
         try:
             training = [(m, m.training) for m in self.model.modules()]
-            stack.callback(lambda: [m.train(flag) for m, flag in reversed(training)])
+
+            def restore_training():
+                for module, flag in training:
+                    module.training = flag  # per module: .train() would recurse into the children
+
+            stack.callback(restore_training)
             self.model.eval()
 
             _use_gim_attention(self.model, stack)
