@@ -9,7 +9,8 @@ VOCAB = 101
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2")
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0)
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0,
+               initializer_range=0.1)  # larger than the default 0.02: attention far from uniform
 
 
 def config_of(family: str, **overrides):
@@ -31,7 +32,8 @@ def config_of(family: str, **overrides):
                                   layer_types=["sliding_attention", "full_attention"])
     elif family == "gpt2":
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=3, n_positions=256, pad_token_id=0,
-                            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+                            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                            initializer_range=0.1)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
