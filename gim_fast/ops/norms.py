@@ -28,6 +28,11 @@ def _rms_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offse
     return (normed * (offset + weight.float())).to(x.dtype)
 
 
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every leading dim: ``[..., H] -> [H]`` (also for a 1-D ``[H]``)."""
+    return t.reshape(-1, t.shape[-1]).sum(0)
+
+
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
 
@@ -39,7 +44,7 @@ def frozen_rms_norm_eager(x, weight, eps, offset=0.0):
     with torch.no_grad():
         exact = _rms_forward(x, weight, eps, offset, rstd)
     ct = torch.promote_types(x.dtype, torch.float32)
-    w_eff = (1.0 + offset) if weight is None else offset + weight.to(ct)
+    w_eff = 1.0 if weight is None else offset + weight.to(ct)
     y = (x.to(ct) * rstd.to(ct) * w_eff).to(exact.dtype)
     return exact + (y - y.detach())
 
@@ -62,14 +67,13 @@ class FrozenRMSNorm(torch.autograd.Function):
         ct = torch.promote_types(grad_out.dtype, torch.float32)  # float64 models keep float64 gradients
         grad = grad_out.to(ct)
         if ctx.needs_input_grad[0]:
-            w_eff = 1.0 + offset if weight is None else offset + weight.to(ct)
+            w_eff = 1.0 if weight is None else offset + weight.to(ct)  # no weight: y = x · r
             grad_x = (grad * w_eff * rstd.to(ct)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             normed = x.to(torch.float32) * rstd
             if offset == 0.0:  # Llama order: the weight multiplies the already-cast activations
                 normed = normed.to(x.dtype)
-            dims = tuple(range(grad_out.dim() - 1))
-            grad_w = (grad * normed.to(ct)).sum(dims).to(weight.dtype)
+            grad_w = _sum_rows(grad * normed.to(ct)).to(weight.dtype)
         return grad_x, grad_w, None, None
 
 
@@ -111,12 +115,11 @@ class FrozenLayerNorm(torch.autograd.Function):
         rstd = rstd.to(ct)
         grad_x = grad_w = grad_b = None
         g = grad_out.to(ct)
-        dims = tuple(range(grad_out.dim() - 1))
         if ctx.needs_input_grad[0]:
             gw = g * weight.to(ct) if weight is not None else g
             grad_x = ((gw - gw.mean(-1, keepdim=True)) * rstd).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (g * (x.to(ct) - mean.to(ct)) * rstd).sum(dims).to(weight.dtype)
+            grad_w = _sum_rows(g * (x.to(ct) - mean.to(ct)) * rstd).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = g.sum(dims).to(ctx.bias_dtype)
+            grad_b = _sum_rows(g).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
