@@ -1,5 +1,15 @@
-"""Shared pytest fixtures."""
-import pytest
+"""Shared pytest setup and fixtures."""
+import os
+
+import torch
+
+# Triton decides between compiling and interpreting when its kernels are decorated, i.e. when triton is first
+# imported — which importing transformers' model modules already does. So the interpreter must be switched on
+# here, before any test module is collected: without CUDA, kernels run on the CPU under TRITON_INTERPRET=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
