@@ -2,11 +2,13 @@
 
     scores = gim_fast.explain(model, input_ids, tokenizer=tokenizer)
     with gim_fast.GIM(model): ...   # any gradient method, with GIM's backward
+    for row in gim_fast.attribute_dataset("prompts.jsonl", out="runs/x"): ...   # a whole data set
 """
 from . import ops
 from .explain import explain
 from .integration import GIM
+from .jobs import attribute_dataset
 from .settings import GIMSettings
 
 __version__ = "0.1.0"
-__all__ = ["explain", "GIM", "ops", "GIMSettings", "__version__"]
+__all__ = ["explain", "GIM", "ops", "GIMSettings", "attribute_dataset", "__version__"]

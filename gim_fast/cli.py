@@ -2,13 +2,18 @@
 
     gim-fast explain "The capital of France is"
     gim-fast explain "The capital of France is" --target " Paris" --temperature none --model gemma3-270m
+    gim-fast explain "The capital of France is" --html paris.html
+    gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
+    torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
 
 Exit codes: 0 success, 1 an unexpected failure, 2 a usage error (bad option, unknown model, a target that is
-not one token, a missing model package).
+not one token, a missing model package, an unreadable input, a rerun with other settings, a bad row under
+--strict).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import sys
@@ -47,6 +52,53 @@ def _optional_number(minimum: float, strict: bool):
     return parse
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", metavar="M",
+                        help="'smollm2-135m' (default, shipped), 'gemma3-270m', a local Hugging Face model directory "
+                             "or a .gguf file")
+    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="where converted models are cached (default $GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
+
+
+def _add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """The GIM settings, each with the library's default; 'none' turns a modification off."""
+    group = parser.add_argument_group("GIM settings ('none' turns a modification off)")
+    number = _optional_number
+    group.add_argument("--temperature", type=number(0.0, strict=True), default=_UNSET, metavar="T|none",
+                       help="softmax temperature of the attention backward (default 2.0)")
+    for name, default in (("q-scale", 0.25), ("k-scale", 0.25), ("v-scale", 0.5),
+                          ("gate-scale", 0.5), ("up-scale", 0.5)):
+        group.add_argument(f"--{name}", type=number(0.0, strict=False), default=_UNSET, metavar="X|none",
+                           help=f"gradient scale (default {default})")
+    group.add_argument("--no-freeze-norm", dest="freeze_norm", action="store_false",
+                       help="let gradients flow through the normalisation statistics (default: frozen)")
+    group.add_argument("--backend", choices=_BACKENDS, default="auto", help="attention backend (default auto)")
+
+
+def _positive_int(minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Fast, faithful GIM attributions for Hugging Face language models.")
@@ -58,29 +110,81 @@ def build_parser() -> argparse.ArgumentParser:
                     "and print one line per token with its score.",
         epilog="Settings not given keep gim_fast.explain's defaults; 'none' turns a modification off.")
     ex.add_argument("text", metavar="TEXT", help="the input text")
-    ex.add_argument("--model", default="smollm2-135m", metavar="M",
-                    help="'smollm2-135m' (default), 'gemma3-270m', a Hugging Face model directory or a .gguf file")
     ex.add_argument("--target", default=None, metavar="TOKEN|ID",
                     help="the token to explain: a string that is one token (e.g. ' Paris') or an integer token id; "
                          "default: the model's own top prediction")
-    number = _optional_number
-    ex.add_argument("--temperature", type=number(0.0, strict=True), default=_UNSET, metavar="T|none",
-                    help="softmax temperature of the attention backward (default 2.0)")
-    for name, default in (("q-scale", 0.25), ("k-scale", 0.25), ("v-scale", 0.5),
-                          ("gate-scale", 0.5), ("up-scale", 0.5)):
-        ex.add_argument(f"--{name}", type=number(0.0, strict=False), default=_UNSET, metavar="X|none",
-                        help=f"gradient scale (default {default})")
-    ex.add_argument("--no-freeze-norm", dest="freeze_norm", action="store_false",
-                    help="let gradients flow through the normalisation statistics")
-    ex.add_argument("--backend", choices=_BACKENDS, default="auto", help="attention backend (default auto)")
-    ex.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default float32)")
-    ex.add_argument("--cache-dir", default=None, metavar="DIR",
-                    help="where converted models are cached (default $GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
+    _add_model_args(ex)
+    _add_settings_args(ex)
+    ex.add_argument("--html", default=None, metavar="FILE",
+                    help="also write the tokens coloured by score to FILE, a self-contained HTML page")
     ex.add_argument("--width", type=int, default=40, help="length of the longest bar (default 40)")
     ex.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="color the bars (default auto: when writing to a terminal and NO_COLOR is unset)")
     ex.set_defaults(func=_cmd_explain)
+
+    at = sub.add_parser(
+        "attribute", help="attribute every row of a data set; Parquet shards, resumable, multi-process",
+        description="Attribute the next-token logit of every row of a data set to its tokens with GIM. Rows are "
+                    "grouped by length into batches under a token budget; results go to Parquet shards in "
+                    "OUT/data/ with OUT/manifest.json (model, settings, versions, row counts). Bad rows (empty "
+                    "text, a malformed line, an unknown target token, too long) go to OUT/errors.jsonl with their "
+                    "line number and the reason. Killed at any moment and started again with the same command, "
+                    "the job finishes what is missing; another command against an existing OUT is refused. Under "
+                    "torchrun or accelerate launch each process computes its share of the rows.",
+        epilog="Inputs: JSON Lines (.jsonl/.json/.ndjson: an object per line, or a JSON string), CSV (.csv), TSV "
+               "(.tsv), Parquet (.parquet/.pq) or plain text (.txt: one prompt per line). Output columns: id, "
+               "line, text, token_ids, tokens, scores (float32), target_id, target, target_logit, target_position, "
+               "target_given. Example: gim-fast attribute --data prompts.jsonl --out runs/x --target-field target")
+    io = at.add_argument_group("input and output")
+    io.add_argument("--data", required=True, metavar="FILE", help="the input file")
+    io.add_argument("--out", required=True, metavar="DIR", help="the output directory (created; resumed if it "
+                                                                "holds this job)")
+    io.add_argument("--format", choices=("jsonl", "csv", "tsv", "parquet", "text"), default=None,
+                    help="input format (default: from the file's suffix)")
+    io.add_argument("--text-field", default="text", metavar="NAME", help="the column holding the text (default text)")
+    io.add_argument("--target-field", default=None, metavar="NAME",
+                    help="a column holding each row's target token (a one-token string like ' Paris', or an id); "
+                         "rows without one, or without this option, explain the model's top prediction")
+    io.add_argument("--target-type", choices=("auto", "token", "id"), default="auto",
+                    help="how to read targets: auto (default: integers and digit strings are ids, other strings "
+                         "tokens), token (strings are always tokens, also '42') or id")
+    io.add_argument("--id-field", default=None, metavar="NAME",
+                    help="a column holding each row's id (default: the row's line number)")
+    io.add_argument("--html-report", type=_positive_int(0), default=0, metavar="N",
+                    help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
+    io.add_argument("--strict", action="store_true",
+                    help="stop at the first bad row (exit code 2) instead of writing it to OUT/errors.jsonl")
+    _add_model_args(at)
+    at.add_argument("--device", default=None, metavar="DEV",
+                    help="cpu, cuda or cuda:N (default: this process's GPU under torchrun, else cuda if available, "
+                         "else cpu)")
+    _add_settings_args(at)
+    at.add_argument("--baseline", default=None, metavar="TOKEN|ID",
+                    help="the baseline token (one-token string or id; default: the tokenizer's ' ' token, else its "
+                         "pad or unk token)")
+    perf = at.add_argument_group("batching and shards")
+    perf.add_argument("--batch-tokens", type=_positive_int(1), default=None, metavar="N",
+                      help=f"padded tokens per batch (default {_default_batch_tokens()}; rows longer than this get a "
+                           "batch of their own); raise it on a GPU")
+    perf.add_argument("--batch-size", type=_positive_int(1), default=None, metavar="N",
+                      help="at most N rows per batch (default: no limit; 1 attributes one row at a time)")
+    perf.add_argument("--max-length", type=_positive_int(1), default=None, metavar="N",
+                      help="rows with more tokens are bad rows (default: the model's max_position_embeddings)")
+    perf.add_argument("--shard-rows", type=_positive_int(1), default=None, metavar="N",
+                      help="write a shard after N rows (default 10000); a killed job redoes at most the unwritten rows")
+    perf.add_argument("--flush-seconds", type=_positive_float, default=None, metavar="S",
+                      help="write a shard after S seconds of work at the latest (default 600)")
+    at.add_argument("--progress", dest="progress", action="store_true", default=None,
+                    help="show the progress bar (default: when stderr is a terminal)")
+    at.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
+    at.set_defaults(func=_cmd_attribute)
     return parser
+
+
+def _default_batch_tokens() -> int:
+    from .jobs.runner import DEFAULT_BATCH_TOKENS
+
+    return DEFAULT_BATCH_TOKENS
 
 
 def _explain_function():
@@ -124,23 +228,47 @@ def _last_logits(model, input_ids):
     return out.logits[0, -1].float()
 
 
-def _cmd_explain(args) -> int:
-    import torch
-
-    from .display import format_attributions
-    from .models import load_pretrained
-
+@contextlib.contextmanager
+def _model_log():
+    """Show gim_fast.models' messages (the one-time conversion) on stderr while a model loads."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     models_log = logging.getLogger("gim_fast.models")
+    level = models_log.level
     models_log.addHandler(handler)
     models_log.setLevel(logging.INFO)
     try:
-        model, tokenizer = load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-        raise UsageError(str(e)) from None
+        yield
     finally:
         models_log.removeHandler(handler)
+        models_log.setLevel(level)
+
+
+def _load_model(args):
+    import torch
+
+    from .models import load_pretrained
+
+    with _model_log():
+        try:
+            return load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            raise UsageError(str(e)) from None
+
+
+def _settings_kwargs(args) -> dict:
+    kwargs = {"freeze_norm": args.freeze_norm, "backend": args.backend}
+    for option, keyword in _SETTINGS.items():
+        value = getattr(args, option)
+        if value is not _UNSET:
+            kwargs[keyword] = value
+    return kwargs
+
+
+def _cmd_explain(args) -> int:
+    from .display import format_attributions
+
+    model, tokenizer = _load_model(args)
 
     input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
     if input_ids.numel() == 0:
@@ -150,11 +278,7 @@ def _cmd_explain(args) -> int:
     rank = int((logits > logits[target_id]).sum()) + 1
 
     explain = _explain_function()
-    kwargs = {"freeze_norm": args.freeze_norm, "backend": args.backend}
-    for option, keyword in _SETTINGS.items():
-        value = getattr(args, option)
-        if value is not _UNSET:
-            kwargs[keyword] = value
+    kwargs = _settings_kwargs(args)
     try:
         scores = explain(model, input_ids, target_token_id=target_id, tokenizer=tokenizer, **kwargs)
     except ValueError as e:
@@ -169,7 +293,75 @@ def _cmd_explain(args) -> int:
     tokens = [tokenizer.decode([int(i)]) for i in input_ids]
     color = {"auto": None, "always": True, "never": False}[args.color]
     print(format_attributions(tokens, scores, color=color, width=args.width))
+    if args.html:
+        from .html import HtmlRow, write_html
+
+        row = HtmlRow(tokens, scores, label=args.text, target=tokenizer.decode([target_id]),
+                      target_logit=float(logits[target_id]), token_ids=input_ids.tolist())
+        try:
+            path = write_html(args.html, [row], title=f"GIM attributions: {args.model}", subtitle=shown)
+        except OSError as e:
+            raise UsageError(f"--html {args.html}: cannot write it ({e.strerror or e})") from None
+        print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _cmd_attribute(args) -> int:
+    import torch
+
+    from .jobs import BadRowError, InputError, JobError, attribute_dataset
+
+    kwargs = _settings_kwargs(args)
+    optional = {"batch_tokens": args.batch_tokens, "shard_rows": args.shard_rows,
+                "flush_seconds": args.flush_seconds}
+    try:
+        run = attribute_dataset(
+            args.data, args.model, out=args.out, format=args.format, text_field=args.text_field,
+            target_field=args.target_field, id_field=args.id_field, target_type=args.target_type,
+            batch_size=args.batch_size, max_length=args.max_length, strict=args.strict,
+            baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
+            cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
+            **{k: v for k, v in optional.items() if v is not None}, **kwargs)
+        with _model_log():
+            summary = run.run()
+    except (InputError, JobError, BadRowError) as e:
+        raise UsageError(str(e)) from None
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:     # a bad setting, an unsupported model, a bad baseline token
+        raise UsageError(str(e)) from None
+    _print_summary(run, summary)
+    return 0
+
+
+def _print_summary(run, summary: dict) -> None:
+    """What the job did: this process's share and speed, and (from the manifest) the whole job."""
+    import os
+
+    who = f"rank {summary['rank']} of {summary['world_size']}: " if summary["world_size"] > 1 else ""
+    done = summary["already_done_batches"]
+    resumed = f" ({done} batches were already done)" if done else ""
+    print(f"{PROG}: {who}attributed {summary['rows']} rows ({summary['tokens']} tokens, {summary['batches']} batches) "
+          f"in {summary['seconds']:.1f} s (+{summary['setup_seconds']:.1f} s loading and planning): "
+          f"{summary['rows_per_s']:.1f} rows/s, {summary['tokens_per_s']:.0f} tokens/s{resumed}")
+    if summary["rank"] != 0:
+        return
+    out = summary["out"]
+    manifest = run.manifest or {}
+    counts = manifest.get("counts", {})
+    if run.errors:
+        first = run.errors[0]
+        print(f"{PROG}: {len(run.errors)} bad rows set aside in {os.path.join(out, 'errors.jsonl')} "
+              f"(first: line {first.line}: {first.reason})")
+    if manifest.get("status") == "complete":
+        report = manifest.get("files", {}).get("report")
+        extra = f", report {os.path.join(out, report)}" if report else ""
+        print(f"{PROG}: complete: {counts.get('rows')} of {counts.get('input_rows')} input rows in "
+              f"{counts.get('shards')} shards under {os.path.join(out, 'data')}, manifest "
+              f"{os.path.join(out, 'manifest.json')}{extra}")
+    else:
+        print(f"{PROG}: not complete yet (other processes are still working); run the same command again to "
+              "finish it")
 
 
 def _settings_line(explain, kwargs: dict) -> str:

@@ -1,0 +1,13 @@
+"""Dataset-wide attribution jobs: read a data set, batch it, attribute every row, write Parquet shards.
+
+    for result in gim_fast.attribute_dataset("prompts.jsonl", "smollm2-135m"): ...
+    gim_fast.attribute_dataset("prompts.jsonl", out="runs/capitals").run()     # shards + manifest, resumable
+
+The same from the shell: ``gim-fast attribute --data prompts.jsonl --out runs/capitals``.
+"""
+from .inputs import FORMATS, InputError, RowError
+from .runner import BadRowError, DatasetRun, RowResult, attribute_dataset
+from .writer import JobError, read_results
+
+__all__ = ["attribute_dataset", "DatasetRun", "RowResult", "RowError", "BadRowError", "InputError", "JobError",
+           "FORMATS", "read_results"]

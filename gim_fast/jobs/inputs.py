@@ -1,0 +1,240 @@
+"""Reading a job's input rows: JSON Lines, CSV/TSV, Parquet or plain text (one prompt per line).
+
+Every reader yields, in file order, either a :class:`RawRow` or a :class:`RowError` (a row that cannot be read:
+malformed JSON, a missing text field, ...), each with its 1-based line number (the row number for Parquet, the
+first line of the record for CSV). Nothing is skipped silently: a row that cannot be used becomes a RowError.
+A problem with the whole file (no such file, an unknown format, a text column that does not exist) raises
+:class:`InputError`.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["FORMATS", "InputError", "RawRow", "RowError", "detect_format", "read_rows", "fingerprint"]
+
+FORMATS = ("jsonl", "csv", "tsv", "parquet", "text")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+             ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be read (reported in one line; the CLI exits with code 2)."""
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One input row as read: its text, and the target (token string or id) and id when the data has them."""
+
+    line: int
+    id: str
+    text: str
+    target: str | int | None = None
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row that is not attributed, and why."""
+
+    line: int
+    id: str | None
+    reason: str
+    text: str | None = None
+
+    def as_dict(self) -> dict:
+        out = {"line": self.line, "id": self.id, "reason": self.reason}
+        if self.text is not None:
+            out["text"] = self.text if len(self.text) <= 200 else self.text[:200] + "…"
+        return out
+
+
+def detect_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """``format`` if given, else the one the file name's suffix says."""
+    if format is not None:
+        if format not in FORMATS:
+            raise InputError(f"unknown input format {format!r}; accepted: {', '.join(FORMATS)}")
+        return format
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise InputError(f"cannot tell the format of {os.fspath(path)!r} from its suffix {suffix!r}; name it "
+                         f"{', '.join(sorted(_SUFFIXES))} or pass --format ({', '.join(FORMATS)})")
+    return _SUFFIXES[suffix]
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the file's bytes: a job refuses to resume on other input."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _row_id(value, line: int) -> str:
+    return str(line) if value is None else str(value)
+
+
+def _from_record(record, line: int, text_field: str, target_field: str | None, id_field: str | None):
+    """A RawRow or RowError from one mapping (a JSON object, a CSV record, a Parquet row)."""
+    raw_id = record.get(id_field) if id_field else None
+    if id_field and raw_id is None:
+        return RowError(line, None, f"missing id field {id_field!r}")
+    row_id = _row_id(raw_id, line)
+    if text_field not in record:
+        return RowError(line, row_id, f"missing text field {text_field!r}")
+    text = record[text_field]
+    if text is None:
+        return RowError(line, row_id, "empty text (null)")
+    if not isinstance(text, str):
+        return RowError(line, row_id, f"text field {text_field!r} is not a string but {type(text).__name__}")
+    if not text.strip():
+        return RowError(line, row_id, "empty text", text)
+    target = record.get(target_field) if target_field else None
+    if isinstance(target, bool) or not (target is None or isinstance(target, (str, int))):
+        return RowError(line, row_id, f"target field {target_field!r} must be a token string or an integer id, "
+                                      f"got {type(target).__name__}", text)
+    if target == "":
+        target = None
+    return RawRow(line, row_id, text, target)
+
+
+def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+    with open(path, encoding="utf-8", errors="strict", newline="") as f:
+        for line, raw in enumerate(_lines(f, path), start=1):
+            if not raw.strip():
+                yield RowError(line, None, "empty line")
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as e:
+                yield RowError(line, None, f"malformed JSON: {e}", raw)
+                continue
+            if isinstance(record, str):      # a bare JSON string is a text
+                record = {text_field: record}
+            if not isinstance(record, dict):
+                yield RowError(line, None, f"not a JSON object but {type(record).__name__}", raw)
+                continue
+            yield _from_record(record, line, text_field, target_field, id_field)
+
+
+def _lines(f, path) -> Iterator[str]:
+    """The file's lines without their line ending (\\n or \\r\\n); a final newline does not make an empty line."""
+    try:
+        for raw in f:
+            if raw.endswith("\n"):
+                raw = raw[:-1]
+                if raw.endswith("\r"):
+                    raw = raw[:-1]
+            yield raw
+    except UnicodeDecodeError as e:
+        raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
+
+
+def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+    if target_field or id_field:
+        raise InputError("a plain-text input has no fields: --target-field and --id-field need JSON Lines, CSV or "
+                         "Parquet")
+    with open(path, encoding="utf-8", newline="") as f:
+        for line, text in enumerate(_lines(f, path), start=1):
+            if not text.strip():
+                yield RowError(line, str(line), "empty text", text)
+            else:
+                yield RawRow(line, str(line), text)
+
+
+def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[RawRow | RowError]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the header of {os.fspath(path)!r}: {e}") from None
+        _check_columns(path, header, text_field, target_field, id_field)
+        first = reader.line_num + 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield RowError(first, None, f"malformed CSV record: {e}")
+                first = reader.line_num + 1
+                continue
+            except UnicodeDecodeError as e:
+                raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
+            line, first = first, reader.line_num + 1
+            if len(fields) != len(header):
+                if not fields or fields == [""]:
+                    yield RowError(line, None, "empty line")
+                else:
+                    yield RowError(line, None, f"malformed CSV record: {len(fields)} fields where the header has "
+                                               f"{len(header)}", delimiter.join(fields))
+                continue
+            record = dict(zip(header, fields))
+            if id_field and record.get(id_field) == "":
+                record[id_field] = None
+            if target_field and record.get(target_field) == "":
+                record[target_field] = None
+            yield _from_record(record, line, text_field, target_field, id_field)
+
+
+def _check_columns(path, columns, text_field, target_field, id_field) -> None:
+    for option, name in (("--text-field", text_field), ("--target-field", target_field), ("--id-field", id_field)):
+        if name and name not in columns:
+            shown = ", ".join(repr(c) for c in list(columns)[:20])
+            raise InputError(f"{os.fspath(path)!r} has no column {name!r} (given as {option}); its columns are: "
+                             f"{shown}")
+
+
+def _read_parquet(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid/OSError kinds
+        raise InputError(f"cannot read {os.fspath(path)!r} as Parquet: {e}") from None
+    columns = [c for c in (text_field, target_field, id_field) if c]
+    _check_columns(path, file.schema_arrow.names, text_field, target_field, id_field)
+    line = 0
+    for batch in file.iter_batches(columns=list(dict.fromkeys(columns)), batch_size=8192):
+        for record in batch.to_pylist():
+            line += 1
+            yield _from_record(record, line, text_field, target_field, id_field)
+
+
+def _read_records(records: Iterable, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+    """In-memory input for the Python API: strings, or mappings with the text (and target, id) fields."""
+    for line, record in enumerate(records, start=1):
+        if isinstance(record, str):
+            record = {text_field: record}
+        if not isinstance(record, dict):
+            yield RowError(line, None, f"a row must be a string or a dict, got {type(record).__name__}")
+            continue
+        yield _from_record(record, line, text_field, target_field, id_field)
+
+
+def read_rows(source, *, format: str | None = None, text_field: str = "text", target_field: str | None = None,
+              id_field: str | None = None) -> Iterator[RawRow | RowError]:
+    """Every row of ``source`` (a path, or for the Python API an iterable of strings or dicts), in order."""
+    if not isinstance(source, (str, os.PathLike)):
+        if format is not None:
+            raise InputError("format= applies to files only; in-memory rows are strings or dicts")
+        return _read_records(source, text_field, target_field, id_field)
+    path = Path(source)
+    kind = detect_format(path, format)
+    if not path.is_file():
+        raise InputError(f"no such input file: {os.fspath(source)!r}")
+    if kind == "jsonl":
+        return _read_jsonl(path, text_field, target_field, id_field)
+    if kind == "text":
+        return _read_text(path, text_field, target_field, id_field)
+    if kind in ("csv", "tsv"):
+        return _read_csv(path, text_field, target_field, id_field, "," if kind == "csv" else "\t")
+    return _read_parquet(path, text_field, target_field, id_field)
