@@ -8,7 +8,9 @@ from . import ops
 from .explain import explain
 from .integration import GIM
 from .jobs import attribute_dataset
+from .memory import InsufficientMemoryError, estimate_memory
 from .settings import GIMSettings
 
 __version__ = "0.1.0"
-__all__ = ["explain", "GIM", "ops", "GIMSettings", "attribute_dataset", "__version__"]
+__all__ = ["explain", "GIM", "ops", "GIMSettings", "attribute_dataset", "estimate_memory",
+           "InsufficientMemoryError", "__version__"]

@@ -102,7 +102,7 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
             attention_mask=None, freeze_norm=_DEFAULTS.freeze_norm,
             softmax_temperature=_DEFAULTS.softmax_temperature, q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale,
             v_scale=_DEFAULTS.v_scale, gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale,
-            backend=_DEFAULTS.backend) -> torch.Tensor:
+            backend=_DEFAULTS.backend, checkpointing="auto") -> torch.Tensor:
     """GIM attribution of each input token to one target logit.
 
     Args:
@@ -119,6 +119,9 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
         freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale: GIM settings;
             ``None`` turns one off.
         backend: ``"auto"``, ``"torch"``, ``"eager"`` or ``"triton"`` (see ``gim_fast.ops``).
+        checkpointing: ``"auto"`` checkpoints decoder layers only when the memory estimate says the activations
+            would not fit otherwise; True/False force it. A request that cannot fit even with checkpointing
+            raises ``gim_fast.InsufficientMemoryError`` before anything runs (see ``gim_fast.estimate_memory``).
 
     Returns:
         Scores ``[S]`` for 1-D input, ``[B, S]`` for 2-D (0 at padded positions), float32 (float64 for a
@@ -128,6 +131,8 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
                            k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
                            backend=backend)
     check_model(model)
+    if checkpointing not in ("auto", True, False):
+        raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
     ids = _as_id_tensor(input_ids)
     squeeze = ids.dim() == 1
     mask = _as_mask(attention_mask, ids)
@@ -165,5 +170,6 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, baseline))
     result = attribute(
         model, ids.to(device), mask.to(device), torch.tensor(absolute, device=device),
-        None if targets is None else torch.tensor(targets, device=device), baseline, settings)
+        None if targets is None else torch.tensor(targets, device=device), baseline, settings,
+        checkpointing=checkpointing)
     return result.scores[0] if squeeze else result.scores

@@ -43,6 +43,18 @@ def check_model(model) -> Family:
     return family
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` for the duration; every module's own training flag is restored on exit."""
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, flag in training:
+            module.training = flag  # per module: .train() would recurse into the children
+
+
 def _attn_configs(model: nn.Module) -> list:
     """Every config whose attention implementation set_attn_implementation may change."""
     from transformers import PreTrainedModel
@@ -134,14 +146,7 @@ class GIM:
         settings = self.settings
         stack = contextlib.ExitStack()
         try:
-            training = [(m, m.training) for m in self.model.modules()]
-
-            def restore_training():
-                for module, flag in training:
-                    module.training = flag  # per module: .train() would recurse into the children
-
-            stack.callback(restore_training)
-            self.model.eval()
+            stack.enter_context(eval_mode(self.model))
 
             _use_gim_attention(self.model, stack)
             for module in self.model.modules():
