@@ -54,7 +54,8 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
     embed = model.get_input_embeddings()
     batch, seq_len = input_ids.shape
     keep = torch.unique(target_positions)  # sorted; logits only where a row needs them
-    backend = resolve_backend(settings.backend, input_ids.device) if settings is not None else "torch"
+    dtype = embed.weight.dtype
+    backend = resolve_backend(settings.backend, input_ids.device, dtype) if settings is not None else "torch"
     use_checkpoints = plan_checkpointing(model, seq_len, batch, backend=backend, num_targets=len(keep),
                                          checkpointing=checkpointing)
     # Positions count real tokens only, so a left-padded row sees the same positions as when it is alone.

@@ -6,6 +6,7 @@ frozen, so no weight gradients and no tensors saved for them), per decoder layer
     attention   q, k, v as the attention saves them          b·B·S·(Hq + 2·Hkv)·D
                 the per-row log-sum-exps (plain, temperature) 8·B·Hq·S
                 eager backend only: the S×S scores, P, P_T    12·B·Hq·S²
+                triton backend only: O and O_T (float32)      (b + 4)·B·S·Hq·D
     gated MLP   act(gate), up and gate (for act's backward)  3·b·B·S·I      (plain MLP: fc output, 1·b·B·S·I)
     attn output / residual / frozen norms: nothing beyond a per-row statistic (weights frozen: dx = dy·W)
 
@@ -97,6 +98,8 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     layer = b * tokens * qkv + 8 * tokens * d.q_heads + b * tokens * d.intermediate * (3 if d.gated else 1)
     if backend == "eager":
         layer += 12 * batch * d.q_heads * seq_len * seq_len
+    elif backend == "triton":  # the kernel also keeps O (b) and, for the temperature, O_T in float32
+        layer += (b + 4) * tokens * d.q_heads * d.head_dim
     parts = {}
     if checkpointing:
         parts["layer inputs (checkpoints)"] = n_layers * b * tokens * d.hidden

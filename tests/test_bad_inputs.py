@@ -154,6 +154,16 @@ def test_bad_ops_input(case):
         gim_fast.ops.gim_attention(**args)
 
 
-def test_triton_backend_not_yet_available():
-    with pytest.raises(ValueError, match="triton"):
-        gim_fast.explain(tiny_model("llama"), IDS, baseline_token_id=0, backend="triton")
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
+        gim_fast.explain(model, IDS, baseline_token_id=0, backend="triton")
+    assert_same_state(before, snapshot(model))
+
+
+def test_triton_backend_refuses_float64():
+    model = tiny_model("llama", torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        gim_fast.explain(model, IDS, baseline_token_id=0, backend="triton")

@@ -5,7 +5,7 @@
 ``frozen_layer_norm`` LayerNorm whose backward treats the standard deviation as a constant
 
 Each takes ``backend=``: ``"eager"`` (materialised, the reference), ``"torch"`` (row-chunked, O(S) memory,
-any device), ``"triton"`` (fused kernels, CUDA) or ``"auto"``. Results do not depend on the backend beyond
+any device), ``"triton"`` (fused kernels, CUDA) or ``"auto"`` (``triton`` on CUDA, ``torch`` elsewhere). Results do not depend on the backend beyond
 floating-point rounding.
 """
 from __future__ import annotations
@@ -84,9 +84,13 @@ def gim_attention(q, k, v, *, scale=None, causal=True, sliding_window=None, soft
     args = dict(scale=float(scale), causal=bool(causal), sliding_window=sliding_window,
                 softcap=None if softcap is None else float(softcap), key_padding_mask=key_padding_mask,
                 temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
-    backend = resolve_backend(check_backend(backend), q.device)
+    backend = resolve_backend(check_backend(backend), q.device, q.dtype)
     if backend == "eager":
         return gim_attention_eager(q, k, v, **args)
+    if backend == "triton":
+        from .attention_triton import gim_attention_triton  # imports triton: only when asked for
+
+        return gim_attention_triton(q, k, v, **args)
     return gim_attention_chunked(q, k, v, **args)
 
 
@@ -107,9 +111,14 @@ def frozen_rms_norm(x, weight, eps, *, offset=0.0, backend="auto"):
     (multiply by ``1 + w`` in float32, then cast).
     """
     _check_norm_inputs("frozen_rms_norm", x, weight, eps)
-    backend = resolve_backend(check_backend(backend), x.device)
+    backend = resolve_backend(check_backend(backend), x.device, x.dtype)
     if backend == "eager":
         return frozen_rms_norm_eager(x, weight, float(eps), float(offset))
+    if backend == "triton":
+        from .norm_triton import frozen_rms_norm_triton
+
+        # r from torch's own reduction, so the forward stays the module's bit for bit (see norm_triton)
+        return frozen_rms_norm_triton(x, weight, float(eps), float(offset), exact_rstd=True)
     return FrozenRMSNorm.apply(x, weight, float(eps), float(offset))
 
 
@@ -121,7 +130,11 @@ def frozen_layer_norm(x, weight, bias, eps, *, backend="auto"):
     _check_norm_inputs("frozen_layer_norm", x, weight, eps)
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (x.shape[-1],)):
         raise ValueError(f"frozen_layer_norm: bias must be a tensor of shape ({x.shape[-1]},) or None")
-    backend = resolve_backend(check_backend(backend), x.device)
+    backend = resolve_backend(check_backend(backend), x.device, x.dtype)
     if backend == "eager":
         return frozen_layer_norm_eager(x, weight, bias, float(eps))
+    if backend == "triton":
+        from .norm_triton import frozen_layer_norm_triton
+
+        return frozen_layer_norm_triton(x, weight, bias, float(eps))
     return FrozenLayerNorm.apply(x, weight, bias, float(eps))
