@@ -1,61 +1,113 @@
 """The ``torch`` backend of ``gim_attention``: row-chunked, O(S·chunk) memory, any device.
 
-Query rows are processed ``chunk_size`` at a time against the key columns they may see (all earlier keys,
-or the last ``sliding_window`` of them). The forward pass keeps only the per-row log-sum-exp of the scores
-(``lse``, and ``lse_t`` for the temperature); the backward pass recomputes each tile's probabilities from it,
-the way flash attention does, so no S×S matrix is ever held.
+Fast path — when nothing but causality constrains the keys (no padding, window or soft-capping; float16/32):
+torch's fused ``scaled_dot_product_attention`` (flash on CPU and GPU, GQA without repeating K/V) does all the
+work. The forward is SDPA; the backward uses that the GIM rule for the scores is T × the gradient of
+softmax(S/T), and that dP = dO Vᵀ does not depend on the softmax:
 
-Per tile, with S the scores exactly as the softmax sees them (scaled, soft-capped, masked):
+    dQ, dK = T · ∂/∂(Q, K) of SDPA(Q, K, V, scale/T)      (its dS is P_T ⊙ (dP − rowsum(dP ⊙ P_T)) exactly)
+    dV     = ∂/∂V of SDPA(Q, K, V, scale)                 (Pᵀ dO with the true P)
 
-    forward   P   = exp(S − lse),        O  = P V
-    backward  P_T = exp(S/T − lse_t),    dP = dO Vᵀ
-              dS  = P_T ⊙ (dP − rowsum(dP ⊙ P_T))        (GIM; T = None gives P_T = P, plain attention)
-              dS_raw = dS ⊙ (1 − tanh²(S_raw / cap))     (soft-capping)
-              dQ = scale·dS_raw K,  dK = scale·dS_rawᵀ Q,  dV = Pᵀ dO     (then × q/k/v scale)
+Chunked path — otherwise: query rows are processed ``chunk_size`` at a time against the key columns they may
+see. Nothing but q, k, v is saved: each backward tile spans *all* keys its rows may see, so it recomputes its
+rows' softmax exactly from the scores, the way flash attention recomputes P — no S×S matrix, no statistics.
 
-GQA: the ``G = Hq / Hkv`` query heads sharing a KV head are stacked as ``G·chunk`` rows against that one KV head,
-so K and V are never repeated; dK and dV sum over the group by the same matmul. A query row with no allowed key
-gets lse = +inf, hence P = 0: it outputs 0 and passes no gradient. The loop is sequential: results are
-deterministic.
+Per tile of query rows, with S the scores exactly as the softmax sees them (scaled, soft-capped, masked):
+
+    P   = softmax(S),    P_T = softmax(S/T),    dP = dO Vᵀ
+    dS  = P_T ⊙ (dP − rowsum(dP ⊙ P_T))        (GIM; T = None gives P_T = P, plain attention)
+    dS_raw = dS ⊙ (1 − tanh²(S_raw / cap))     (soft-capping)
+    dQ = scale·dS_raw K,  dK = scale·dS_rawᵀ Q,  dV = Pᵀ dO     (then × q/k/v scale; dV with the true P)
+
+For T = 2 one exponential serves both: with u = exp((S − max S)/2), P_T = u/Σu and P = u²/Σu².
+Causal tiles stop at the tile's last row, so about half the S×S work is skipped. GQA: the ``G = Hq/Hkv`` query
+heads sharing a KV head are stacked as ``G·chunk`` rows against that one KV head, so K and V are never repeated
+and dK, dV sum over the group inside the matmul. A query row with no allowed key outputs 0 and passes no
+gradient. The loops are sequential: results are deterministic.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .attention_eager import compute_dtype
 from .masks import allowed_tile, key_range
 
-# Elements of one fp32 score tile (B·Hq·chunk·keys) the automatic chunk size aims for: 2^24 ≈ 64 MB.
-_TILE_ELEMENTS = 1 << 24
+# Elements of one score tile (B·Hq·rows·keys) the automatic chunk size aims for: 2^22 (16 MB in float32); the
+# backward holds about six such tiles at once. At most _MAX_ROWS rows, so that causal tiles skip their upper
+# triangle.
+_TILE_ELEMENTS = 1 << 22
+_MAX_ROWS = 256
 
 
 def auto_chunk_size(batch: int, q_heads: int, seq_len: int, sliding_window: int | None) -> int:
-    """Query rows per chunk so that one score tile holds about ``_TILE_ELEMENTS`` elements."""
-    keys = seq_len if sliding_window is None else min(seq_len, sliding_window + 64)
+    """Query rows per chunk: one score tile of about ``_TILE_ELEMENTS`` elements, at most ``_MAX_ROWS`` rows."""
+    keys = seq_len if sliding_window is None else min(seq_len, sliding_window + _MAX_ROWS)
     rows = _TILE_ELEMENTS // max(1, batch * q_heads * keys)
-    return int(max(16, min(seq_len, rows)))
+    return int(max(16, min(seq_len, _MAX_ROWS, rows)))
 
 
-def _tile_scores(q_tile, k_tile, scale, softcap):
-    """Scores of a tile ``[B,Hkv,G·c,n]`` and, with soft-capping, the tanh needed by its derivative."""
-    raw = (q_tile @ k_tile.transpose(-1, -2)) * scale
-    if softcap is None:
-        return raw, None
-    t = torch.tanh(raw / softcap)
-    return softcap * t, t
+def _tile(q, k, v, q_start, q_end, ct, group, scale, softcap, causal, sliding_window, key_padding_mask):
+    """One tile: the masked scores ``[B, Hkv, G·c, n]``, the soft-cap tanh (or None), the key range, the
+    query tile ``[B, Hkv, G·c, D]`` and the key/value tiles ``[B, Hkv, n, D]``."""
+    batch, kv_heads, seq_len, head_dim = k.shape
+    c = q_end - q_start
+    lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
+    q_tile = q[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
+    k_tile, v_tile = k[:, :, lo:hi].to(ct), v[:, :, lo:hi].to(ct)
+    scores = torch.matmul(q_tile, k_tile.transpose(-1, -2)).mul_(scale)
+    tanh = None
+    if softcap is not None:
+        tanh = scores.div_(softcap).tanh_()
+        scores = tanh * softcap
+    if causal or sliding_window is not None or key_padding_mask is not None:
+        allowed = allowed_tile(q_start, q_end, lo, hi, causal=causal, sliding_window=sliding_window,
+                               key_padding_mask=key_padding_mask, device=q.device)
+        n = hi - lo
+        scores.view(batch, kv_heads, group, c, n).masked_fill_(~allowed[:, :, None], float("-inf"))
+    return scores, tanh, (lo, hi), q_tile, k_tile, v_tile
 
 
-def _masked(scores, allowed, group):
-    """Fill disallowed entries with −inf; ``allowed`` is ``[B|1,1,c,n]``, scores ``[B,Hkv,G·c,n]``."""
-    b, hkv, gc, n = scores.shape
-    view = scores.view(b, hkv, group, gc // group, n)
-    return view.masked_fill(~allowed[:, :, None], float("-inf")).view(b, hkv, gc, n)
+def _softmaxes(scores, temperature):
+    """(P, P_T) of a tile whose rows hold every key they may see; rows with no allowed key give zeros."""
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    if temperature == 2.0:
+        u = (scores - top).mul_(0.5).exp_()
+        probs = u * u
+        probs_t = u.div_(u.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(u.dtype).tiny))
+        probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(u.dtype).tiny))
+        return probs, probs_t
+    shifted = scores - top
+    probs = shifted.exp()
+    probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs.dtype).tiny))
+    if temperature == 1.0:
+        return probs, probs
+    probs_t = shifted.div_(temperature).exp_()
+    probs_t.div_(probs_t.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs_t.dtype).tiny))
+    return probs, probs_t
 
 
-def _stable_lse(scores, temperature=1.0):
-    """Row log-sum-exp of ``scores / temperature``; a row with no allowed key gets +inf (so exp(S − lse) = 0)."""
-    lse = torch.logsumexp(scores / temperature if temperature != 1.0 else scores, dim=-1, keepdim=True)
-    return torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+def _use_sdpa(causal, sliding_window, softcap, key_padding_mask, dtype):
+    """The fast path: structure torch's SDPA expresses without a dense mask; float64 stays on the chunked path
+    (the float64 reference computations of the tests)."""
+    return sliding_window is None and softcap is None and key_padding_mask is None and dtype != torch.float64
+
+
+def _sdpa_backward(q, k, v, grad_out, scale, causal, temperature):
+    """(dQ, dK, dV) of GIM attention from torch's fused SDPA backward (the fast path of the module docstring)."""
+    group = q.shape[1] // k.shape[1]
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+
+    def sdpa(s):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=s, enable_gqa=group > 1)
+
+    with torch.enable_grad():
+        if temperature == 1.0:
+            return torch.autograd.grad(sdpa(scale), (q, k, v), grad_out)
+        (dv,) = torch.autograd.grad(sdpa(scale), (v,), grad_out)
+        dq, dk = torch.autograd.grad(sdpa(scale / temperature), (q, k), grad_out)
+    return dq * temperature, dk * temperature, dv
 
 
 class ChunkedGIMAttention(torch.autograd.Function):
@@ -68,77 +120,61 @@ class ChunkedGIMAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         group = q_heads // kv_heads
         ct = compute_dtype(q.dtype)
-        t = 1.0 if temperature is None else float(temperature)
-
+        ctx.save_for_backward(q, k, v, key_padding_mask)
+        ctx.args = (scale, causal, sliding_window, softcap, 1.0 if temperature is None else float(temperature),
+                    q_scale, k_scale, v_scale, chunk_size)
+        ctx.sdpa = _use_sdpa(causal, sliding_window, softcap, key_padding_mask, q.dtype)
+        if ctx.sdpa:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
         out = torch.empty(batch, kv_heads, group, seq_len, head_dim, dtype=q.dtype, device=q.device)
-        lse = torch.empty(batch, kv_heads, group, seq_len, dtype=ct, device=q.device)
-        lse_t = torch.empty_like(lse) if t != 1.0 else lse
         for q_start in range(0, seq_len, chunk_size):
             q_end = min(seq_len, q_start + chunk_size)
-            c = q_end - q_start
-            lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
-            q_tile = q[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
-            k_tile, v_tile = k[:, :, lo:hi].to(ct), v[:, :, lo:hi].to(ct)
-            allowed = allowed_tile(q_start, q_end, lo, hi, causal=causal, sliding_window=sliding_window,
-                                   key_padding_mask=key_padding_mask, device=q.device)
-            scores, _ = _tile_scores(q_tile, k_tile, scale, softcap)
-            scores = _masked(scores, allowed, group)
-            row_lse = _stable_lse(scores)
-            out[:, :, :, q_start:q_end] = (torch.exp(scores - row_lse) @ v_tile).view(
-                batch, kv_heads, group, c, head_dim)
-            lse[:, :, :, q_start:q_end] = row_lse.view(batch, kv_heads, group, c)
-            if t != 1.0:
-                lse_t[:, :, :, q_start:q_end] = _stable_lse(scores, t).view(batch, kv_heads, group, c)
-
-        ctx.save_for_backward(q, k, v, key_padding_mask, lse, lse_t)
-        ctx.args = (scale, causal, sliding_window, softcap, t, q_scale, k_scale, v_scale, chunk_size)
+            scores, _, _, _, _, v_tile = _tile(q, k, v, q_start, q_end, ct, group, scale, softcap, causal,
+                                               sliding_window, key_padding_mask)
+            probs, _ = _softmaxes(scores, 1.0)
+            out[:, :, :, q_start:q_end] = (probs @ v_tile).view(batch, kv_heads, group, q_end - q_start, head_dim)
         return out.view(batch, q_heads, seq_len, head_dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, key_padding_mask, lse, lse_t = ctx.saved_tensors
+        q, k, v, key_padding_mask = ctx.saved_tensors
         scale, causal, sliding_window, softcap, t, q_scale, k_scale, v_scale, chunk_size = ctx.args
         batch, q_heads, seq_len, head_dim = q.shape
         kv_heads = k.shape[1]
         group = q_heads // kv_heads
-        ct = lse.dtype
-
-        dq = torch.zeros(batch, kv_heads, group, seq_len, head_dim, dtype=ct, device=q.device)
-        dk = torch.zeros(batch, kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
-        dv = torch.zeros_like(dk)
-        for q_start in range(0, seq_len, chunk_size):
-            q_end = min(seq_len, q_start + chunk_size)
-            c = q_end - q_start
-            lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
-            q_tile = q[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
-            do_tile = grad_out[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
-            k_tile, v_tile = k[:, :, lo:hi].to(ct), v[:, :, lo:hi].to(ct)
-            allowed = allowed_tile(q_start, q_end, lo, hi, causal=causal, sliding_window=sliding_window,
-                                   key_padding_mask=key_padding_mask, device=q.device)
-            scores, tanh = _tile_scores(q_tile, k_tile, scale, softcap)
-            scores = _masked(scores, allowed, group)
-
-            row_lse = lse[:, :, :, q_start:q_end].reshape(batch, kv_heads, group * c, 1)
-            probs = torch.exp(scores - row_lse)
-            if t != 1.0:
-                row_lse_t = lse_t[:, :, :, q_start:q_end].reshape(batch, kv_heads, group * c, 1)
-                probs_t = torch.exp(scores / t - row_lse_t)
-            else:
-                probs_t = probs
-
-            dv[:, :, lo:hi] += probs.transpose(-1, -2) @ do_tile  # dV = Pᵀ dO with the true P
-            grad_p = do_tile @ v_tile.transpose(-1, -2)
-            grad_s = probs_t * (grad_p - (grad_p * probs_t).sum(dim=-1, keepdim=True))
-            if tanh is not None:
-                grad_s = grad_s * (1.0 - tanh * tanh)
-            grad_s = grad_s * scale
-            dq[:, :, :, q_start:q_end] = (grad_s @ k_tile).view(batch, kv_heads, group, c, head_dim)
-            dk[:, :, lo:hi] += grad_s.transpose(-1, -2) @ q_tile
+        ct = compute_dtype(q.dtype)
 
         def finish(grad, factor, like):
             if factor is not None and factor != 1.0:
                 grad = grad * factor
             return grad.reshape(like.shape).to(like.dtype)
+
+        if ctx.sdpa:
+            dq, dk, dv = _sdpa_backward(q, k, v, grad_out, scale, causal, t)
+            return (finish(dq, q_scale, q), finish(dk, k_scale, k), finish(dv, v_scale, v),
+                    None, None, None, None, None, None, None, None, None, None)
+
+        dq = torch.empty(batch, kv_heads, group, seq_len, head_dim, dtype=ct, device=q.device)
+        dk = torch.zeros(batch, kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
+        dv = torch.zeros_like(dk)
+        for q_start in range(0, seq_len, chunk_size):
+            q_end = min(seq_len, q_start + chunk_size)
+            c = q_end - q_start
+            scores, tanh, (lo, hi), q_tile, k_tile, v_tile = _tile(
+                q, k, v, q_start, q_end, ct, group, scale, softcap, causal, sliding_window, key_padding_mask)
+            probs, probs_t = _softmaxes(scores, t)
+            del scores
+            do_tile = grad_out[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
+
+            dv[:, :, lo:hi] += probs.transpose(-1, -2) @ do_tile  # dV = Pᵀ dO with the true P
+            del probs
+            grad_s = do_tile @ v_tile.transpose(-1, -2)  # dP
+            grad_s.sub_((grad_s * probs_t).sum(dim=-1, keepdim=True)).mul_(probs_t)
+            if tanh is not None:
+                grad_s.mul_(1.0 - tanh * tanh)
+            grad_s.mul_(scale)
+            dq[:, :, :, q_start:q_end] = (grad_s @ k_tile).view(batch, kv_heads, group, c, head_dim)
+            dk[:, :, lo:hi] += grad_s.transpose(-1, -2) @ q_tile
 
         return (finish(dq, q_scale, q), finish(dk, k_scale, k), finish(dv, v_scale, v),
                 None, None, None, None, None, None, None, None, None, None)
