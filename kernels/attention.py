@@ -97,6 +97,29 @@ def _allowed(i, j, seq_len, key_ok, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl
 
 
 @triton.jit
+def _key_block_scores(q, k_base, v_base, m_base, offs_m, offs_n, offs_d, d_ok, stride_ks, stride_kd, stride_vs,
+                      stride_vd, stride_ms, seq_len, scale, softcap, window, CAUSAL: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
+                      FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For the row-major kernels (forward, dQ): load the key block ``offs_n`` of K and V (and its padding
+    mask) and return (k, v, S·log2 e masked to −inf where query ``offs_m`` may not attend, the soft-cap tanh)."""
+    col_ok = offs_n < seq_len
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if not FAST_MMA:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = col_ok
+    if HAS_PAD:
+        key_ok = tl.load(m_base + offs_n * stride_ms, mask=col_ok, other=0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s2, tanh = _scores_log2(qk, scale, softcap, HAS_SOFTCAP)
+    ok = _allowed(offs_m[:, None], offs_n[None, :], seq_len, key_ok[None, :], window, CAUSAL, HAS_WINDOW, HAS_PAD)
+    return k, v, tl.where(ok, s2, float("-inf")), tanh
+
+
+@triton.jit
 def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key columns [lo, hi) that query rows [start_m, start_m + BLOCK_M) can see; lo aligned to BLOCK_N.
@@ -189,23 +212,10 @@ def _attn_fwd_kernel(
 
     lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in tl.range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < seq_len
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if not FAST_MMA:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = col_ok
-        if HAS_PAD:
-            key_ok = tl.load(m_base + offs_n * stride_ms, mask=col_ok, other=0)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s2, _ = _scores_log2(qk, scale, softcap, HAS_SOFTCAP)
-        ok = _allowed(offs_m[:, None], offs_n[None, :], seq_len, key_ok[None, :], window,
-                      CAUSAL, HAS_WINDOW, HAS_PAD)
-        s2 = tl.where(ok, s2, float("-inf"))
+        k, v, s2, _ = _key_block_scores(
+            q, k_base, v_base, m_base, offs_m, start_n + offs_n0, offs_d, d_ok, stride_ks, stride_kd, stride_vs,
+            stride_vd, stride_ms, seq_len, scale, softcap, window, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD,
+            FAST_MMA, DOT_PRECISION)
 
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         # A row that has seen no allowed key yet keeps m = −inf; subtract 0 instead so that exp2 gives 0, not NaN.
@@ -442,23 +452,10 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in tl.range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < seq_len
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if not FAST_MMA:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = col_ok
-        if HAS_PAD:
-            key_ok = tl.load(m_base + offs_n * stride_ms, mask=col_ok, other=0)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s2, tanh = _scores_log2(qk, scale, softcap, HAS_SOFTCAP)
-        ok = _allowed(offs_m[:, None], offs_n[None, :], seq_len, key_ok[None, :], window,
-                      CAUSAL, HAS_WINDOW, HAS_PAD)
-        s2 = tl.where(ok, s2, float("-inf"))
+        k, v, s2, tanh = _key_block_scores(
+            q, k_base, v_base, m_base, offs_m, start_n + offs_n0, offs_d, d_ok, stride_ks, stride_kd, stride_vs,
+            stride_vd, stride_ms, seq_len, scale, softcap, window, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD,
+            FAST_MMA, DOT_PRECISION)
         if TEMP_MODE == 0:
             pt = tl.exp2(s2 - lset2[:, None])
         elif TEMP_MODE == 2:
