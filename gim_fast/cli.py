@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar (default: when stderr is a terminal)")
     at.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
     at.set_defaults(func=_cmd_attribute)
+    from .evaluate.cli import add_subparser as _add_evaluate   # gim-fast evaluate (gim_fast/evaluate/cli.py)
+    _add_evaluate(sub)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""``gim-fast evaluate``: the faithfulness evaluation from the command line.
+
+    gim-fast evaluate                                      # both models, every method, 40 examples each
+    gim-fast evaluate --models smollm2-135m --methods gim grad_x_input random --n 10 --out /tmp/faith
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
+DEFAULT_N = 40
+DEFAULT_OUT = "bench/results/faithfulness"
+
+
+def _n(text: str):
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def add_subparser(subparsers) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on the ``gim-fast`` sub-command parsers."""
+    from .methods import DEFAULT_METHODS, METHODS
+    from .run import DEFAULT_BATCH_SIZE, SWEEP_TEMPERATURES
+
+    p = subparsers.add_parser(
+        "evaluate", help="faithfulness of GIM and its peers: comprehensiveness and sufficiency (the GIM paper's)",
+        description="Compare attribution methods by the GIM paper's comprehensiveness (mean logit drop when the top-k "
+                    "tokens are replaced by the baseline token, k = 1..50; higher is better) and sufficiency (mean "
+                    "drop when 50/80/90/95/99% of the least important tokens are replaced; lower is better), both "
+                    "divided by the target logit. Writes OUT/summary.csv, OUT/examples.csv, OUT/faithfulness.md "
+                    "(method x model table), OUT/temperature_sweep.png/.csv and OUT/run.json.",
+        epilog=f"Methods: {', '.join(METHODS)}, and gim_t<T> (GIM at temperature T). Data: 'capitals' (the prompts "
+               "'The capital of {country} is' from the country-capitals package, kept when the model predicts the "
+               "capital's first token) or a JSON Lines file with a 'text' and optionally a 'target' per line.")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="M",
+                   help=f"models to evaluate (default: {' '.join(DEFAULT_MODELS)}); a packaged name, a Hugging Face "
+                        "model directory or a .gguf file")
+    p.add_argument("--data", default="capitals", metavar="capitals|FILE.jsonl",
+                   help="the examples (default: capitals)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help="methods to compare (default: all)")
+    p.add_argument("--n", type=_n, default=DEFAULT_N, metavar="N|all",
+                   help=f"examples per model: the first N the model answers right, in a seeded random order "
+                        f"(default {DEFAULT_N}; 'all' for every one)")
+    p.add_argument("--temperatures", nargs="*", type=_temperature, default=list(SWEEP_TEMPERATURES), metavar="T",
+                   help="GIM softmax temperatures of the sweep (default 1 1.5 2 3 5; none: no sweep)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
+                   help=f"examples per attribution batch (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--backend", choices=("auto", "eager", "torch", "triton"), default="auto",
+                   help="GIM attention backend (default auto)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="converted-model cache (default "
+                                                                     "$GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from gim_fast.cli import UsageError
+
+    from .methods import get_method
+    from .report import write_results
+    from .run import evaluate_model, unavailable_notes
+
+    for name in args.methods:
+        try:
+            get_method(name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data != "capitals" and not Path(args.data).is_file():
+        raise UsageError(f"--data must be 'capitals' or a JSON Lines file; no such file: {args.data!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"gim-fast evaluate: {msg}", file=sys.stderr, flush=True)
+
+    notes = unavailable_notes(args.methods)
+    for name, reason in notes.items():
+        say(f"{name}: unavailable: {reason}")
+    methods = [m for m in args.methods if m not in notes]
+    started = time.perf_counter()
+    results = []
+    for model in args.models:
+        try:
+            results.append(evaluate_model(model, methods, n=args.n, data=args.data, temperatures=args.temperatures,
+                                          seed=args.seed, batch_size=args.batch_size, backend=args.backend,
+                                          cache_dir=args.cache_dir, progress=say))
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{model}: {e}") from None
+    wall = time.perf_counter() - started
+
+    command = _command(args)
+    files = write_results(results, Path(args.out), command=command, environment=_environment(),
+                          notes=notes, data=args.data, seed=args.seed, wall_seconds=wall)
+    from .report import markdown_table
+
+    print(markdown_table(results, notes))
+    print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def _command(args) -> str:
+    """The command that reproduces this run, every option spelled out."""
+    from .run import DEFAULT_BATCH_SIZE
+
+    parts = ["gim-fast", "evaluate", "--models", *args.models, "--data", args.data, "--methods", *args.methods,
+             "--n", "all" if args.n is None else str(args.n), "--temperatures", *[f"{t:g}" for t in args.temperatures],
+             "--seed", str(args.seed), "--out", args.out]
+    if args.batch_size != DEFAULT_BATCH_SIZE:
+        parts += ["--batch-size", str(args.batch_size)]
+    if args.backend != "auto":
+        parts += ["--backend", args.backend]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _environment() -> dict:
+    import datetime as dt
+    import platform
+
+    import torch
+    import transformers
+
+    return {"device": f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
