@@ -8,13 +8,48 @@ activations would not fit — or refused before anything runs when even that wou
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .integration import GIM, checkpointed_layers, eval_mode
+from .integration import GIM, checkpointed_layers, eval_mode, tlens
 from .memory import plan_checkpointing
 from .settings import GIMSettings, resolve_backend
+
+
+@dataclass
+class ModelIO:
+    """How the engine talks to a model: what embeds the ids, and a forward from input embeddings to the logits
+    of the kept positions. Hugging Face models use their own embedding and forward; TransformerLens models get
+    theirs from ``gim_fast.integration.tlens.model_io``."""
+
+    embed: Callable[[torch.Tensor], torch.Tensor]  # ids [B, S] -> the input embeddings e [B, S, H]
+    weight: torch.Tensor                           # the embedding matrix (its device and dtype)
+    vocab_in: int
+    vocab_out: int
+    # (inputs_embeds [B,S,H], attention_mask [B,S], position_ids [B,S], keep [K], input_ids [B,S]) -> [B, K, V]
+    forward: Callable[..., torch.Tensor]
+    hf_model: torch.nn.Module | None = None        # memory estimate and layer checkpointing (None: neither)
+    attention: str | None = None                   # "eager": the model materialises its S×S attention itself
+
+
+def hf_model_io(model, *, attention: str | None = None) -> ModelIO:
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+
+    def forward(inputs, attention_mask, position_ids, keep, input_ids):
+        return model(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False, logits_to_keep=keep).logits
+
+    return ModelIO(embed=embed, weight=embed.weight, vocab_in=embed.num_embeddings,
+                   vocab_out=getattr(head, "out_features", None) or model.config.vocab_size, forward=forward,
+                   hf_model=model, attention=attention)
+
+
+def model_io(model) -> ModelIO:
+    """The engine's view of ``model``: a Hugging Face model, or a TransformerLens one (imported only then)."""
+    return tlens.model_io(model) if tlens.is_transformer_lens_model(model) else hf_model_io(model)
 
 
 @dataclass
@@ -51,13 +86,19 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
     plain gradient through the model's own attention (the cost floor of any gradient method).
     ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False.
     """
-    embed = model.get_input_embeddings()
+    io = model_io(model)
+    embed = io.embed
     batch, seq_len = input_ids.shape
     keep = torch.unique(target_positions)  # sorted; logits only where a row needs them
-    dtype = embed.weight.dtype
+    dtype = io.weight.dtype
     backend = resolve_backend(settings.backend, input_ids.device, dtype) if settings is not None else "torch"
-    use_checkpoints = plan_checkpointing(model, seq_len, batch, backend=backend, num_targets=len(keep),
-                                         checkpointing=checkpointing)
+    if io.hf_model is not None:
+        use_checkpoints = plan_checkpointing(io.hf_model, seq_len, batch, backend=io.attention or backend,
+                                             num_targets=len(keep), checkpointing=checkpointing)
+    elif checkpointing is True:
+        raise ValueError(f"checkpointing=True is not supported for a {type(model).__name__}; use 'auto' or False")
+    else:
+        use_checkpoints = False
     # Positions count real tokens only, so a left-padded row sees the same positions as when it is alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -67,14 +108,13 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
         if settings is not None:
             stack.enter_context(GIM.from_settings(model, settings))
         if use_checkpoints:
-            stack.enter_context(checkpointed_layers(model))
+            stack.enter_context(checkpointed_layers(io.hf_model))
         with torch.no_grad():
             baseline = embed(torch.full_like(input_ids, baseline_token_id))
             inputs = embed(input_ids)
         inputs.requires_grad_(True)
-        output = model(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=keep)
-        logits = output.logits  # [B, K, V] on the head's device (which may differ under device_map)
+        logits = io.forward(inputs, attention_mask, position_ids, keep, input_ids)
+        # logits: [B, K, V] on the head's device (which may differ under device_map)
         rows = torch.arange(batch, device=logits.device)
         logits = logits[rows, torch.searchsorted(keep, target_positions).to(logits.device)]
         if target_ids is None:

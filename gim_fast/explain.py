@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .engine import attribute
+from .engine import attribute, model_io
 from .integration import check_model
 from .settings import GIMSettings
 
@@ -106,7 +106,8 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
     """GIM attribution of each input token to one target logit.
 
     Args:
-        model: a Hugging Face causal LM of a supported family (``gim_fast.integration.FAMILIES``).
+        model: a Hugging Face causal LM of a supported family (``gim_fast.integration.FAMILIES``), or a
+            TransformerLens model: a ``TransformerBridge`` over such a model, or a legacy ``HookedTransformer``.
         input_ids: ``[S]`` or ``[B, S]`` token ids (tensor or lists).
         target_token_id: the token whose logit is explained; default each row's top prediction. An int, or one
             per row.
@@ -140,13 +141,12 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
         ids, mask = ids[None], mask[None]
     batch = ids.shape[0]
 
-    embed = model.get_input_embeddings()
-    vocab_in = embed.num_embeddings
+    io = model_io(model)
+    vocab_in = io.vocab_in
     if bool(((ids < 0) | (ids >= vocab_in))[mask.bool()].any()):
         bad = ids[mask.bool() & ((ids < 0) | (ids >= vocab_in))][:5].tolist()
         raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab_in}): {bad}")
-    head = model.get_output_embeddings()
-    vocab_out = getattr(head, "out_features", None) or model.config.vocab_size
+    vocab_out = io.vocab_out
 
     lengths = mask.sum(-1).tolist()
     positions = _per_row(target_position, batch, "target_position")
@@ -165,7 +165,7 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
     if not 0 <= baseline < vocab_in:
         raise ValueError(f"baseline_token_id {baseline} is outside the vocabulary [0, {vocab_in})")
 
-    device = embed.weight.device
+    device = io.weight.device
     # Padded positions may hold any id (e.g. -100 or an out-of-range pad): embed a valid one there.
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, baseline))
     result = attribute(

@@ -1,7 +1,10 @@
-"""Model glue: applies GIM to Hugging Face models through transformers' own interfaces. Knows nothing of Triton."""
+"""Model glue: applies GIM to Hugging Face models through transformers' own interfaces, and to TransformerLens
+models through their hook points (``tlens``; TransformerLens is imported only when such a model is passed).
+Knows nothing of Triton."""
+from . import tlens
 from .families import FAMILIES, Family, family_of
 from .checkpointing import checkpointed_layers, decoder_layers
 from .gim import GIM, check_model, eval_mode
 
 __all__ = ["GIM", "check_model", "eval_mode", "checkpointed_layers", "decoder_layers", "FAMILIES", "Family",
-           "family_of"]
+           "family_of", "tlens"]

@@ -5,6 +5,10 @@ gim_fast's (registered with transformers' ``AttentionInterface``/``AttentionMask
 ``forward`` is swapped for the frozen-statistic one; the gate and up projections of gated MLPs get a hook that
 scales their gradient. On exit, also after an exception, all of it is undone. The forward pass stays the
 model's own: same modules, same order, same values.
+
+TransformerLens models (a ``TransformerBridge``, or a legacy ``HookedTransformer``) compute attention in their own
+code, so for them GIM goes through their hook points instead (``tlens.apply_gim``); TransformerLens is imported
+only when such a model is passed.
 """
 from __future__ import annotations
 
@@ -15,16 +19,21 @@ from torch import nn
 from .. import ops
 from ..ops.grad_scale import scale_grad
 from ..settings import GIMSettings
-from . import hf_attention
+from . import hf_attention, tlens
 from .families import Family, family_of
 
 _DEFAULTS = GIMSettings()
 
 
-def check_model(model) -> Family:
-    """Everything GIM needs of a model, checked before anything is touched."""
+def check_model(model) -> Family | None:
+    """Everything GIM needs of a model, checked before anything is touched.
+
+    TransformerLens models (a ``TransformerBridge``, a Hugging Face model a bridge rebuilt, a legacy
+    ``HookedTransformer``) are checked by ``tlens.check_model``; TransformerLens is imported only then."""
     from transformers import PreTrainedModel
 
+    if tlens.is_transformer_lens_model(model):
+        return tlens.check_model(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"gim_fast expects a Hugging Face PreTrainedModel (e.g. AutoModelForCausalLM), got {type(model).__name__}")
@@ -46,7 +55,8 @@ def check_model(model) -> Family:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """``model.eval()`` for the duration; every module's own training flag is restored on exit."""
-    training = [(m, m.training) for m in model.modules()]
+    modules = tlens.module_trees(model) if tlens.is_transformer_lens_model(model) else model.modules()
+    training = [(m, m.training) for m in modules]
     try:
         model.eval()
         yield
@@ -147,6 +157,11 @@ class GIM:
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(eval_mode(self.model))
+            if tlens.is_transformer_lens_model(self.model):
+                # the bridge computes attention in its own code: GIM goes through its hook points
+                tlens.apply_gim(self.model, settings, stack)
+                self._stack = stack
+                return self
 
             _use_gim_attention(self.model, stack)
             for module in self.model.modules():
