@@ -168,6 +168,18 @@ def _freeze_scale(module, args, scale):
     return scale.detach()
 
 
+def _freeze_scale_on_fallback(norm_bridge: nn.Module):
+    """For a bridge that normally calls the wrapped HF norm (swapped for the frozen one): TransformerLens falls back
+    to its own norm code while backward hooks sit on hook_scale/hook_normalized (``run_with_cache(incl_bwd=True)``
+    puts them there), and then σ must be frozen at hook_scale. Without such hooks nothing is returned: an edit would
+    itself switch the bridge to that fallback."""
+    def hook(module, args, scale):
+        if norm_bridge.hook_scale.bwd_hooks or norm_bridge.hook_normalized.bwd_hooks:
+            return scale.detach()
+        return None
+    return hook
+
+
 # --------------------------------------------------------------------------------------------------------------
 # What GIM needs of a TransformerLens model, checked before anything is touched
 
@@ -180,6 +192,7 @@ class _Plan:
         self.attention = attention    # [(name, module, q_hp, k_hp, v_hp, scores_hp, pattern_hp)]
         self.norm_hooks = norm_hooks  # [hook_scale HookPoint] of norms TransformerLens computes itself
         self.norm_swaps = norm_swaps  # [HF norm module] whose forward the bridge calls
+        self.native_norms = []        # [norm bridge] that calls the wrapped HF norm unless hooks force its own code
         self.mlps = mlps              # [(gate_hp, up_hp)]
 
 
@@ -235,9 +248,9 @@ def _bridge_plan(model, kind: str) -> _Plan:
             norm_hooks.append(m.hook_scale)
             python_norms.add(id(original))
         elif not isinstance(original, nn.Identity):
-            native_norms.append((getattr(m, "name", None), original))
+            native_norms.append((getattr(m, "name", None), original, m))
     norm_type = family.norm_type()
-    for name, original in native_norms:
+    for name, original, _ in native_norms:
         if not isinstance(original, norm_type):
             raise ValueError(f"gim_fast cannot freeze the norm {name} ({type(original).__name__}) that the "
                              f"TransformerLens bridge calls; expected {norm_type.__name__}")
@@ -258,7 +271,9 @@ def _bridge_plan(model, kind: str) -> _Plan:
                 mlps.append((gate.hook_out, up.hook_out))
             elif isinstance(m, mlp_type) and id(m) not in wrapped:
                 raise ValueError(f"the {family.gated_mlp_class} {m} is not wrapped by a TransformerLens GatedMLPBridge")
-    return _Plan(kind, family, attention, norm_hooks, norm_swaps, mlps)
+    p = _Plan(kind, family, attention, norm_hooks, norm_swaps, mlps)
+    p.native_norms = [m for _, _, m in native_norms]
+    return p
 
 
 def _legacy_plan(model) -> _Plan:
@@ -336,6 +351,8 @@ def apply_gim(model, settings: GIMSettings, stack: contextlib.ExitStack) -> None
             _hook(hp, _freeze_scale, stack)
         for module in p.norm_swaps:
             _swap_forward(module, _frozen_norm_forward(module, p.family, settings.backend), stack)
+        for norm_bridge in p.native_norms:
+            _hook(norm_bridge.hook_scale, _freeze_scale_on_fallback(norm_bridge), stack)
     for gate_hp, up_hp in p.mlps:
         for hp, scale in ((gate_hp, settings.gate_scale), (up_hp, settings.up_scale)):
             if scale is not None:
