@@ -93,6 +93,19 @@ def test_bridge_attributions_equal_hf(pair, settings):
         assert rel(ref, plain) > 1e-3, "the modification should change the attribution"
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
+def test_bridge_other_families(family, tmp_path):
+    """GQA, sliding windows, q_norm/k_norm, (1 + w) norms and Gemma 2's soft-capping through the bridge."""
+    hf = tiny_model(family).eval()
+    hf.config.architectures = [type(hf).__name__]  # as real checkpoints have it (TransformerLens reads it for Gemma 3)
+    reference = copy.deepcopy(hf)
+    bridge = boot(hf, tmp_path)
+    ids = random_ids(12, seed=6)
+    for kwargs in ({}, ALONE["norm"], ALONE["temperature"]):
+        ours = gim_fast.explain(bridge, ids, baseline_token_id=0, **kwargs)
+        assert rel(ours, gim_fast.explain(reference, ids, baseline_token_id=0, **kwargs)) <= TOL
+
+
 def test_bridge_padded_batch_and_checkpointing(pair):
     bridge, reference = pair
     ids = random_ids(11, batch=3, seed=5)
