@@ -177,8 +177,11 @@ def test_a_changed_command_is_refused(tiny_dir, tmp_path):
     other = save_tiny(tmp_path / "other", seed=1)
     with pytest.raises(JobError, match=r"model: .*llama.* → .*other"):
         gim_fast.attribute_dataset(data, str(other), out=out).run()
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(data.read_bytes())                 # the same bytes under another name: resumes
+    assert list(gim_fast.attribute_dataset(moved, str(tiny_dir), out=out)) == []
     write_jsonl(data, [{"text": t} for t in TEXTS[:5]])
-    with pytest.raises(JobError, match="input_sha256"):
+    with pytest.raises(JobError, match="other contents.*input_sha256"):
         gim_fast.attribute_dataset(data, str(tiny_dir), out=out).run()
     assert sorted(p.name for p in (out / "data").iterdir()) == before
     foreign = tmp_path / "foreign"
@@ -199,3 +202,15 @@ def test_argument_checks(tiny, tmp_path):
     with pytest.raises(ValueError, match="needs its tokenizer"):
         list(gim_fast.attribute_dataset(["a"], model))
     assert read_results(tmp_path) is None
+
+
+def test_no_good_rows_is_a_complete_empty_job(tiny, tmp_path):
+    model, tok = tiny
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    run = gim_fast.attribute_dataset(empty, model, tokenizer=tok, out=tmp_path / "a", html_report=3)
+    assert list(run) == [] and run.manifest["status"] == "complete" and run.manifest["counts"]["rows"] == 0
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    run = gim_fast.attribute_dataset(blank, model, tokenizer=tok, out=tmp_path / "b")
+    assert list(run) == [] and run.manifest["counts"]["errors"] == 2 and read_results(tmp_path / "b") is None

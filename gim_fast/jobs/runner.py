@@ -351,7 +351,9 @@ def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, ta
             "up_scale": settings.up_scale, "backend": settings.backend, "baseline_token_id": baseline,
             "batch_tokens": batch_tokens, "batch_size": batch_size, "max_length": max_length,
         }
-        config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        # what the results depend on (not where the input file lies): shards carry it, a resume compares it
+        identity = {k: v for k, v in config.items() if k != "input"}
+        config_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         counts = {"input_rows": input_rows, "errors": len(errors), "batches": len(plan)}
 
         done: dict[int, Path] = {}
@@ -432,12 +434,17 @@ def _prepare_out(out: Path, rank: int, spec: str, config: dict, config_sha: str,
 
 
 def _check_same_job(out: Path, manifest: dict, spec: str, config: dict) -> None:
+    # How the model and the input were named is informational: the same weights in another folder, or the same
+    # bytes under another file name, resume; other weights or other bytes do not.
     old = dict(manifest.get("config", {}))
-    old_spec = old.pop("model", None)
-    diffs = writer.compare_configs(old, config)
+    old_spec, old_input = old.pop("model", None), old.pop("input", None)
+    new = {k: v for k, v in config.items() if k != "input"}
+    diffs = writer.compare_configs(old, new)
     if diffs:
         if any(d.startswith(("model_digest", "model_class")) for d in diffs):
             diffs.insert(0, f"model: {old_spec!r} → {spec!r}")
+        if any(d.startswith("input_sha256") for d in diffs):
+            diffs.insert(0, f"input: {old_input!r} → {config.get('input')!r} (other contents)")
         raise writer.JobError(
             f"{out} holds a job with other settings, so this command cannot resume it: " + "; ".join(diffs)
             + ". Run the original command to finish it, or choose a new --out directory (or delete this one).")
@@ -464,10 +471,9 @@ def _compute_all(model, todo: list[Batch], baseline, settings, device, tokenizer
             writer._crash_point("batch")
             rows_done += len(results)
             bar.update(batch.tokens)
-            rate = bar.format_dict.get("rate") or 0.0
-            elapsed = bar.format_dict.get("elapsed") or 0.0
-            bar.set_postfix_str(f"rows {rows_done}/{total_rows}, "
-                                f"{rows_done / elapsed if elapsed else 0:.1f} rows/s, {rate:.0f} tok/s", refresh=False)
+            elapsed = bar.format_dict.get("elapsed") or 0.0      # the bar itself shows tokens/s and the ETA
+            bar.set_postfix_str(f"rows {rows_done}/{total_rows}, {rows_done / elapsed if elapsed else 0:.1f} rows/s",
+                                refresh=False)
             if out is not None:
                 pending.extend(results)
                 pending_batches.append(batch.index)
