@@ -146,9 +146,9 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     summary = summary_rows(results)
-    for row in summary:
-        if not row["n"] and row["method"] in notes:
-            row["unavailable"] = notes[row["method"]]
+    for r in results:   # methods that could not run here: a row each, with the reason
+        summary += [{"model": r.model, "method": name, "n": 0, "unavailable": reason}
+                    for name, reason in notes.items() if name not in r.methods]
     _write_csv(out / "summary.csv", summary)
     files["summary"] = out / "summary.csv"
     _write_csv(out / "examples.csv", example_rows(results))

@@ -87,7 +87,7 @@ def _select(model, tokenizer, candidates: list[tuple[str, str, str | None, str]]
     prediction (always kept)."""
     kept: list[Example] = []
     looked = correct = 0
-    chunk_size = max(16, batch_rows)
+    chunk_size = 16   # candidates per look: a small n stops after a few forwards
     for start in range(0, len(candidates), chunk_size):
         if n is not None and len(kept) >= n:
             break
@@ -106,18 +106,34 @@ def _select(model, tokenizer, candidates: list[tuple[str, str, str | None, str]]
     return Selection(kept, looked, correct, len(candidates))
 
 
-def capital_examples(model, tokenizer, n: int | None = None, *, seed: int = 0,
+def capital_examples(model, tokenizer, n: int | None = None, *, seed: int = 0, shots: int = 0,
                      batch_rows: int = M.DEFAULT_BATCH_ROWS) -> Selection:
     """'The capital of {country} is' prompts the model completes with the capital's first token.
 
     The 193 countries are shuffled with ``seed`` (so a subsample is a random one, the same on every machine) and
-    taken in that order until ``n`` correct ones are found (``None``: all of them)."""
+    taken in that order until ``n`` correct ones are found (``None``: all of them). ``shots`` > 0 puts that many
+    solved examples of other countries first ("The capital of Peru is Lima. … The capital of France is"), drawn
+    per country with ``seed``: longer prompts, with context tokens that matter less than the country."""
     from gim_fast.data import countries
 
     rows = countries()
     random.Random(seed).shuffle(rows)
-    candidates = [(c.code, c.prompt, " " + c.capital, c.capital) for c in rows]
+    candidates = []
+    for c in rows:
+        pick = random.Random(f"{seed}:{c.code}")
+        others = pick.sample([o for o in rows if o.code != c.code], shots) if shots else []
+        context = "".join(f"{o.prompt} {o.capital}. " for o in others)
+        candidates.append((c.code, context + c.prompt, " " + c.capital, c.capital))
     return _select(model, tokenizer, candidates, n, batch_rows)
+
+
+def _capital_shots(data: str) -> int | None:
+    """'capitals' → 0, 'capitals-3shot' → 3; None for anything else (a file)."""
+    if data == "capitals":
+        return 0
+    if data.startswith("capitals-") and data.endswith("shot") and data[len("capitals-"):-len("shot")].isdigit():
+        return int(data[len("capitals-"):-len("shot")])
+    return None
 
 
 def jsonl_examples(path, model, tokenizer, n: int | None = None, *, seed: int = 0,
@@ -257,8 +273,9 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
     baseline = resolve_baseline(None, tokenizer)
 
     t1 = time.perf_counter()
-    if data == "capitals":
-        selection = capital_examples(model, tokenizer, n, seed=seed, batch_rows=batch_rows)
+    shots = _capital_shots(data)
+    if shots is not None:
+        selection = capital_examples(model, tokenizer, n, seed=seed, shots=shots, batch_rows=batch_rows)
     else:
         selection = jsonl_examples(data, model, tokenizer, n, seed=seed, batch_rows=batch_rows)
     t_select = time.perf_counter() - t1
