@@ -488,15 +488,17 @@ def _compute_all(model, todo: list[Batch], baseline, settings, device, tokenizer
 
 
 def _finish(out: Path, plan: list[Batch], html_report: int, group: bool, rank: int) -> dict | None:
-    """Mark the job complete when every batch is in a shard (whichever rank gets there last does it); with a
-    process group, wait for every rank so that rank 0 can report the whole job."""
-    manifest = _try_finalize(out, plan, html_report)
-    if group:
-        import torch.distributed as dist
+    """Mark the job complete when every batch is in a shard. With a process group, every rank waits until all
+    shards are written and rank 0 alone completes the manifest (two ranks rewriting it at once would race);
+    separate processes without a group each try, and whichever gets there last completes it."""
+    if not group:
+        manifest = _try_finalize(out, plan, html_report)
+        return manifest if manifest is not None else writer.read_manifest(out)
+    import torch.distributed as dist
 
-        dist.barrier()
-        if rank == 0 and (manifest is None or manifest.get("status") != "complete"):
-            manifest = _try_finalize(out, plan, html_report)
+    dist.barrier()                  # every rank's shards are on disk
+    manifest = _try_finalize(out, plan, html_report) if rank == 0 else None
+    dist.barrier()                  # the manifest is complete before any rank reports
     return manifest if manifest is not None else writer.read_manifest(out)
 
 
