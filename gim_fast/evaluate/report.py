@@ -207,7 +207,7 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
             md.append(f"- {r.model}: Integrated Gradients' completeness gap |Σ scores − (f(x) − f(baseline))| "
                       f"averages {sum(abs(g) for g in gaps) / len(gaps):.2f} against |f(x) − f(baseline)| of "
                       f"{sum(abs(d) for d in diffs) / len(diffs):.2f} (50 steps): it is not a ground truth.")
-    for k, (name, reason) in enumerate(notes.items(), 1):
+    for name, reason in notes.items():
         md.append(f"- ¹ `{name}`: {reason}")
     sweep = sweep_table(results)
     if sweep:
