@@ -89,14 +89,21 @@ def _positive_int(minimum: int = 1):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+def positive_number(*, finite: bool):
+    """argparse type: a float > 0 (and, with ``finite``, not infinite)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0 or (finite and value == float("inf")):
+            raise argparse.ArgumentTypeError(f"expected a {'finite ' if finite else ''}number > 0, got {text!r}")
+        return value
+    parse.__name__ = "number > 0"
+    return parse
+
+
+_positive_float = positive_number(finite=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

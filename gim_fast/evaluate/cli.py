@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import positive_number
+
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
 DEFAULT_OUT = "bench/results/faithfulness"
@@ -28,14 +30,7 @@ def _n(text: str):
     return value
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+_temperature = positive_number(finite=True)
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
