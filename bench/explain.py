@@ -225,12 +225,17 @@ def summary(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` or ``--config`` (+ ``--layers``): what ``_load`` builds."""
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--model", default=None, help="a shipped model name or a path (default smollm2-135m)")
     what.add_argument("--config", default=None, help="a config of bench/configs.py with random weights")
     parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS)
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on CUDA, fp32 on CPU")

@@ -1,31 +1,43 @@
-"""The ``torch`` backend of ``gim_attention``: row-chunked, O(S·chunk) memory, any device.
+"""The ``torch`` backend of ``gim_attention``: row-tiled GIM attention, O(S) memory, any device.
 
-Fast path — when nothing but causality constrains the keys (no padding, window or soft-capping; float16/32):
-torch's fused ``scaled_dot_product_attention`` (flash on CPU and GPU, GQA without repeating K/V) does all the
-work. The forward is SDPA; the backward uses that the GIM rule for the scores is T × the gradient of
-softmax(S/T), and that dP = dO Vᵀ does not depend on the softmax:
+Forward. When nothing but causality constrains the keys (no padding, window or soft-capping; float16/32 or
+bfloat16) the forward is torch's fused flash attention: on the CPU its ``_scaled_dot_product_flash_attention_for_cpu``
+op, which also returns the row log-sum-exp LSE; on other devices ``scaled_dot_product_attention`` (no LSE).
+Otherwise — and for float64, the tests' reference precision — query rows go ``chunk_size`` at a time against the
+key columns they may see: scores tile S (scaled, soft-capped, masked), LSE = logsumexp(S), O = exp(S − LSE) V.
 
-    dQ, dK = T · ∂/∂(Q, K) of SDPA(Q, K, V, scale/T)      (its dS is P_T ⊙ (dP − rowsum(dP ⊙ P_T)) exactly)
-    dV     = ∂/∂V of SDPA(Q, K, V, scale)                 (Pᵀ dO with the true P)
+Backward, one tile of query rows at a time, each tile spanning *all* the keys its rows may see. P is recomputed
+from the saved LSE (or, where the forward gave none, from the tile itself, whose rows are complete). With
+y = (S − LSE) / T:
 
-Chunked path — otherwise: query rows are processed ``chunk_size`` at a time against the key columns they may
-see. Nothing but q, k, v is saved: each backward tile spans *all* keys its rows may see, so it recomputes its
-rows' softmax exactly from the scores, the way flash attention recomputes P — no S×S matrix, no statistics.
+    P_T = softmax(y)                  P = exp(T·y)  (= exp(y)² for T = 2; P_T itself for T = 1)
+    dV += Pᵀ dO                       (the true P)
+    dP  = dO Vᵀ,   dS = P_T ⊙ (dP − rowsum(dP ⊙ P_T))      (GIM; torch's fused softmax backward at P_T)
+    dS_raw = dS ⊙ (1 − tanh²(S_raw / cap))                 (soft-capping)
+    dQ  = scale · dS_raw K,   dK += scale · dS_rawᵀ Q      (then × q/k/v scale)
 
-Per tile of query rows, with S the scores exactly as the softmax sees them (scaled, soft-capped, masked):
+Without soft-capping the shift by −LSE/T rides in the score GEMM (``baddbmm`` with the shift as its bias), and
+only the columns a mask can touch are masked (the diagonal block, a window's left edge; every column only with
+key padding). A row with no allowed key (left padding) has LSE = −inf: it outputs 0 and passes no gradient.
+GQA: the ``G = Hq/Hkv`` query heads sharing a KV head are laid out as ``S·G`` rows (position-major) against
+that one KV head, so a tile is a plain 2-D slice, K and V are never repeated and dK, dV sum over the group
+inside the GEMM. The loops are sequential and nothing accumulates with atomics: results are deterministic.
 
-    P   = softmax(S),    P_T = softmax(S/T),    dP = dO Vᵀ
-    dS  = P_T ⊙ (dP − rowsum(dP ⊙ P_T))        (GIM; T = None gives P_T = P, plain attention)
-    dS_raw = dS ⊙ (1 − tanh²(S_raw / cap))     (soft-capping)
-    dQ = scale·dS_raw K,  dK = scale·dS_rawᵀ Q,  dV = Pᵀ dO     (then × q/k/v scale; dV with the true P)
+Why this route (CPU, SmolLM2-135M's shapes: q [1,9,2048,64], k/v [1,3,2048,64], causal, float32; measured with
+``bench/cpu_ratio.py``). The GIM backward needs two softmaxes of one score matrix (P for dV, P_T for dQ, dK);
+a fused SDPA kernel computes one. Built from fused SDPA calls, GIM costs at least a second SDPA forward (for
+P_T's LSE and O_T), the SDPA backward at scale/T (its dV thrown away) and a third pass for Pᵀ dO — 11 GEMM
+passes where the plain gradient does 7 — and the previous route (two full SDPA backwards, one re-running the
+forward) did 16. The tiles here do the 5 GEMMs of a flash backward (S, Pᵀ dO, dP, dS K, dSᵀ Q) plus three
+element-wise passes (softmax, exp, fused softmax backward): at these shapes the GEMMs run about as fast as
+inside torch's fused backward, and tiles of ~100 stacked rows keep the element-wise passes in cache.
 
-For T = 2 one exponential serves both: with u = exp((S − max S)/2), P_T = u/Σu and P = u²/Σu².
-Causal tiles stop at the tile's last row, so about half the S×S work is skipped. GQA: the ``G = Hq/Hkv`` query
-heads sharing a KV head are stacked as ``G·chunk`` rows against that one KV head, so K and V are never repeated
-and dK, dV sum over the group inside the matmul. A query row with no allowed key outputs 0 and passes no
-gradient. The loops are sequential: results are deterministic.
+With M cotangents (``grad_out`` of shape ``[M, B, Hq, S, D]``, see ``attention_backward``) each tile computes
+its scores, P and P_T once and runs the GEMMs per cotangent.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,157 +45,233 @@ import torch.nn.functional as F
 from .attention_eager import compute_dtype
 from .masks import allowed_tile, key_range
 
-# Elements of one score tile (B·Hq·rows·keys) the automatic chunk size aims for: 2^22 (16 MB in float32); the
-# backward holds about six such tiles at once. At most _MAX_ROWS rows, so that causal tiles skip their upper
-# triangle.
+# Query positions per tile: about _STACKED_ROWS rows once the G query heads of a KV head are stacked (GEMMs
+# wide enough, element-wise passes still in cache), and at most _TILE_ELEMENTS (B·Hq·rows·keys) per score tile
+# at long context, where the backward holds about four such tiles. Never fewer than _MIN_ROWS positions.
+_STACKED_ROWS = 96
 _TILE_ELEMENTS = 1 << 22
-_MAX_ROWS = 256
+_MIN_ROWS = 16
+
+# torch's CPU flash attention op (forward: output and LSE); GQA inside the op from torch 2.9 on.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9)
 
 
-def auto_chunk_size(batch: int, q_heads: int, seq_len: int, sliding_window: int | None) -> int:
-    """Query rows per chunk: one score tile of about ``_TILE_ELEMENTS`` elements, at most ``_MAX_ROWS`` rows."""
-    keys = seq_len if sliding_window is None else min(seq_len, sliding_window + _MAX_ROWS)
-    rows = _TILE_ELEMENTS // max(1, batch * q_heads * keys)
-    return int(max(16, min(seq_len, _MAX_ROWS, rows)))
+def auto_chunk_size(batch: int, q_heads: int, kv_heads: int, seq_len: int, sliding_window: int | None) -> int:
+    """Query positions per tile (see ``_STACKED_ROWS`` and ``_TILE_ELEMENTS``)."""
+    keys = seq_len if sliding_window is None else min(seq_len, sliding_window + _STACKED_ROWS)
+    rows = min(-(-_STACKED_ROWS // (q_heads // kv_heads)), _TILE_ELEMENTS // max(1, batch * q_heads * keys))
+    return int(max(1, min(seq_len, max(_MIN_ROWS, rows))))
 
 
-def _tile(q, k, v, q_start, q_end, ct, group, scale, softcap, causal, sliding_window, key_padding_mask):
-    """One tile: the masked scores ``[B, Hkv, G·c, n]``, the soft-cap tanh (or None), the key range, the
-    query tile ``[B, Hkv, G·c, D]`` and the key/value tiles ``[B, Hkv, n, D]``."""
-    batch, kv_heads, seq_len, head_dim = k.shape
-    c = q_end - q_start
-    lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
-    q_tile = q[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
-    k_tile, v_tile = k[:, :, lo:hi].to(ct), v[:, :, lo:hi].to(ct)
-    scores = torch.matmul(q_tile, k_tile.transpose(-1, -2)).mul_(scale)
-    tanh = None
-    if softcap is not None:
-        tanh = scores.div_(softcap).tanh_()
-        scores = tanh * softcap
-    if causal or sliding_window is not None or key_padding_mask is not None:
-        allowed = allowed_tile(q_start, q_end, lo, hi, causal=causal, sliding_window=sliding_window,
-                               key_padding_mask=key_padding_mask, device=q.device)
-        n = hi - lo
-        scores.view(batch, kv_heads, group, c, n).masked_fill_(~allowed[:, :, None], float("-inf"))
-    return scores, tanh, (lo, hi), q_tile, k_tile, v_tile
+def _fused_forward_ok(q, causal, sliding_window, softcap, key_padding_mask) -> bool:
+    """Structure torch's fused SDPA expresses without a dense mask. float64 stays on the tiles (the tests'
+    float64 references)."""
+    del causal  # causal or not: both fused
+    return (sliding_window is None and softcap is None and key_padding_mask is None
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _softmaxes(scores, temperature):
-    """(P, P_T) of a tile whose rows hold every key they may see; rows with no allowed key give zeros."""
-    top = scores.amax(dim=-1, keepdim=True)
-    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    if temperature == 2.0:
-        u = (scores - top).mul_(0.5).exp_()
-        probs = u * u
-        probs_t = u.div_(u.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(u.dtype).tiny))
-        probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(u.dtype).tiny))
-        return probs, probs_t
-    shifted = scores - top
-    probs = shifted.exp()
-    probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs.dtype).tiny))
-    if temperature == 1.0:
-        return probs, probs
-    probs_t = shifted.div_(temperature).exp_()
-    probs_t.div_(probs_t.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs_t.dtype).tiny))
-    return probs, probs_t
-
-
-def _use_sdpa(causal, sliding_window, softcap, key_padding_mask, dtype):
-    """The fast path: structure torch's SDPA expresses without a dense mask; float64 stays on the chunked path
-    (the float64 reference computations of the tests)."""
-    return sliding_window is None and softcap is None and key_padding_mask is None and dtype != torch.float64
-
-
-def _sdpa_backward(q, k, v, grad_out, scale, causal, temperature):
-    """(dQ, dK, dV) of GIM attention from torch's fused SDPA backward (the fast path of the module docstring)."""
+def _fused_forward(q, k, v, scale, causal):
+    """(out, lse or None) from torch's fused attention; lse [B, Hq, S] float32 on the CPU."""
     group = q.shape[1] // k.shape[1]
-    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        if group > 1 and not _FLASH_CPU_GQA:
+            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
+    return out, None
 
-    def sdpa(s):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=s, enable_gqa=group > 1)
 
-    with torch.enable_grad():
-        if temperature == 1.0:
-            return torch.autograd.grad(sdpa(scale), (q, k, v), grad_out)
-        (dv,) = torch.autograd.grad(sdpa(scale), (v,), grad_out)
-        dq, dk = torch.autograd.grad(sdpa(scale / temperature), (q, k), grad_out)
-    return dq * temperature, dk * temperature, dv
+# ---------------------------------------------------------------------------------------------------- layout
+def _rows(x: torch.Tensor, kv_heads: int, ct) -> torch.Tensor:
+    """``[..., B, Hq, S, D]`` → ``[..., B·Hkv, S·G, D]`` in ``ct``: the G query heads of a KV head, row i·G + g."""
+    *lead, batch, q_heads, seq_len, dim = x.shape
+    group = q_heads // kv_heads
+    x = x.reshape(*lead, batch, kv_heads, group, seq_len, dim).transpose(-3, -2)
+    return x.to(ct).reshape(*lead, batch * kv_heads, seq_len * group, dim)
+
+
+def _unrows(x: torch.Tensor, batch: int, kv_heads: int, seq_len: int) -> torch.Tensor:
+    """Inverse of ``_rows``: ``[..., B·Hkv, S·G, D]`` → ``[..., B, Hq, S, D]``."""
+    *lead, _, rows, dim = x.shape
+    group = rows // seq_len
+    x = x.reshape(*lead, batch, kv_heads, seq_len, group, dim).transpose(-3, -2)
+    return x.reshape(*lead, batch, kv_heads * group, seq_len, dim)
+
+
+# ------------------------------------------------------------------------------------------------------ tiles
+def _mask_spans(q_start, q_end, lo, hi, causal, sliding_window, padded):
+    """Key column spans ``[a, b)`` of the tile where some row may not see some key; elsewhere all are allowed."""
+    if padded:
+        return [(lo, hi)]
+    spans = []
+    if sliding_window is not None:  # row i keeps j > i − w: the left edge of the band
+        spans.append((lo, min(hi, q_end - sliding_window)))
+    if causal:  # row i keeps j <= i: the diagonal block
+        spans.append((max(lo, q_start + 1), hi))
+    spans = sorted((a, b) for a, b in spans if a < b)
+    merged = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _apply_masks(scores, q_start, q_end, lo, hi, batch, kv_heads, causal, sliding_window, key_padding_mask):
+    """−inf where query row i may not attend to key j, in place; ``scores`` ``[B·Hkv, c·G, hi−lo]``."""
+    c = q_end - q_start
+    view = scores.view(batch, kv_heads, c, -1, hi - lo)  # [B, Hkv, c, G, n]
+    for a, b in _mask_spans(q_start, q_end, lo, hi, causal, sliding_window, key_padding_mask is not None):
+        allowed = allowed_tile(q_start, q_end, a, b, causal=causal, sliding_window=sliding_window,
+                               key_padding_mask=key_padding_mask, device=scores.device)  # [B|1, 1, c, b−a]
+        view[..., a - lo:b - lo].masked_fill_(~allowed[:, :, :, None], float("-inf"))
+
+
+def _logits(q_t, k_t, temperature, softcap):
+    """S/T for one tile (unmasked), S the scores as the softmax sees them, from ``q_t`` pre-multiplied by
+    scale/T; and tanh(raw/cap) or None."""
+    logits = torch.bmm(q_t, k_t.transpose(1, 2))
+    if softcap is None:
+        return logits, None
+    tanh = logits.mul_(temperature / softcap).tanh_()
+    return tanh * (softcap / temperature), tanh
+
+
+def _softmax(logits, empty):
+    """softmax over a tile's complete rows, with 0 on the rows ``empty`` marks (None: no row is empty)."""
+    probs = torch.softmax(logits, dim=-1)
+    return probs if empty is None else probs.masked_fill_(empty, 0.0)
+
+
+def _row_lse(scores):
+    """logsumexp over a tile's complete rows; +inf for a row with no allowed key (so exp(S − LSE) = 0)."""
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return lse.masked_fill_(lse == float("-inf"), float("inf"))
+
+
+# -------------------------------------------------------------------------------------------------- forward
+def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask, chunk_size):
+    """Ordinary attention. Returns ``(out [B,Hq,S,D] in q's dtype, lse [B,Hq,S] float32/64 or None)``.
+
+    ``lse`` is what ``attention_backward`` recomputes P from (+inf on rows with no allowed key); ``None`` where
+    the fused op of a non-CPU device gives none (the backward then takes it from its own tiles).
+    """
+    if _fused_forward_ok(q, causal, sliding_window, softcap, key_padding_mask):
+        return _fused_forward(q, k, v, scale, causal)
+    batch, q_heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    ct = compute_dtype(q.dtype)
+    q_r = _rows(q, kv_heads, ct).mul(scale)  # a new tensor: never write into q
+    k_r, v_r = (t.to(ct).reshape(batch * kv_heads, seq_len, head_dim) for t in (k, v))
+    out = torch.empty_like(q_r)
+    lse = torch.empty(q_r.shape[:-1] + (1,), dtype=ct, device=q.device)
+    for q_start in range(0, seq_len, chunk_size):
+        q_end = min(seq_len, q_start + chunk_size)
+        lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
+        rows = slice(q_start * group, q_end * group)
+        scores, _ = _logits(q_r[:, rows], k_r[:, lo:hi], 1.0, softcap)
+        _apply_masks(scores, q_start, q_end, lo, hi, batch, kv_heads, causal, sliding_window, key_padding_mask)
+        tile_lse = _row_lse(scores)
+        lse[:, rows] = tile_lse
+        torch.bmm(scores.sub_(tile_lse).exp_(), v_r[:, lo:hi], out=out[:, rows])
+    lse = _unrows(lse, batch, kv_heads, seq_len)[..., 0]
+    return _unrows(out, batch, kv_heads, seq_len).to(q.dtype), lse
+
+
+# ------------------------------------------------------------------------------------------------- backward
+def attention_backward(q, k, v, lse, grad_out, *, scale, causal, sliding_window, softcap, key_padding_mask,
+                       temperature, q_scale, k_scale, v_scale, chunk_size):
+    """The GIM backward of ``attention_forward`` as a function of plain tensors: ``(dq, dk, dv)``.
+
+    Args:
+        q, k, v, lse: the forward's inputs and its ``lse`` (``None``: recomputed per tile).
+        grad_out: ``[B, Hq, S, D]``, or ``[M, B, Hq, S, D]`` for M cotangents at once (the answer's M targets):
+            each tile recomputes P and P_T once and serves all M; the gradients then carry the same leading M.
+        temperature: T (``None`` or 1.0 = the plain gradient); q/k/v_scale: factors on dq, dk, dv (``None`` = 1).
+
+    Returns dq, dk, dv in the dtypes of q, k, v (float32 math for 16-bit inputs).
+    """
+    t = 1.0 if temperature is None else float(temperature)
+    batch, q_heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    ct = compute_dtype(q.dtype)
+    single = grad_out.dim() == 4
+    g_r = _rows(grad_out[None] if single else grad_out, kv_heads, ct)  # [M, B·Hkv, S·G, D]
+    q_r = _rows(q, kv_heads, ct).mul(scale / t)  # so that the score GEMM gives S/T (a copy: q untouched)
+    k_r, v_r = (x.to(ct).reshape(batch * kv_heads, seq_len, head_dim) for x in (k, v))
+    neg_lse = None if lse is None else _rows(lse[..., None], kv_heads, ct).neg()
+
+    dq = torch.empty_like(g_r)
+    dk = torch.zeros(g_r.shape[0], batch * kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
+    dv = torch.zeros_like(dk)
+    for q_start in range(0, seq_len, chunk_size):
+        q_end = min(seq_len, q_start + chunk_size)
+        lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
+        rows = slice(q_start * group, q_end * group)
+        q_t, k_t, v_t = q_r[:, rows], k_r[:, lo:hi], v_r[:, lo:hi]
+        y, tanh = _logits(q_t, k_t, t, softcap)  # y = S/T
+        _apply_masks(y, q_start, q_end, lo, hi, batch, kv_heads, causal, sliding_window, key_padding_mask)
+        # a row with no allowed key (left padding): softmax gives NaN, GIM passes nothing
+        empty = y.amax(dim=-1, keepdim=True) == float("-inf") if key_padding_mask is not None else None
+        probs_t = _softmax(y, empty)
+        if t == 1.0:
+            probs = probs_t
+        elif neg_lse is not None:  # P = exp(S − LSE); a row without keys has LSE = +inf
+            probs = torch.add(neg_lse[:, rows], y, alpha=t).exp_()
+        else:
+            probs = _softmax(y.mul_(t), empty)
+        del y
+        for m in range(g_r.shape[0]):
+            do_t = g_r[m, :, rows]
+            dv[m, :, lo:hi].baddbmm_(probs.transpose(1, 2), do_t)  # dV = Pᵀ dO with the true P
+            grad_s = torch._softmax_backward_data(torch.bmm(do_t, v_t.transpose(1, 2)), probs_t, -1, ct)
+            if tanh is not None:
+                grad_s.mul_(1.0 - tanh * tanh)
+            torch.bmm(grad_s, k_t, out=dq[m, :, rows])  # × scale in finish()
+            dk[m, :, lo:hi].baddbmm_(grad_s.transpose(1, 2), q_t, alpha=t)  # scale·dSᵀ Q = T·dSᵀ (Q·scale/T)
+
+    def finish(grad, factor, like, unrow):
+        grad = _unrows(grad, batch, kv_heads, seq_len) if unrow else grad.view(-1, *like.shape)
+        if factor is not None and factor != 1.0:
+            grad = grad * factor
+        grad = grad.to(like.dtype)
+        return grad[0] if single else grad
+
+    return (finish(dq, scale * (1.0 if q_scale is None else q_scale), q, True),
+            finish(dk, k_scale, k, False), finish(dv, v_scale, v, False))
 
 
 class ChunkedGIMAttention(torch.autograd.Function):
-    """Row-chunked attention with the GIM backward; see the module docstring for the math."""
+    """Attention with the GIM backward; see the module docstring for the math and the route."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
                 temperature, q_scale, k_scale, v_scale, chunk_size):
-        batch, q_heads, seq_len, head_dim = q.shape
-        kv_heads = k.shape[1]
-        group = q_heads // kv_heads
-        ct = compute_dtype(q.dtype)
-        ctx.save_for_backward(q, k, v, key_padding_mask)
-        ctx.args = (scale, causal, sliding_window, softcap, 1.0 if temperature is None else float(temperature),
-                    q_scale, k_scale, v_scale, chunk_size)
-        ctx.sdpa = _use_sdpa(causal, sliding_window, softcap, key_padding_mask, q.dtype)
-        if ctx.sdpa:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
-        out = torch.empty(batch, kv_heads, group, seq_len, head_dim, dtype=q.dtype, device=q.device)
-        for q_start in range(0, seq_len, chunk_size):
-            q_end = min(seq_len, q_start + chunk_size)
-            scores, _, _, _, _, v_tile = _tile(q, k, v, q_start, q_end, ct, group, scale, softcap, causal,
-                                               sliding_window, key_padding_mask)
-            probs, _ = _softmaxes(scores, 1.0)
-            out[:, :, :, q_start:q_end] = (probs @ v_tile).view(batch, kv_heads, group, q_end - q_start, head_dim)
-        return out.view(batch, q_heads, seq_len, head_dim)
+        structure = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+                         key_padding_mask=key_padding_mask, chunk_size=chunk_size)
+        out, lse = attention_forward(q, k, v, **structure)
+        ctx.save_for_backward(q, k, v, lse, key_padding_mask)
+        ctx.args = dict(structure, temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, key_padding_mask = ctx.saved_tensors
-        scale, causal, sliding_window, softcap, t, q_scale, k_scale, v_scale, chunk_size = ctx.args
-        batch, q_heads, seq_len, head_dim = q.shape
-        kv_heads = k.shape[1]
-        group = q_heads // kv_heads
-        ct = compute_dtype(q.dtype)
-
-        def finish(grad, factor, like):
-            if factor is not None and factor != 1.0:
-                grad = grad * factor
-            return grad.reshape(like.shape).to(like.dtype)
-
-        if ctx.sdpa:
-            dq, dk, dv = _sdpa_backward(q, k, v, grad_out, scale, causal, t)
-            return (finish(dq, q_scale, q), finish(dk, k_scale, k), finish(dv, v_scale, v),
-                    None, None, None, None, None, None, None, None, None, None)
-
-        dq = torch.empty(batch, kv_heads, group, seq_len, head_dim, dtype=ct, device=q.device)
-        dk = torch.zeros(batch, kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
-        dv = torch.zeros_like(dk)
-        for q_start in range(0, seq_len, chunk_size):
-            q_end = min(seq_len, q_start + chunk_size)
-            c = q_end - q_start
-            scores, tanh, (lo, hi), q_tile, k_tile, v_tile = _tile(
-                q, k, v, q_start, q_end, ct, group, scale, softcap, causal, sliding_window, key_padding_mask)
-            probs, probs_t = _softmaxes(scores, t)
-            del scores
-            do_tile = grad_out[:, :, q_start:q_end].to(ct).reshape(batch, kv_heads, group * c, head_dim)
-
-            dv[:, :, lo:hi] += probs.transpose(-1, -2) @ do_tile  # dV = Pᵀ dO with the true P
-            del probs
-            grad_s = do_tile @ v_tile.transpose(-1, -2)  # dP
-            grad_s.sub_((grad_s * probs_t).sum(dim=-1, keepdim=True)).mul_(probs_t)
-            if tanh is not None:
-                grad_s.mul_(1.0 - tanh * tanh)
-            grad_s.mul_(scale)
-            dq[:, :, :, q_start:q_end] = (grad_s @ k_tile).view(batch, kv_heads, group, c, head_dim)
-            dk[:, :, lo:hi] += grad_s.transpose(-1, -2) @ q_tile
-
-        return (finish(dq, q_scale, q), finish(dk, k_scale, k), finish(dv, v_scale, v),
-                None, None, None, None, None, None, None, None, None, None)
+        q, k, v, lse, key_padding_mask = ctx.saved_tensors
+        args = dict(ctx.args, key_padding_mask=key_padding_mask)
+        dq, dk, dv = attention_backward(q, k, v, lse, grad_out, **args)
+        return (dq, dk, dv) + (None,) * 10
 
 
 def gim_attention_chunked(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,
                           temperature, q_scale, k_scale, v_scale, chunk_size=None):
-    """Row-chunked GIM attention. q ``[B,Hq,S,D]``, k/v ``[B,Hkv,S,D]`` → ``[B,Hq,S,D]`` in q's dtype."""
+    """Row-tiled GIM attention. q ``[B,Hq,S,D]``, k/v ``[B,Hkv,S,D]`` → ``[B,Hq,S,D]`` in q's dtype."""
     if chunk_size is None:
-        chunk_size = auto_chunk_size(q.shape[0], q.shape[1], q.shape[2], sliding_window)
+        chunk_size = auto_chunk_size(q.shape[0], q.shape[1], k.shape[1], q.shape[2], sliding_window)
     return ChunkedGIMAttention.apply(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
                                      temperature, q_scale, k_scale, v_scale, int(chunk_size))
