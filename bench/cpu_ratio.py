@@ -141,7 +141,7 @@ def main(argv=None):
         print(f"  {route:10} min {r['min_s'] * 1e3:8.1f} ms  median {r['median_s'] * 1e3:8.1f} ms  "
               f"{r['ratio_to_sdpa']:.2f}× sdpa")
 
-    stem = f"cpu_ratio_{(args.config or args.model).replace('/', '_')}{'_' + str(args.layers) + 'l' if args.layers else ''}"
+    stem = "cpu_ratio_" + (args.config or args.model).replace("/", "_") + (f"_{args.layers}l" if args.layers else "")
     paths = write_rows([{**r, "times_s": " ".join(f"{t:.4f}" for t in r["times_s"])} for r in rows], args.out, stem)
     lines = [f"# GIM vs plain gradient on the CPU: {name}, {args.seq} tokens, fp32, batch 1", "",
              f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}", ""]

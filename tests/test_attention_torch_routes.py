@@ -106,7 +106,7 @@ def test_backward_of_many_cotangents(config, dtype):
 
 
 def test_fused_forward_without_gqa_in_the_op(monkeypatch):
-    """torch < 2.9: the CPU flash op has no GQA; K/V are repeated for it and the result does not change."""
+    """torch < 2.13: GQA is not used inside the CPU flash op; K/V are repeated for it and the result does not change."""
     q, k, v, dout, kw = make_case((1, 6, 2, 37, 16), {}, torch.float32, seed=4)
     native = run_backward(lambda a, b, c: gim(a, b, c, **kw), [q, k, v], dout)
     monkeypatch.setattr(ac, "_FLASH_CPU_GQA", False)

@@ -52,9 +52,11 @@ _STACKED_ROWS = 96
 _TILE_ELEMENTS = 1 << 22
 _MIN_ROWS = 16
 
-# torch's CPU flash attention op (forward: output and LSE); GQA inside the op from torch 2.9 on.
+# torch's CPU flash attention op: (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp), in
+# torch since 2.2. Fewer KV heads than query heads inside the op: torch 2.13 (checked by the tests here; the
+# CPU kernel learnt GQA in 2025); before, K/V are repeated for it (a copy of O(S·D)).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9)
+_FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 def auto_chunk_size(batch: int, q_heads: int, kv_heads: int, seq_len: int, sliding_window: int | None) -> int:
