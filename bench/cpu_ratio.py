@@ -16,8 +16,8 @@ forward + backward, the same alternation:
     gim            gim_fast's torch backend: fused flash forward, row-tiled GIM backward (the route this
                    model takes)
     gim-T-off      the same route with the GIM settings off (temperature, scales None): the plain gradient
-    gim-tiled      the same op forced onto the row-tiled forward (an all-True key padding mask): the route of
-                   padding, sliding windows and soft-capping
+    gim-tiled      the same op forced onto the row-tiled forward (a sliding window as long as the input, which
+                   masks nothing): the route of sliding windows and soft-capping
 
 Rows go to ``<out>/cpu_ratio_<model>.json/.csv`` and a markdown summary beside them.
 """
@@ -38,7 +38,7 @@ from common import environment, write_rows  # noqa: E402
 from explain import _call, _load, add_model_arguments  # noqa: E402
 
 
-def alternate(calls: dict, repeats: int) -> dict:
+def alternate(calls: dict, repeats: int, clock=time.perf_counter) -> dict:
     """Seconds per call of each entry of ``calls``: one untimed warm-up each, then ``repeats`` rounds in an
     order that flips every round."""
     names = list(calls)
@@ -47,10 +47,13 @@ def alternate(calls: dict, repeats: int) -> dict:
     times = {name: [] for name in names}
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
+            start = clock()
             calls[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def stats(times: list[float]) -> dict:
@@ -58,7 +61,8 @@ def stats(times: list[float]) -> dict:
 
 
 def model_level(args, model, ids) -> dict:
-    times = alternate({p: (lambda p=p: _call(p, model, ids)) for p in ("gim-torch", "plain")}, args.repeats)
+    times = alternate({p: (lambda p=p: _call(p, model, ids)) for p in ("gim-torch", "plain")}, args.repeats,
+                      CLOCKS[args.clock])
     gim, plain = times["gim-torch"], times["plain"]
     return {"gim": stats(gim), "plain": stats(plain),
             "ratio_median": statistics.median(gim) / statistics.median(plain),
@@ -77,7 +81,6 @@ def attention_level(args, config, seq) -> dict:
     k = torch.randn(1, kv_heads, seq, head_dim, generator=gen).requires_grad_(True)
     v = torch.randn(1, kv_heads, seq, head_dim, generator=gen).requires_grad_(True)
     grad = torch.randn(1, q_heads, seq, head_dim, generator=gen)
-    all_real = torch.ones(1, seq, dtype=torch.bool)
     off = dict(temperature=None, q_scale=None, k_scale=None, v_scale=None)
 
     def fwd_bwd(fn):
@@ -88,10 +91,9 @@ def attention_level(args, config, seq) -> dict:
                                                                 enable_gqa=q_heads != kv_heads)),
         "gim": fwd_bwd(lambda: gim_fast.ops.gim_attention(q, k, v, backend="torch")),
         "gim-T-off": fwd_bwd(lambda: gim_fast.ops.gim_attention(q, k, v, backend="torch", **off)),
-        "gim-tiled": fwd_bwd(lambda: gim_fast.ops.gim_attention(q, k, v, backend="torch",
-                                                                 key_padding_mask=all_real)),
+        "gim-tiled": fwd_bwd(lambda: gim_fast.ops.gim_attention(q, k, v, backend="torch", sliding_window=seq)),
     }
-    times = alternate(calls, args.attention_repeats)
+    times = alternate(calls, args.attention_repeats, CLOCKS[args.clock])
     shape = dict(q=[1, q_heads, seq, head_dim], kv=[1, kv_heads, seq, head_dim])
     base = statistics.median(times["sdpa"])
     return {name: dict(stats(t), ratio_to_sdpa=statistics.median(t) / base, **shape) for name, t in times.items()}
@@ -104,6 +106,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the model-level comparison")
     parser.add_argument("--attention-repeats", type=int, default=None, help="rounds per attention route")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="wall: elapsed time (the measurement, on a quiet machine); cpu: this process's CPU time, "
+                             "which other processes' load barely moves (with --threads 1: an indicative ratio on a "
+                             "shared machine)")
     parser.add_argument("--skip-model", action="store_true", help="attention level only")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -115,7 +121,7 @@ def main(argv=None):
     model = _load(args, torch.device("cpu"))
     name = (args.config or args.model) + (f" ({args.layers} layers)" if args.layers else "")
     env = environment(torch.device("cpu"))
-    base = dict(model=name, seq=args.seq, dtype="fp32", **env)
+    base = dict(model=name, seq=args.seq, dtype="fp32", clock=args.clock, **env)
     rows = []
     if not args.skip_model:
         ids = torch.randint(1, model.config.vocab_size, (args.seq,), generator=torch.Generator().manual_seed(0))
@@ -124,7 +130,8 @@ def main(argv=None):
             rows.append({**base, "level": "model", "route": provider, "min_s": m[provider]["min_s"],
                          "median_s": m[provider]["median_s"], "times_s": m[provider]["times_s"],
                          "ratio": m["ratio_median"] if provider == "gim" else 1.0})
-        print(f"model {name}, {args.seq} tokens, {args.threads} threads, {args.repeats} alternating rounds:")
+        print(f"model {name}, {args.seq} tokens, {args.threads} threads, {args.repeats} alternating rounds, "
+              f"{args.clock} clock:")
         for provider in ("gim", "plain"):
             print(f"  {provider:6} min {m[provider]['min_s']:.3f} s  median {m[provider]['median_s']:.3f} s")
         print(f"  GIM / plain: {m['ratio_median']:.3f}× (medians), {m['ratio_min']:.3f}× (minima), "
@@ -144,7 +151,8 @@ def main(argv=None):
     stem = "cpu_ratio_" + (args.config or args.model).replace("/", "_") + (f"_{args.layers}l" if args.layers else "")
     paths = write_rows([{**r, "times_s": " ".join(f"{t:.4f}" for t in r["times_s"])} for r in rows], args.out, stem)
     lines = [f"# GIM vs plain gradient on the CPU: {name}, {args.seq} tokens, fp32, batch 1", "",
-             f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}", ""]
+             f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}; "
+             f"{args.clock} clock", ""]
     if summary:
         lines += [f"Model level, {args.repeats} alternating rounds: GIM median {summary['gim']['median_s']:.3f} s "
                   f"(min {summary['gim']['min_s']:.3f}), plain median {summary['plain']['median_s']:.3f} s "

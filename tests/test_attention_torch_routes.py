@@ -53,14 +53,18 @@ def check(q, k, v, dout, kw, fn=gim):
 
 
 @pytest.mark.parametrize("temperature", [2.0, 0.5, None], ids=str)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("causal, padding", [(True, None), (False, None), (True, "left"), (False, "right")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
-def test_fused_route_vs_reference(shape, dtype, causal, temperature):
-    q, k, v, dout, kw = make_case(shape, dict(causal=causal, temperature=temperature), dtype, seed=31)
-    _, lse = ac.attention_forward(q, k, v, **structure(q, kw))
+def test_fused_route_vs_reference(shape, dtype, causal, padding, temperature):
+    q, k, v, dout, kw = make_case(shape, dict(causal=causal, padding=padding, temperature=temperature), dtype,
+                                  seed=31)
+    out, lse = ac.attention_forward(q, k, v, **structure(q, kw))
     assert lse is not None and lse.shape == q.shape[:3]  # the fused CPU forward ran and gave the LSE
     check(q, k, v, dout, kw)
+    if padding == "left":  # a query row with no key (left padding, causal) outputs exactly 0
+        empty = ~kw["key_padding_mask"].cumsum(-1).bool()  # [B, S]
+        assert empty.any() and (out.permute(0, 2, 1, 3)[empty] == 0).all()
 
 
 def test_fused_forward_lse_is_the_row_logsumexp():
@@ -143,10 +147,13 @@ def test_mask_spans_cover_every_masked_column(causal, window, padded):
 
 
 def test_auto_chunk_size():
-    assert ac.auto_chunk_size(1, 9, 3, 2048, None) * 3 >= ac._STACKED_ROWS  # ~96 stacked rows
+    assert ac.auto_chunk_size(1, 9, 3, 2048, None) == 32  # SmolLM2: 96 stacked rows per KV head
+    assert ac.auto_chunk_size(1, 12, 12, 2048, None) == 96  # multi-head: 96 rows
     assert ac.auto_chunk_size(1, 9, 3, 1, None) == 1
-    rows = ac.auto_chunk_size(1, 32, 8, 131072, None)  # long context: the tile budget wins, down to the floor
-    assert rows == ac._MIN_ROWS
+    for args in [(1, 32, 8, 131072, None), (2, 9, 3, 40000, None), (1, 9, 3, 1 << 20, 4096)]:
+        positions = ac.auto_chunk_size(*args)  # long context: the tile budget wins
+        keys = args[3] if args[4] is None else args[4] + ac._MIN_POSITIONS
+        assert positions >= 1 and args[0] * args[1] * positions * keys <= max(ac._TILE_ELEMENTS, args[0] * args[1] * keys)
 
 
 @pytest.mark.parametrize("config", ["causal", "rightpad_softcap"])

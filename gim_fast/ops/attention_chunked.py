@@ -45,12 +45,13 @@ import torch.nn.functional as F
 from .attention_eager import compute_dtype
 from .masks import allowed_tile, key_range
 
-# Query positions per tile: about _STACKED_ROWS rows once the G query heads of a KV head are stacked (GEMMs
-# wide enough, element-wise passes still in cache), and at most _TILE_ELEMENTS (B·Hq·rows·keys) per score tile
-# at long context, where the backward holds about four such tiles. Never fewer than _MIN_ROWS positions.
+# Query positions per tile: at least _MIN_POSITIONS, and enough for _STACKED_ROWS rows once the G query heads
+# of a KV head are stacked (GEMMs wide enough; measured best on the CPU at SmolLM2's, Gemma 3's and multi-head
+# shapes), but never more than _TILE_ELEMENTS (B·Hq·positions·keys) per score tile: at long context the tile
+# budget wins, down to one position per tile. The backward holds four or five such tiles.
 _STACKED_ROWS = 96
+_MIN_POSITIONS = 32
 _TILE_ELEMENTS = 1 << 22
-_MIN_ROWS = 16
 
 # torch's CPU flash attention op: (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp), in
 # torch since 2.2. Fewer KV heads than query heads inside the op: torch 2.13 (checked by the tests here; the
@@ -60,30 +61,33 @@ _FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split("."
 
 
 def auto_chunk_size(batch: int, q_heads: int, kv_heads: int, seq_len: int, sliding_window: int | None) -> int:
-    """Query positions per tile (see ``_STACKED_ROWS`` and ``_TILE_ELEMENTS``)."""
-    keys = seq_len if sliding_window is None else min(seq_len, sliding_window + _STACKED_ROWS)
-    rows = min(-(-_STACKED_ROWS // (q_heads // kv_heads)), _TILE_ELEMENTS // max(1, batch * q_heads * keys))
-    return int(max(1, min(seq_len, max(_MIN_ROWS, rows))))
+    """Query positions per tile (see ``_STACKED_ROWS``, ``_MIN_POSITIONS`` and ``_TILE_ELEMENTS``)."""
+    keys = seq_len if sliding_window is None else min(seq_len, sliding_window + _MIN_POSITIONS)
+    wanted = max(_MIN_POSITIONS, -(-_STACKED_ROWS // (q_heads // kv_heads)))
+    budget = _TILE_ELEMENTS // max(1, batch * q_heads * keys)
+    return int(max(1, min(seq_len, wanted, budget)))
 
 
-def _fused_forward_ok(q, causal, sliding_window, softcap, key_padding_mask) -> bool:
-    """Structure torch's fused SDPA expresses without a dense mask. float64 stays on the tiles (the tests'
-    float64 references)."""
-    del causal  # causal or not: both fused
-    return (sliding_window is None and softcap is None and key_padding_mask is None
-            and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
-
-
-def _fused_forward(q, k, v, scale, causal):
-    """(out, lse or None) from torch's fused attention; lse [B, Hq, S] float32 on the CPU."""
+def _fused_forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask):
+    """``(out, lse or None)`` from torch's fused attention where it expresses the structure without a dense
+    mask, else None. On the CPU: its flash op, key padding as a ``[B, 1, 1, S]`` additive mask (a row with no
+    key outputs 0, LSE 0), lse ``[B, Hq, S]`` float32. Elsewhere: ``scaled_dot_product_attention``, no LSE, no
+    padding. float64 stays on the tiles (the tests' float64 references)."""
+    if sliding_window is not None or softcap is not None or q.dtype not in (torch.float32, torch.bfloat16,
+                                                                               torch.float16):
+        return None
     group = q.shape[1] // k.shape[1]
     if q.device.type == "cpu" and _FLASH_CPU is not None:
         if group > 1 and not _FLASH_CPU_GQA:
             k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
-        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
-    return out, None
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.zeros(q.shape[0], 1, 1, q.shape[2], dtype=q.dtype, device=q.device)
+            mask.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    if key_padding_mask is not None:
+        return None
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1), None
 
 
 # ---------------------------------------------------------------------------------------------------- layout
@@ -123,29 +127,64 @@ def _mask_spans(q_start, q_end, lo, hi, causal, sliding_window, padded):
     return merged
 
 
-def _apply_masks(scores, q_start, q_end, lo, hi, batch, kv_heads, causal, sliding_window, key_padding_mask):
-    """−inf where query row i may not attend to key j, in place; ``scores`` ``[B·Hkv, c·G, hi−lo]``."""
-    c = q_end - q_start
-    view = scores.view(batch, kv_heads, c, -1, hi - lo)  # [B, Hkv, c, G, n]
-    for a, b in _mask_spans(q_start, q_end, lo, hi, causal, sliding_window, key_padding_mask is not None):
-        allowed = allowed_tile(q_start, q_end, a, b, causal=causal, sliding_window=sliding_window,
-                               key_padding_mask=key_padding_mask, device=scores.device)  # [B|1, 1, c, b−a]
-        view[..., a - lo:b - lo].masked_fill_(~allowed[:, :, :, None], float("-inf"))
+class _Tiles:
+    """The tiles of one call — query positions ``[q_start, q_end)`` against the key columns ``[lo, hi)`` they may
+    see — with their masks and ``count`` reusable score-sized buffers. Scores are laid out ``[B·Hkv, c·G, n]``.
+
+    Why buffers: a fresh tile-sized tensor per tile costs more than the tile's GEMM (large allocations come back
+    from the system as new pages, and every page faults on first touch). Why cached masks: a causal or window
+    edge block depends only on its offset from the diagonal, so each is built once per call.
+    """
+
+    def __init__(self, k_r, kv_heads, group, chunk_size, *, causal, sliding_window, key_padding_mask, count):
+        batch_heads, seq_len = k_r.shape[:2]
+        self.spans = []
+        for q_start in range(0, seq_len, chunk_size):
+            q_end = min(seq_len, q_start + chunk_size)
+            self.spans.append((q_start, q_end) + key_range(q_start, q_end, seq_len, causal, sliding_window))
+        self.batch_heads, self.kv_heads, self.group = batch_heads, kv_heads, group
+        self.causal, self.sliding_window, self.key_padding_mask = causal, sliding_window, key_padding_mask
+        self._masks = {}
+        numel = max(batch_heads * (e - s) * group * (hi - lo) for s, e, lo, hi in self.spans)
+        self._buffers = torch.empty(count, numel, dtype=k_r.dtype, device=k_r.device)
+
+    def buffer(self, index, q_start, q_end, lo, hi):
+        """Buffer ``index`` as one tile's scores, ``[B·Hkv, (q_end − q_start)·G, hi − lo]``, contiguous."""
+        shape = (self.batch_heads, (q_end - q_start) * self.group, hi - lo)
+        return self._buffers[index, :shape[0] * shape[1] * shape[2]].view(shape)
+
+    def mask(self, scores, q_start, q_end, lo, hi):
+        """−inf, in place, where query i may not attend to key j; only the columns a mask can touch."""
+        c = q_end - q_start
+        view = scores.view(-1, self.kv_heads, c, self.group, hi - lo)  # [B, Hkv, c, G, n]
+        padded = self.key_padding_mask is not None
+        for a, b in _mask_spans(q_start, q_end, lo, hi, self.causal, self.sliding_window, padded):
+            key = (q_start - a, c, b - a)
+            blocked = None if padded else self._masks.get(key)
+            if blocked is None:
+                allowed = allowed_tile(q_start, q_end, a, b, causal=self.causal, sliding_window=self.sliding_window,
+                                       key_padding_mask=self.key_padding_mask, device=scores.device)
+                blocked = ~allowed[:, :, :, None]  # [B|1, 1, c, 1, b − a]
+                if not padded:  # with padding every tile differs
+                    self._masks[key] = blocked
+            view[..., a - lo:b - lo].masked_fill_(blocked, float("-inf"))
 
 
-def _logits(q_t, k_t, temperature, softcap):
-    """S/T for one tile (unmasked), S the scores as the softmax sees them, from ``q_t`` pre-multiplied by
-    scale/T; and tanh(raw/cap) or None."""
-    logits = torch.bmm(q_t, k_t.transpose(1, 2))
+def _logits(q_t, k_t, temperature, softcap, out, tanh_out=None):
+    """S/T of one tile into ``out`` (unmasked), S the scores as the softmax sees them, from ``q_t``
+    pre-multiplied by scale/T; with soft-capping also tanh(raw/cap) into ``tanh_out`` (or in place, if None)."""
+    logits = torch.bmm(q_t, k_t.transpose(1, 2), out=out)
     if softcap is None:
-        return logits, None
-    tanh = logits.mul_(temperature / softcap).tanh_()
-    return tanh * (softcap / temperature), tanh
+        return logits
+    if tanh_out is None:
+        return logits.mul_(temperature / softcap).tanh_().mul_(softcap / temperature)
+    torch.mul(logits, temperature / softcap, out=tanh_out).tanh_()
+    return torch.mul(tanh_out, softcap / temperature, out=logits)
 
 
-def _softmax(logits, empty):
-    """softmax over a tile's complete rows, with 0 on the rows ``empty`` marks (None: no row is empty)."""
-    probs = torch.softmax(logits, dim=-1)
+def _softmax(logits, empty, out):
+    """softmax over a tile's complete rows into ``out``, with 0 on the rows ``empty`` marks (None: none)."""
+    probs = torch.softmax(logits, dim=-1, out=out)
     return probs if empty is None else probs.masked_fill_(empty, 0.0)
 
 
@@ -162,8 +201,9 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_pa
     ``lse`` is what ``attention_backward`` recomputes P from (+inf on rows with no allowed key); ``None`` where
     the fused op of a non-CPU device gives none (the backward then takes it from its own tiles).
     """
-    if _fused_forward_ok(q, causal, sliding_window, softcap, key_padding_mask):
-        return _fused_forward(q, k, v, scale, causal)
+    fused = _fused_forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask)
+    if fused is not None:
+        return fused
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -172,12 +212,12 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_pa
     k_r, v_r = (t.to(ct).reshape(batch * kv_heads, seq_len, head_dim) for t in (k, v))
     out = torch.empty_like(q_r)
     lse = torch.empty(q_r.shape[:-1] + (1,), dtype=ct, device=q.device)
-    for q_start in range(0, seq_len, chunk_size):
-        q_end = min(seq_len, q_start + chunk_size)
-        lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
+    tiles = _Tiles(k_r, kv_heads, group, chunk_size, causal=causal, sliding_window=sliding_window,
+                   key_padding_mask=key_padding_mask, count=1)
+    for q_start, q_end, lo, hi in tiles.spans:
         rows = slice(q_start * group, q_end * group)
-        scores, _ = _logits(q_r[:, rows], k_r[:, lo:hi], 1.0, softcap)
-        _apply_masks(scores, q_start, q_end, lo, hi, batch, kv_heads, causal, sliding_window, key_padding_mask)
+        scores = _logits(q_r[:, rows], k_r[:, lo:hi], 1.0, softcap, tiles.buffer(0, q_start, q_end, lo, hi))
+        tiles.mask(scores, q_start, q_end, lo, hi)
         tile_lse = _row_lse(scores)
         lse[:, rows] = tile_lse
         torch.bmm(scores.sub_(tile_lse).exp_(), v_r[:, lo:hi], out=out[:, rows])
@@ -212,29 +252,35 @@ def attention_backward(q, k, v, lse, grad_out, *, scale, causal, sliding_window,
     dq = torch.empty_like(g_r)
     dk = torch.zeros(g_r.shape[0], batch * kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
     dv = torch.zeros_like(dk)
-    for q_start in range(0, seq_len, chunk_size):
-        q_end = min(seq_len, q_start + chunk_size)
-        lo, hi = key_range(q_start, q_end, seq_len, causal, sliding_window)
+    # buffers: 0 S/T, then dP; 1 P_T; 2 P; 3 dS; 4 tanh, then 1 − tanh²
+    tiles = _Tiles(k_r, kv_heads, group, chunk_size, causal=causal, sliding_window=sliding_window,
+                   key_padding_mask=key_padding_mask, count=5 if softcap else 4)
+    for span in tiles.spans:
+        q_start, q_end, lo, hi = span
         rows = slice(q_start * group, q_end * group)
         q_t, k_t, v_t = q_r[:, rows], k_r[:, lo:hi], v_r[:, lo:hi]
-        y, tanh = _logits(q_t, k_t, t, softcap)  # y = S/T
-        _apply_masks(y, q_start, q_end, lo, hi, batch, kv_heads, causal, sliding_window, key_padding_mask)
+        tanh = tiles.buffer(4, *span) if softcap is not None else None
+        y = _logits(q_t, k_t, t, softcap, tiles.buffer(0, *span), tanh)  # S/T
+        tiles.mask(y, *span)
         # a row with no allowed key (left padding): softmax gives NaN, GIM passes nothing
         empty = y.amax(dim=-1, keepdim=True) == float("-inf") if key_padding_mask is not None else None
-        probs_t = _softmax(y, empty)
+        probs_t = _softmax(y, empty, tiles.buffer(1, *span))
         if t == 1.0:
             probs = probs_t
         elif neg_lse is not None:  # P = exp(S − LSE); a row without keys has LSE = +inf
-            probs = torch.add(neg_lse[:, rows], y, alpha=t).exp_()
+            probs = torch.add(neg_lse[:, rows], y, alpha=t, out=tiles.buffer(2, *span)).exp_()
         else:
-            probs = _softmax(y.mul_(t), empty)
-        del y
+            probs = _softmax(y.mul_(t), empty, tiles.buffer(2, *span))
+        if tanh is not None:
+            tanh.mul_(tanh).neg_().add_(1.0)  # the soft-cap's derivative, 1 − tanh²
         for m in range(g_r.shape[0]):
             do_t = g_r[m, :, rows]
             dv[m, :, lo:hi].baddbmm_(probs.transpose(1, 2), do_t)  # dV = Pᵀ dO with the true P
-            grad_s = torch._softmax_backward_data(torch.bmm(do_t, v_t.transpose(1, 2)), probs_t, -1, ct)
+            grad_p = torch.bmm(do_t, v_t.transpose(1, 2), out=tiles.buffer(0, *span))
+            grad_s = torch.ops.aten._softmax_backward_data.out(grad_p, probs_t, -1, ct,
+                                                               grad_input=tiles.buffer(3, *span))
             if tanh is not None:
-                grad_s.mul_(1.0 - tanh * tanh)
+                grad_s.mul_(tanh)
             torch.bmm(grad_s, k_t, out=dq[m, :, rows])  # × scale in finish()
             dk[m, :, lo:hi].baddbmm_(grad_s.transpose(1, 2), q_t, alpha=t)  # scale·dSᵀ Q = T·dSᵀ (Q·scale/T)
 
