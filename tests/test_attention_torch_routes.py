@@ -47,9 +47,12 @@ def check(q, k, v, dout, kw, fn=gim):
     ref_out, ref_grads = reference_run(q, k, v, dout, kw)
     tol = ATTN_TOL[q.dtype]
     assert_rel(out, ref_out, tol, "out")
+    # seq 1: one key per row, dq and dk are exactly 0 in theory and torch's fused backward (T off) leaves
+    # rounding noise there; it is measured against the largest gradient
+    atol = tol * max(g.abs().max().item() for g in ref_grads) if q.shape[2] == 1 else 0.0
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.dtype == q.dtype
-        assert_rel(g, rg, tol, f"d{name}")
+        assert_rel(g, rg, tol, f"d{name}", atol=atol)
 
 
 @pytest.mark.parametrize("temperature", [2.0, 0.5, None], ids=str)
@@ -109,9 +112,11 @@ def test_backward_of_many_cotangents(config, dtype):
             assert_rel(one, r, ATTN_TOL[dtype], f"d{name}[{m}]")
 
 
-def test_fused_forward_without_gqa_in_the_op(monkeypatch):
-    """torch < 2.13: GQA is not used inside the CPU flash op; K/V are repeated for it and the result does not change."""
-    q, k, v, dout, kw = make_case((1, 6, 2, 37, 16), {}, torch.float32, seed=4)
+@pytest.mark.parametrize("temperature", [2.0, None], ids=str)
+def test_fused_ops_without_gqa_in_the_op(monkeypatch, temperature):
+    """torch < 2.13: GQA is not used inside the CPU flash ops; K/V are repeated for them (and, in the fused
+    backward of T off, dK/dV summed back over the group) and the result does not change."""
+    q, k, v, dout, kw = make_case((1, 6, 2, 37, 16), dict(temperature=temperature), torch.float32, seed=4)
     native = run_backward(lambda a, b, c: gim(a, b, c, **kw), [q, k, v], dout)
     monkeypatch.setattr(ac, "_FLASH_CPU_GQA", False)
     repeated = run_backward(lambda a, b, c: gim(a, b, c, **kw), [q, k, v], dout)
@@ -150,10 +155,11 @@ def test_auto_chunk_size():
     assert ac.auto_chunk_size(1, 9, 3, 2048, None) == 32  # SmolLM2: 96 stacked rows per KV head
     assert ac.auto_chunk_size(1, 12, 12, 2048, None) == 96  # multi-head: 96 rows
     assert ac.auto_chunk_size(1, 9, 3, 1, None) == 1
-    for args in [(1, 32, 8, 131072, None), (2, 9, 3, 40000, None), (1, 9, 3, 1 << 20, 4096)]:
-        positions = ac.auto_chunk_size(*args)  # long context: the tile budget wins
-        keys = args[3] if args[4] is None else args[4] + ac._MIN_POSITIONS
-        assert positions >= 1 and args[0] * args[1] * positions * keys <= max(ac._TILE_ELEMENTS, args[0] * args[1] * keys)
+    for batch, heads, kv, seq, window in [(1, 32, 8, 131072, None), (2, 9, 3, 40000, None), (1, 9, 3, 1 << 20, 4096)]:
+        positions = ac.auto_chunk_size(batch, heads, kv, seq, window)  # long context: the tile budget wins
+        keys = seq if window is None else window + ac._MIN_POSITIONS
+        assert 1 <= positions < ac._MIN_POSITIONS
+        assert batch * heads * positions * keys <= max(ac._TILE_ELEMENTS, batch * heads * keys)
 
 
 @pytest.mark.parametrize("config", ["causal", "rightpad_softcap"])
@@ -169,3 +175,24 @@ def test_inputs_untouched(shape, config):
     for name, a, b in zip(["q", "k", "v", "grad_out"], (q, k, v, dout), before):
         assert torch.equal(a, b), name
     assert torch.equal(lse, lse_before)
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_plain_gradient_takes_the_fused_backward(monkeypatch, padding):
+    """T off after the CPU flash forward: torch's fused backward, once per cotangent, equal to the reference."""
+    calls = []
+    fused = ac._FLASH_CPU_BACKWARD
+    monkeypatch.setattr(ac, "_FLASH_CPU_BACKWARD", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    off = dict(temperature=None, q_scale=0.3, k_scale=None, v_scale=0.5, padding=padding)
+    q, k, v, _, kw = make_case((2, 6, 2, 37, 80), off, torch.float32, seed=12)
+    douts = torch.randn((2,) + q.shape, generator=torch.Generator().manual_seed(2))
+    st = structure(q, kw)
+    out, lse = ac.attention_forward(q, k, v, **st)
+    stacked = ac.attention_backward(q, k, v, lse, douts, **st, **settings(kw), out=out)
+    assert len(calls) == 2
+    for m in range(2):
+        _, ref = reference_run(q, k, v, douts[m], kw)
+        for name, g, r in zip("qkv", stacked, ref):
+            assert_rel(g[m], r, ATTN_TOL[torch.float32], f"d{name}[{m}]")
+    check(q, k, v, douts[0], kw)  # through autograd: the Function keeps the output for this route
+    assert len(calls) == 3

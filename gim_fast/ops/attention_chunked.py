@@ -57,6 +57,9 @@ _TILE_ELEMENTS = 1 << 22
 # torch since 2.2. Fewer KV heads than query heads inside the op: torch 2.13 (checked by the tests here; the
 # CPU kernel learnt GQA in 2025); before, K/V are repeated for it (a copy of O(S·D)).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# ... and its backward: (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> dq, dk, dv
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
@@ -68,26 +71,53 @@ def auto_chunk_size(batch: int, q_heads: int, kv_heads: int, seq_len: int, slidi
     return int(max(1, min(seq_len, wanted, budget)))
 
 
+def _flash_cpu_inputs(q, k, v, key_padding_mask):
+    """k, v and the attention mask as the CPU flash ops take them: K/V repeated where the op has no GQA, key
+    padding as an additive ``[B, 1, 1, S]`` mask (a query row with no key then outputs 0, with LSE 0)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and not _FLASH_CPU_GQA:
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    mask = None
+    if key_padding_mask is not None:
+        mask = torch.zeros(q.shape[0], 1, 1, q.shape[2], dtype=q.dtype, device=q.device)
+        mask.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    return k, v, mask
+
+
 def _fused_forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask):
     """``(out, lse or None)`` from torch's fused attention where it expresses the structure without a dense
-    mask, else None. On the CPU: its flash op, key padding as a ``[B, 1, 1, S]`` additive mask (a row with no
-    key outputs 0, LSE 0), lse ``[B, Hq, S]`` float32. Elsewhere: ``scaled_dot_product_attention``, no LSE, no
-    padding. float64 stays on the tiles (the tests' float64 references)."""
-    if sliding_window is not None or softcap is not None or q.dtype not in (torch.float32, torch.bfloat16,
-                                                                               torch.float16):
+    mask, else None. On the CPU its flash op (lse ``[B, Hq, S]`` float32); elsewhere
+    ``scaled_dot_product_attention`` (no LSE, no padding). float64 stays on the tiles (the tests' float64
+    references)."""
+    if sliding_window is not None or softcap is not None or q.dtype not in _FUSED_DTYPES:
         return None
-    group = q.shape[1] // k.shape[1]
     if q.device.type == "cpu" and _FLASH_CPU is not None:
-        if group > 1 and not _FLASH_CPU_GQA:
-            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
-        mask = None
-        if key_padding_mask is not None:
-            mask = torch.zeros(q.shape[0], 1, 1, q.shape[2], dtype=q.dtype, device=q.device)
-            mask.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        k, v, mask = _flash_cpu_inputs(q, k, v, key_padding_mask)
         return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     if key_padding_mask is not None:
         return None
+    group = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1), None
+
+
+def _fused_backward_ok(q, lse, temperature, sliding_window, softcap) -> bool:
+    """The plain gradient (T off) after the CPU flash forward: torch's fused backward is exactly it."""
+    return (temperature in (None, 1.0) and lse is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+            and _FLASH_CPU_BACKWARD is not None and sliding_window is None and softcap is None)
+
+
+def _fused_backward(q, k, v, out, lse, grad_out, scale, causal, key_padding_mask):
+    """(dq, dk, dv) of ordinary attention from the CPU flash backward; ``grad_out`` may carry a leading M (one
+    call per cotangent, each reusing the saved ``out`` and ``lse``)."""
+    if grad_out.dim() == 5:
+        return tuple(torch.stack(g) for g in zip(*(
+            _fused_backward(q, k, v, out, lse, g, scale, causal, key_padding_mask) for g in grad_out)))
+    k_in, v_in, mask = _flash_cpu_inputs(q, k, v, key_padding_mask)
+    dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out.contiguous(), q, k_in, v_in, out, lse, 0.0, causal, attn_mask=mask,
+                                     scale=scale)
+    if k_in.shape[1] != k.shape[1]:  # K/V were repeated for the op: sum the group back
+        dk, dv = (g.unflatten(1, (k.shape[1], -1)).sum(2) for g in (dk, dv))
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------------- layout
@@ -188,18 +218,13 @@ def _softmax(logits, empty, out):
     return probs if empty is None else probs.masked_fill_(empty, 0.0)
 
 
-def _row_lse(scores):
-    """logsumexp over a tile's complete rows; +inf for a row with no allowed key (so exp(S − LSE) = 0)."""
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return lse.masked_fill_(lse == float("-inf"), float("inf"))
-
-
 # -------------------------------------------------------------------------------------------------- forward
 def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask, chunk_size):
     """Ordinary attention. Returns ``(out [B,Hq,S,D] in q's dtype, lse [B,Hq,S] float32/64 or None)``.
 
-    ``lse`` is what ``attention_backward`` recomputes P from (+inf on rows with no allowed key); ``None`` where
-    the fused op of a non-CPU device gives none (the backward then takes it from its own tiles).
+    ``lse`` is what ``attention_backward`` recomputes P from (0 on a row with no allowed key, whose P is 0
+    anyway); ``None`` where the fused op of a non-CPU device gives none (the backward then takes P from its own
+    tiles).
     """
     fused = _fused_forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask)
     if fused is not None:
@@ -213,31 +238,47 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_pa
     out = torch.empty_like(q_r)
     lse = torch.empty(q_r.shape[:-1] + (1,), dtype=ct, device=q.device)
     tiles = _Tiles(k_r, kv_heads, group, chunk_size, causal=causal, sliding_window=sliding_window,
-                   key_padding_mask=key_padding_mask, count=1)
-    for q_start, q_end, lo, hi in tiles.spans:
+                   key_padding_mask=key_padding_mask, count=2)
+    for span in tiles.spans:
+        q_start, q_end, lo, hi = span
         rows = slice(q_start * group, q_end * group)
-        scores = _logits(q_r[:, rows], k_r[:, lo:hi], 1.0, softcap, tiles.buffer(0, q_start, q_end, lo, hi))
-        tiles.mask(scores, q_start, q_end, lo, hi)
-        tile_lse = _row_lse(scores)
+        scores = _logits(q_r[:, rows], k_r[:, lo:hi], 1.0, softcap, tiles.buffer(0, *span))
+        tiles.mask(scores, *span)
+        tile_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        torch.bmm(torch.softmax(scores, dim=-1, out=tiles.buffer(1, *span)), v_r[:, lo:hi], out=out[:, rows])
+        if key_padding_mask is not None:  # a row with no allowed key: 0 out, LSE 0 (as the fused op gives)
+            empty = tile_lse == float("-inf")
+            out[:, rows].masked_fill_(empty, 0.0)
+            tile_lse.masked_fill_(empty, 0.0)
         lse[:, rows] = tile_lse
-        torch.bmm(scores.sub_(tile_lse).exp_(), v_r[:, lo:hi], out=out[:, rows])
     lse = _unrows(lse, batch, kv_heads, seq_len)[..., 0]
     return _unrows(out, batch, kv_heads, seq_len).to(q.dtype), lse
 
 
 # ------------------------------------------------------------------------------------------------- backward
 def attention_backward(q, k, v, lse, grad_out, *, scale, causal, sliding_window, softcap, key_padding_mask,
-                       temperature, q_scale, k_scale, v_scale, chunk_size):
+                       temperature, q_scale, k_scale, v_scale, chunk_size, out=None):
     """The GIM backward of ``attention_forward`` as a function of plain tensors: ``(dq, dk, dv)``.
 
     Args:
         q, k, v, lse: the forward's inputs and its ``lse`` (``None``: recomputed per tile).
+        out: the forward's output, given only where ``_fused_backward_ok`` (T off after the CPU flash forward):
+            the backward is then torch's fused one.
         grad_out: ``[B, Hq, S, D]``, or ``[M, B, Hq, S, D]`` for M cotangents at once (the answer's M targets):
             each tile recomputes P and P_T once and serves all M; the gradients then carry the same leading M.
         temperature: T (``None`` or 1.0 = the plain gradient); q/k/v_scale: factors on dq, dk, dv (``None`` = 1).
 
     Returns dq, dk, dv in the dtypes of q, k, v (float32 math for 16-bit inputs).
     """
+    def scaled(grad, factor, like):
+        if factor is not None and factor != 1.0:
+            grad = grad * factor
+        return grad.to(like.dtype)
+
+    if out is not None and _fused_backward_ok(q, lse, temperature, sliding_window, softcap):
+        dq, dk, dv = _fused_backward(q, k, v, out, lse, grad_out, scale, causal, key_padding_mask)
+        return scaled(dq, q_scale, q), scaled(dk, k_scale, k), scaled(dv, v_scale, v)
+
     t = 1.0 if temperature is None else float(temperature)
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -267,7 +308,7 @@ def attention_backward(q, k, v, lse, grad_out, *, scale, causal, sliding_window,
         probs_t = _softmax(y, empty, tiles.buffer(1, *span))
         if t == 1.0:
             probs = probs_t
-        elif neg_lse is not None:  # P = exp(S − LSE); a row without keys has LSE = +inf
+        elif neg_lse is not None:  # P = exp(S − LSE) (0 on a row without keys: its S/T is all −inf)
             probs = torch.add(neg_lse[:, rows], y, alpha=t, out=tiles.buffer(2, *span)).exp_()
         else:
             probs = _softmax(y.mul_(t), empty, tiles.buffer(2, *span))
@@ -285,10 +326,7 @@ def attention_backward(q, k, v, lse, grad_out, *, scale, causal, sliding_window,
             dk[m, :, lo:hi].baddbmm_(grad_s.transpose(1, 2), q_t, alpha=t)  # scale·dSᵀ Q = T·dSᵀ (Q·scale/T)
 
     def finish(grad, factor, like, unrow):
-        grad = _unrows(grad, batch, kv_heads, seq_len) if unrow else grad.view(-1, *like.shape)
-        if factor is not None and factor != 1.0:
-            grad = grad * factor
-        grad = grad.to(like.dtype)
+        grad = scaled(_unrows(grad, batch, kv_heads, seq_len) if unrow else grad.view(-1, *like.shape), factor, like)
         return grad[0] if single else grad
 
     return (finish(dq, scale * (1.0 if q_scale is None else q_scale), q, True),
@@ -304,15 +342,17 @@ class ChunkedGIMAttention(torch.autograd.Function):
         structure = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
                          key_padding_mask=key_padding_mask, chunk_size=chunk_size)
         out, lse = attention_forward(q, k, v, **structure)
-        ctx.save_for_backward(q, k, v, lse, key_padding_mask)
+        # the output is kept only for the fused plain-gradient backward (it costs O(S·D) per layer)
+        keep = out if _fused_backward_ok(q, lse, temperature, sliding_window, softcap) else None
+        ctx.save_for_backward(q, k, v, lse, key_padding_mask, keep)
         ctx.args = dict(structure, temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, lse, key_padding_mask = ctx.saved_tensors
+        q, k, v, lse, key_padding_mask, out = ctx.saved_tensors
         args = dict(ctx.args, key_padding_mask=key_padding_mask)
-        dq, dk, dv = attention_backward(q, k, v, lse, grad_out, **args)
+        dq, dk, dv = attention_backward(q, k, v, lse, grad_out, out=out, **args)
         return (dq, dk, dv) + (None,) * 10
 
 
