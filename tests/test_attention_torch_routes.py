@@ -155,7 +155,7 @@ def test_auto_chunk_size():
     assert ac.auto_chunk_size(1, 9, 3, 2048, None) == 32  # SmolLM2: 96 stacked rows per KV head
     assert ac.auto_chunk_size(1, 12, 12, 2048, None) == 96  # multi-head: 96 rows
     assert ac.auto_chunk_size(1, 9, 3, 1, None) == 1
-    for batch, heads, kv, seq, window in [(1, 32, 8, 131072, None), (2, 9, 3, 40000, None), (1, 9, 3, 1 << 20, 4096)]:
+    for batch, heads, kv, seq, window in [(1, 32, 8, 131072, None), (2, 9, 3, 40000, None), (1, 9, 3, 1 << 20, 1 << 17)]:
         positions = ac.auto_chunk_size(batch, heads, kv, seq, window)  # long context: the tile budget wins
         keys = seq if window is None else window + ac._MIN_POSITIONS
         assert 1 <= positions < ac._MIN_POSITIONS
