@@ -1,39 +1,56 @@
 """The ``torch`` backend of ``gim_attention``: row-tiled GIM attention, O(S) memory, any device.
 
-Forward. When nothing but causality constrains the keys (no padding, window or soft-capping; float16/32 or
-bfloat16) the forward is torch's fused flash attention: on the CPU its ``_scaled_dot_product_flash_attention_for_cpu``
-op, which also returns the row log-sum-exp LSE; on other devices ``scaled_dot_product_attention`` (no LSE).
-Otherwise — and for float64, the tests' reference precision — query rows go ``chunk_size`` at a time against the
-key columns they may see: scores tile S (scaled, soft-capped, masked), LSE = logsumexp(S), O = exp(S − LSE) V.
+Routes, by structure (results differ only by float rounding; ``tests/test_attention_torch_routes.py``):
 
-Backward, one tile of query rows at a time, each tile spanning *all* the keys its rows may see. P is recomputed
-from the saved LSE (or, where the forward gave none, from the tile itself, whose rows are complete). With
-y = (S − LSE) / T:
+    forward    CPU, float32/16-bit, no window, no soft-capping: torch's fused flash op
+               ``_scaled_dot_product_flash_attention_for_cpu`` (output and row log-sum-exp LSE; key padding as an
+               additive [B,1,1,S] mask). Other devices, same structure, no padding: ``scaled_dot_product_attention``
+               (no LSE). Otherwise (windows, soft-capping, float64): the tiles below, with LSE.
+    backward   T off after the CPU flash forward: torch's fused flash backward (it is the plain gradient).
+               Otherwise: the GIM tiles below, P from the saved LSE (or from the tile, where no LSE was saved).
 
-    P_T = softmax(y)                  P = exp(T·y)  (= exp(y)² for T = 2; P_T itself for T = 1)
-    dV += Pᵀ dO                       (the true P)
-    dP  = dO Vᵀ,   dS = P_T ⊙ (dP − rowsum(dP ⊙ P_T))      (GIM; torch's fused softmax backward at P_T)
-    dS_raw = dS ⊙ (1 − tanh²(S_raw / cap))                 (soft-capping)
-    dQ  = scale · dS_raw K,   dK += scale · dS_rawᵀ Q      (then × q/k/v scale)
+Tiles: query positions ``chunk_size`` at a time, each tile spanning *all* the key columns its rows may see, so
+that softmaxes over its rows are complete. With S the scores as the softmax sees them (scaled, soft-capped,
+masked) and y = S/T:
 
-Without soft-capping the shift by −LSE/T rides in the score GEMM (``baddbmm`` with the shift as its bias), and
-only the columns a mask can touch are masked (the diagonal block, a window's left edge; every column only with
-key padding). A row with no allowed key (left padding) has LSE = −inf: it outputs 0 and passes no gradient.
-GQA: the ``G = Hq/Hkv`` query heads sharing a KV head are laid out as ``S·G`` rows (position-major) against
-that one KV head, so a tile is a plain 2-D slice, K and V are never repeated and dK, dV sum over the group
-inside the GEMM. The loops are sequential and nothing accumulates with atomics: results are deterministic.
+    forward    LSE = logsumexp(S),  O = softmax(S) V
+    backward   P_T = softmax(y),    P = exp(T·y − LSE)            (P_T itself when T = 1)
+               dV += Pᵀ dO                                        (the true P)
+               dP  = dO Vᵀ,   dS = P_T ⊙ (dP − rowsum(dP ⊙ P_T))   (GIM; torch's fused softmax backward at P_T)
+               dS_raw = dS ⊙ (1 − tanh²(S_raw / cap))              (soft-capping)
+               dQ  = scale · dS_raw K,   dK += scale · dS_rawᵀ Q   (then × q/k/v scale)
 
-Why this route (CPU, SmolLM2-135M's shapes: q [1,9,2048,64], k/v [1,3,2048,64], causal, float32; measured with
-``bench/cpu_ratio.py``). The GIM backward needs two softmaxes of one score matrix (P for dV, P_T for dQ, dK);
-a fused SDPA kernel computes one. Built from fused SDPA calls, GIM costs at least a second SDPA forward (for
-P_T's LSE and O_T), the SDPA backward at scale/T (its dV thrown away) and a third pass for Pᵀ dO — 11 GEMM
-passes where the plain gradient does 7 — and the previous route (two full SDPA backwards, one re-running the
-forward) did 16. The tiles here do the 5 GEMMs of a flash backward (S, Pᵀ dO, dP, dS K, dSᵀ Q) plus three
-element-wise passes (softmax, exp, fused softmax backward): at these shapes the GEMMs run about as fast as
-inside torch's fused backward, and tiles of ~100 stacked rows keep the element-wise passes in cache.
+Only the columns a mask can touch are masked (the diagonal block, a window's left edge; every column only with
+key padding). A query row with no allowed key (left padding) outputs 0 and passes no gradient. GQA: the
+``G = Hq/Hkv`` query heads sharing a KV head are laid out as ``S·G`` rows (position-major) against that one KV
+head, so a tile is a plain 2-D slice, K and V are never repeated, and dK, dV sum over the group inside the GEMM.
+The loops are sequential and nothing accumulates with atomics: results are deterministic.
 
-With M cotangents (``grad_out`` of shape ``[M, B, Hq, S, D]``, see ``attention_backward``) each tile computes
-its scores, P and P_T once and runs the GEMMs per cotangent.
+Why these routes (CPU, SmolLM2-135M's attention: q [1,9,2048,64], k/v [1,3,2048,64], causal, float32; one
+thread, CPU time, alternating runs on the shared 2-core machine, so indicative; ``bench/cpu_ratio.py`` and the
+README's performance section). Torch's fused forward costs ~47 ms and its backward ~118 ms. GIM needs two
+softmaxes of one score matrix (P for dV, P_T for dQ, dK) and a fused kernel computes one:
+
+- the previous route, two fused SDPA forward+backward passes (at scale/T for dQ, dK; at scale for dV), does 16
+  GEMM passes where the plain gradient does 7: ~2.3× the plain attention;
+- the best composition of fused ops — the forward at scale/T (O_T, LSE_T), the fused backward at scale/T (dQ,
+  dK; its dV discarded) and dV = Pᵀ dO as one more fused forward with queries and keys swapped (K' = [K, 1],
+  Q' = [Q, −LSE/scale], values dO, the sequence flipped to make it causal; dV = O'·exp(LSE')) — does 11:
+  ~308 ms, 1.9× (correct to 2e-7 in float32);
+- these tiles do the 7 GEMMs of the plain gradient plus four element-wise passes (softmax, add, exp, fused
+  softmax backward): forward + backward ~1.35× the plain attention. Two things made them so: reusing
+  tile-sized buffers (a fresh tile tensor per tile page-faulted on every tile and cost more than its GEMM) and
+  building each mask once per call (together: backward 253 → 178 ms);
+- ``torch.compile`` of the element-wise passes saved ~15% of them (~5% of the backward) for a ~75 s compile on
+  first use and a C++ compiler at run time: not taken.
+
+Tile size (``auto_chunk_size``): ~96 stacked rows per KV head, at least 32 positions, within a score-tile budget
+at long context (measured: 32 positions for SmolLM2's G = 3, 64–96 for G = 1 and head dim 64, 32–96 for Gemma
+3's head dim 256).
+
+With M cotangents (``grad_out`` ``[M, B, Hq, S, D]``, see ``attention_backward``) each tile computes its scores,
+P and P_T once and runs the GEMMs per cotangent; the fused plain backward runs once per cotangent on the saved
+output and LSE.
 """
 from __future__ import annotations
 
