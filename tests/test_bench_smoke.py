@@ -32,3 +32,13 @@ def test_explain_benchmark_tiny(tmp_path):
     assert [(r["provider"], r["status"]) for r in rows] == [("gim-torch", "ok"), ("plain", "ok")]
     assert all(int(r["peak_mem_bytes"]) > 0 for r in rows)
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))  # the summary table and the plot
+
+
+def test_cpu_ratio_benchmark_tiny(tmp_path):
+    rows = _run(["bench/cpu_ratio.py", "--config", "smollm2-135m-arch", "--layers", "1", "--seq", "32",
+                 "--repeats", "1", "--threads", "1"], tmp_path)
+    assert {(r["level"], r["route"]) for r in rows} == {
+        ("model", "gim"), ("model", "plain"), ("attention", "sdpa"), ("attention", "gim"),
+        ("attention", "gim-T-off"), ("attention", "gim-tiled")}
+    assert all(float(r["median_s"]) > 0 and float(r["ratio"]) > 0 for r in rows)
+    assert list(tmp_path.glob("*.md"))
