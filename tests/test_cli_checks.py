@@ -150,6 +150,7 @@ def test_attribute_arguments_are_checked_before_loading(no_loading, tmp_path, ti
     _refused([*base, "--data", data, "--out", out, "--model", tmp_path / "nowhere"], "no such file or directory")
     _refused([*base, "--data", data, "--out", out, "--model", "no-such-model"], "unknown model")
     _refused([*base, "--data", data, "--out", out, "--flush-seconds", "0"], "--flush-seconds")
+    _refused([*base, "--data", data, "--out", out, "--baseline", "-4"], "baseline token id -4 is negative")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _refused([*base, "--data", data, "--out", out, "--backend", "triton", "--device", "cpu"], "backend='triton'")
     assert not out.exists()                       # nothing was created by a refused command
@@ -189,6 +190,9 @@ def test_evaluate_arguments_are_checked_before_loading(no_loading, tmp_path):
     _refused([*base, "--out", tmp_path / "o", "--threads", "0"], "--threads")
     _refused([*base, "--out", tmp_path / "o", "--temperatures", "none", "2"], "'none' (no sweep) cannot be combined")
     _refused([*base, "--out", tmp_path / "o", "--temperatures", "-1"], "--temperatures")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text"}\n', encoding="utf-8")
+    _refused(["evaluate", "--data", bad, "--out", tmp_path / "o", "--quiet"], "bad.jsonl:2", "non-empty \"text\"")
 
 
 @pytest.mark.parametrize("temperatures", [["none"], []])

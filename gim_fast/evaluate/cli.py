@@ -97,12 +97,13 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     import torch
 
+    from ..data import countries
     from ..models import check_model_name
     from ..outputs import check_output_dir
     from ..settings import resolve_backend
     from .methods import get_method
     from .report import write_results
-    from .run import _capital_shots, evaluate_model, unavailable_notes
+    from .run import _capital_shots, evaluate_model, jsonl_candidates, unavailable_notes
 
     # every argument is checked before the first model loads
     args.temperatures = _sweep(args.temperatures)
@@ -115,9 +116,13 @@ def run(args) -> int:
         raise UsageError(f"--data must be 'capitals', 'capitals-<k>shot' or a JSON Lines file; no such file: "
                          f"{args.data!r}")
     try:
+        if _capital_shots(args.data) is None:
+            jsonl_candidates(args.data)
+        else:
+            countries()                                # the packages holding the prompts are installed
         check_output_dir(args.out)
         resolve_backend(args.backend, torch.device("cpu"))      # the models are evaluated where they load
-    except ValueError as e:
+    except (ValueError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     for model in args.models:
         try:

@@ -142,6 +142,14 @@ def jsonl_examples(path, model, tokenizer, n: int | None = None, *, seed: int = 
     """Examples from a JSON Lines file: ``{"text": ..., "target": ...}`` per line. The target is the text that
     should follow (its first token is explained; rows the model gets wrong are dropped); without a target the
     model's top prediction is explained. Rows are shuffled with ``seed``."""
+    candidates = jsonl_candidates(path)
+    random.Random(seed).shuffle(candidates)
+    return _select(model, tokenizer, candidates, n, batch_rows)
+
+
+def jsonl_candidates(path) -> list[tuple]:
+    """The rows of an evaluation JSON Lines file as (id, text, target, answer); ValueError naming the line of the
+    first bad one. Needs no model: the command line checks the file before loading any."""
     candidates = []
     with open(path, encoding="utf-8-sig") as f:     # a leading byte-order mark is dropped
         for line_no, line in enumerate(f, 1):
@@ -157,8 +165,7 @@ def jsonl_examples(path, model, tokenizer, n: int | None = None, *, seed: int = 
             if target is not None and not isinstance(target, str):
                 raise ValueError(f'{path}:{line_no}: "target" must be a string (the text that follows)')
             candidates.append((str(row.get("id", line_no)), row["text"], target, target or ""))
-    random.Random(seed).shuffle(candidates)
-    return _select(model, tokenizer, candidates, n, batch_rows)
+    return candidates
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -293,6 +293,9 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         check_output_dir(out)
     if device not in (None, "auto"):
         _check_device(device)
+    if isinstance(baseline_token, (int, str)) and str(baseline_token).strip().startswith("-") \
+            and str(baseline_token).strip()[1:].isdigit():
+        raise InputError(f"baseline token id {baseline_token} is negative; a token id is >= 0")
     if isinstance(model, (str, os.PathLike)):
         from ..models import check_model_name
 
