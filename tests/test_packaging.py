@@ -50,7 +50,8 @@ def installed(tmp_path_factory):
     _run([sys.executable, "-m", "venv", "--without-pip", env])
     env_python = env / "bin" / "python"
     env_site = Path(_run([env_python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip())
-    (env_site / "main_environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    main_sites = dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib"))   # torch may be in platlib
+    (env_site / "main_environment.pth").write_text("".join(f"{p}\n" for p in main_sites))
     _run([sys.executable, "-m", "pip", "--python", env_python, "install", "--no-deps", "--no-index", "-q", wheel])
 
     outside = tmp / "elsewhere"
@@ -66,7 +67,8 @@ def _env():
 
 def test_wheel_holds_every_subpackage_and_no_top_level_kernels(installed):
     *_, wheel = installed
-    names = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"gim_fast", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
     packages = {str(p.parent.relative_to(ROOT)).replace(os.sep, ".")
