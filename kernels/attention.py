@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -517,27 +518,51 @@ def _gpu_configs(kind: str, block_d: int, fp32: bool):
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in table[kind]]
 
 
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
+            "delta": _attn_bwd_delta_kernel}
 _TUNERS: dict = {}
 _TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_PAD", "TEMP_MODE", "FAST_MMA"]
+_DELTA_BLOCK = 32 if _INTERPRET else 64
 
 
-def _launch(kind: str, block_d: int, grid_len, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` on grid ``(cdiv(grid_len, block), second)``: fixed blocks under the interpreter,
-    autotuned on a GPU (one autotuner per kernel, padded head dim and operand type, built on first use; it
-    re-tunes per power-of-two sequence-length bucket and feature set)."""
-    tiled_len, second = grid_len
+class Launch(NamedTuple):
+    """One kernel launch, as the launchers plan it: kernel ``kind`` on the grid
+    ``(cdiv(tiled_len, BLOCK), programs)`` with these arguments and constexpr flags (block sizes excluded:
+    they come from the configuration). ``bench/compile_report.py`` compiles exactly these for sm_90a."""
+    kind: str            # "fwd", "dkdv", "dq" (autotuned) or "delta" (one fixed block)
+    block_d: int         # padded head dim: selects the configuration table
+    tiled_len: int       # the sequence axis the BLOCK tiles
+    programs: int        # the other grid axis
+    args: tuple
+    meta: dict
+
+    def configs(self) -> list:
+        """The block configurations this launch may run with on a GPU (the autotuner's candidates)."""
+        if self.kind == "delta":
+            return [triton.Config(dict(BLOCK_M=_DELTA_BLOCK), num_warps=4, num_stages=1)]
+        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"])
+
+
+def _run(launch: Launch) -> None:
+    """Run a planned launch: fixed blocks under the interpreter, autotuned on a GPU (one autotuner per kernel,
+    padded head dim and operand type, built on first use; it re-tunes per power-of-two sequence-length bucket
+    and feature set)."""
+    kind, tiled_len, programs = launch.kind, launch.tiled_len, launch.programs
     block_name = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if kind == "delta":
+        _KERNELS[kind][(triton.cdiv(tiled_len, _DELTA_BLOCK), programs)](
+            *launch.args, **launch.meta, BLOCK_M=_DELTA_BLOCK)
+        return
     if _INTERPRET:
         cfg = _INTERPRET_CONFIGS[kind]
-        _KERNELS[kind][(triton.cdiv(tiled_len, cfg[block_name]), second)](*args, **meta, **cfg)
+        _KERNELS[kind][(triton.cdiv(tiled_len, cfg[block_name]), programs)](*launch.args, **launch.meta, **cfg)
         return
-    fp32 = not meta["FAST_MMA"]
-    tuner = _TUNERS.get((kind, block_d, fp32))
+    fp32 = not launch.meta["FAST_MMA"]
+    tuner = _TUNERS.get((kind, launch.block_d, fp32))
     if tuner is None:
-        tuner = triton.autotune(configs=_gpu_configs(kind, block_d, fp32), key=_TUNE_KEY)(_KERNELS[kind])
-        _TUNERS[(kind, block_d, fp32)] = tuner
-    tuner[lambda cfg: (triton.cdiv(tiled_len, cfg[block_name]), second)](*args, **meta)
+        tuner = triton.autotune(configs=launch.configs(), key=_TUNE_KEY)(_KERNELS[kind])
+        _TUNERS[(kind, launch.block_d, fp32)] = tuner
+    tuner[lambda cfg: (triton.cdiv(tiled_len, cfg[block_name]), programs)](*launch.args, **launch.meta)
 
 
 def _check_inputs(q: torch.Tensor) -> None:
@@ -569,7 +594,8 @@ def _temperature_mode(temperature) -> int:
 
 
 def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature):
-    """Launch arguments shared by the kernels: flags, runtime scalars and the padding mask."""
+    """Launch arguments shared by the kernels: flags, runtime scalars and the padding mask. (The launchers have
+    checked that q is a CUDA tensor unless interpreting, so 16-bit inputs mean tensor-core dots.)"""
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     if q_heads % kv_heads:
@@ -579,7 +605,7 @@ def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temp
         kpm = key_padding_mask.to(device=q.device, dtype=torch.uint8)
     else:
         kpm = torch.ones(1, 1, dtype=torch.uint8, device=q.device)   # never read
-    fast_mma = (not _INTERPRET) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    fast_mma = (not _INTERPRET) and q.dtype in (torch.float16, torch.bfloat16)
     mode = _temperature_mode(temperature)
     scalars = dict(
         scale=float(scale),
@@ -612,11 +638,18 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window=None, softcap=No
     """
     _check_inputs(q)
     with _on_device(q):
-        return _forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature,
-                        need_backward)
+        (out, lse, lse_t, o_t), launches = forward_plan(
+            q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+            key_padding_mask=key_padding_mask, temperature=temperature, need_backward=need_backward)
+        for launch in launches:
+            _run(launch)
+    return out.to(q.dtype), lse, lse_t, o_t
 
 
-def _forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature, need_backward):
+def forward_plan(q, k, v, *, scale, causal, sliding_window=None, softcap=None, key_padding_mask=None,
+                 temperature=None, need_backward=True):
+    """The outputs :func:`attention_forward` will fill (allocated, not yet written; ``out`` possibly in float32
+    under the interpreter) and the list of :class:`Launch` that fill them. Works on ``meta`` tensors too."""
     batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, mode, s, meta = _common(
         q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature)
     mode = mode if need_backward else 0      # the forward value does not depend on T
@@ -628,13 +661,12 @@ def _forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, 
     else:
         lse_t, o_t = None, None
     if out.numel() == 0:
-        return out.to(q.dtype), lse, lse_t, o_t
+        return (out, lse, lse_t, o_t), []
     args = (q, k, v, kpm, out, lse, lse if lse_t is None else lse_t, out if o_t is None else o_t,
             *q.stride(), *k.stride(), *v.stride(), *kpm.stride(),
             q_heads, q_heads // kv_heads, seq_len,
             s["scale"], s["softcap"], s["inv_temp"], s["window"], s["seq_bucket"])
-    _launch("fwd", block_d, (seq_len, batch * q_heads), args, dict(meta, TEMP_MODE=mode))
-    return out.to(q.dtype), lse, lse_t, o_t
+    return (out, lse, lse_t, o_t), [Launch("fwd", block_d, seq_len, batch * q_heads, args, dict(meta, TEMP_MODE=mode))]
 
 
 def attention_backward(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, causal, sliding_window=None,
@@ -648,12 +680,19 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, sca
     """
     _check_inputs(q)
     with _on_device(q):
-        return _backward(grad_out, q, k, v, out, lse, lse_t, o_t, scale, causal, sliding_window, softcap,
-                         key_padding_mask, temperature, q_scale, k_scale, v_scale)
+        (dq, dk, dv), launches = backward_plan(
+            grad_out, q, k, v, out, lse, lse_t, o_t, scale=scale, causal=causal, sliding_window=sliding_window,
+            softcap=softcap, key_padding_mask=key_padding_mask, temperature=temperature, q_scale=q_scale,
+            k_scale=k_scale, v_scale=v_scale)
+        for launch in launches:
+            _run(launch)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _backward(grad_out, q, k, v, out, lse, lse_t, o_t, scale, causal, sliding_window, softcap, key_padding_mask,
-              temperature, q_scale, k_scale, v_scale):
+def backward_plan(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, causal, sliding_window=None,
+                  softcap=None, key_padding_mask=None, temperature=None, q_scale=None, k_scale=None, v_scale=None):
+    """``(dq, dk, dv)`` as :func:`attention_backward` will fill them, and the :class:`Launch` list (Δ_T, dK/dV,
+    dQ) that fills them. Works on ``meta`` tensors too."""
     batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, mode, s, meta = _common(
         q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature)
     if mode and (lse_t is None or o_t is None):
@@ -663,29 +702,29 @@ def _backward(grad_out, q, k, v, out, lse, lse_t, o_t, scale, causal, sliding_wi
     dk = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=_store_dtype(k.dtype), device=q.device)
     dv = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=_store_dtype(v.dtype), device=q.device)
     if dq.numel() == 0:
-        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+        return (dq.zero_(), dk.zero_(), dv.zero_()), []
     group = q_heads // kv_heads
     o_src = o_t if mode else out
     if grad_out.device != q.device:
         grad_out = grad_out.to(q.device)
 
     delta = torch.empty(batch, q_heads, seq_len, dtype=torch.float32, device=q.device)
-    delta_block = 32 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_len, delta_block), batch * q_heads)](
-        o_src, grad_out, delta, *o_src.stride(), *grad_out.stride(), q_heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block)
-
+    launches = [Launch("delta", block_d, seq_len, batch * q_heads,
+                       (o_src, grad_out, delta, *o_src.stride(), *grad_out.stride(), q_heads, seq_len),
+                       dict(HEAD_DIM=head_dim, BLOCK_D=block_d))]
     meta = dict(meta, TEMP_MODE=mode)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *kpm.stride())
     runtime = (s["scale"], s["softcap"], s["inv_temp"], s["window"])
     lse_t_arg = lse_t if mode else lse
-    _launch("dkdv", block_d, (seq_len, batch * kv_heads),
-            (q, k, v, grad_out, kpm, lse, lse_t_arg, delta, dk, dv, *strides, kv_heads, group, seq_len, *runtime,
-             s["scale"] * (1.0 if k_scale is None else float(k_scale)),
-             1.0 if v_scale is None else float(v_scale), s["seq_bucket"]),
-            meta)
-    _launch("dq", block_d, (seq_len, batch * q_heads),
-            (q, k, v, grad_out, kpm, lse_t_arg, delta, dq, *strides, q_heads, group, seq_len, *runtime,
-             s["scale"] * (1.0 if q_scale is None else float(q_scale)), s["seq_bucket"]),
-            meta)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    launches.append(Launch(
+        "dkdv", block_d, seq_len, batch * kv_heads,
+        (q, k, v, grad_out, kpm, lse, lse_t_arg, delta, dk, dv, *strides, kv_heads, group, seq_len, *runtime,
+         s["scale"] * (1.0 if k_scale is None else float(k_scale)),
+         1.0 if v_scale is None else float(v_scale), s["seq_bucket"]),
+        meta))
+    launches.append(Launch(
+        "dq", block_d, seq_len, batch * q_heads,
+        (q, k, v, grad_out, kpm, lse_t_arg, delta, dq, *strides, q_heads, group, seq_len, *runtime,
+         s["scale"] * (1.0 if q_scale is None else float(q_scale)), s["seq_bucket"]),
+        meta))
+    return (dq, dk, dv), launches
