@@ -17,10 +17,10 @@ SASS. The *inner loop* is a loop of the SASS control-flow graph (a backward bran
 contains no other loop and does tensor-core work; ``loop_instructions`` is the shortest such loop (in the
 two-stage kernels: the unmasked stage), ``loops`` lists them all in program order.
 
-Feature sets: T off / T = 2 / T = 1.5 (any other T), key padding, and everything at once (sliding window,
-soft-cap, padding, T = 1.5: the most registers) for bf16 at head dim 128; fewer at head dims 64 and 256; fp16 once
-per head dim (same code as bf16 up to the dot's operand type). Every flag is a ``tl.constexpr``, so each set is
-its own binary.
+Feature sets: T off / T = 2 / T = 1.5 (any other T), key padding, non-causal, soft-capping alone, and everything
+at once (sliding window, soft-cap, padding; T = 2 and T = 1.5: the most registers) for bf16 at head dim 128; the
+extremes at head dims 64 and 256; fp16 once per head dim (same code as bf16 up to the dot's operand type). Every
+flag is a ``tl.constexpr``, so each set is its own binary.
 """
 from __future__ import annotations
 
@@ -50,13 +50,15 @@ FEATURES = {
     "causal-T1.5": dict(causal=True, temperature=1.5),
     "causal-padding-T2": dict(causal=True, padding=True, temperature=2.0),
     "noncausal-T2": dict(causal=False, temperature=2.0),
+    "softcap": dict(causal=True, softcap=SOFTCAP, temperature=None),
+    "all-T2": dict(causal=True, window=WINDOW, softcap=SOFTCAP, padding=True, temperature=2.0),
     "all-T1.5": dict(causal=True, window=WINDOW, softcap=SOFTCAP, padding=True, temperature=1.5),
 }
 # (dtype, feature set) per head dim: the full grid at 128, the extremes (T off, T = 2, everything) elsewhere.
 PLAN = {
     128: [("bf16", f) for f in FEATURES] + [("fp16", "causal-T2")],
-    64: [("bf16", "causal"), ("bf16", "causal-T2"), ("bf16", "all-T1.5"), ("fp16", "causal-T2")],
-    256: [("bf16", "causal"), ("bf16", "causal-T2"), ("bf16", "all-T1.5"), ("fp16", "causal-T2")],
+    64: [("bf16", f) for f in ("causal", "causal-T2", "all-T2", "all-T1.5")] + [("fp16", "causal-T2")],
+    256: [("bf16", f) for f in ("causal", "causal-T2", "softcap", "all-T2", "all-T1.5")] + [("fp16", "causal-T2")],
 }
 QUICK_PLAN = {128: [("bf16", "causal"), ("bf16", "causal-T2")]}
 KINDS = ("fwd", "dkdv", "dq", "delta")
