@@ -54,11 +54,14 @@ FEATURES = {
     "all-T2": dict(causal=True, window=WINDOW, softcap=SOFTCAP, padding=True, temperature=2.0),
     "all-T1.5": dict(causal=True, window=WINDOW, softcap=SOFTCAP, padding=True, temperature=1.5),
 }
-# (dtype, feature set) per head dim: the full grid at 128, the extremes (T off, T = 2, everything) elsewhere.
+# (dtype, feature set) per head dim: the full grid at 128; at 64 and 256 each temperature mode, soft-capping, and
+# everything at once.
 PLAN = {
     128: [("bf16", f) for f in FEATURES] + [("fp16", "causal-T2")],
-    64: [("bf16", f) for f in ("causal", "causal-T2", "all-T2", "all-T1.5")] + [("fp16", "causal-T2")],
-    256: [("bf16", f) for f in ("causal", "causal-T2", "softcap", "all-T2", "all-T1.5")] + [("fp16", "causal-T2")],
+    64: [("bf16", f) for f in ("causal", "causal-T2", "causal-T1.5", "softcap", "all-T2", "all-T1.5")]
+    + [("fp16", "causal-T2")],
+    256: [("bf16", f) for f in ("causal", "causal-T2", "causal-T1.5", "softcap", "all-T2", "all-T1.5")]
+    + [("fp16", "causal-T2")],
 }
 QUICK_PLAN = {128: [("bf16", "causal"), ("bf16", "causal-T2")]}
 KINDS = ("fwd", "dkdv", "dq", "delta")
@@ -196,6 +199,7 @@ _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.+?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA = re.compile(r"\bHMMA\.")
 
 
 def analyse_sass(sass: str) -> dict:
@@ -222,6 +226,7 @@ def analyse_sass(sass: str) -> dict:
     return dict(
         hgmma_shapes=dict(sorted(shapes.items())),
         hgmma_min_n=min((int(s.split("x")[1]) for s in shapes), default=None),
+        hmma=sum(bool(_HMMA.search(i)) for i in instrs),      # Ampere-style mma.sync: tiles too small for wgmma
         loop_instructions=len(steady) if bodies else None,
         loops=[len(b) for b in bodies],
         loop_exp2=sum("MUFU.EX2" in i for i in steady),
@@ -275,12 +280,16 @@ def targets(records: list) -> list:
     else:
         out.append(("forward inner loop, T off, 128x64, D = 128, bf16", "no 128x64 forward config compiled", False))
     for kind in ("dkdv", "dq"):
-        rs = [r for r in records if r["kernel"] == kind and r["dtype"] in ("bf16", "fp16") and r["shipped"]
-              and r["hgmma_min_n"] is not None]
-        if rs:
-            low = min(r["hgmma_min_n"] for r in rs)
-            out.append((f"{kind}: every HGMMA at least 64 wide (n of m x n x k), shipped 16-bit configs",
-                        f"narrowest n = {low}", low >= 64))
+        for head_dim in HEAD_DIMS:
+            rs = [r for r in records if r["kernel"] == kind and r["dtype"] in ("bf16", "fp16") and r["shipped"]
+                  and r["head_dim"] == head_dim]
+            if rs:
+                low = min(r["hgmma_min_n"] or 0 for r in rs)
+                sync = sum(1 for r in rs if r["hmma"])
+                value = f"narrowest n = {low}" if low else "no warpgroup MMA (mma.sync) in some configs"
+                value += f"; {sync} of {len(rs)} kernels use mma.sync" if sync else ""
+                out.append((f"{kind}, D = {head_dim}: every S/dP GEMM a warpgroup MMA at least 64 wide "
+                            "(n of HGMMA m x n x k), shipped 16-bit configs", value, low >= 64 and not sync))
     return out
 
 
@@ -300,15 +309,15 @@ def markdown(records: list, meta: dict) -> str:
         if not rows:
             continue
         lines += ["", f"## {kind}", "", "| D | dtype | features | config | shipped | regs | spills | smem KiB | "
-                  "HGMMA shapes | inner loop (all loops) | EX2 / DEPBAR in loop | ptxas notes |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "HGMMA shapes (×count) | HMMA | inner loop (all loops) | EX2 / DEPBAR in loop | ptxas notes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             shapes = ", ".join(f"{s}×{n}" for s, n in r["hgmma_shapes"].items()) or "–"
             notes = "; ".join(sorted({re.sub(r".*?\((C\d+)\).*", r"\1", w) for w in r["ptxas_warnings"]})) or "–"
             loops = f"{r['loop_instructions']} ({', '.join(map(str, r['loops']))})" if r["loops"] else "–"
             lines.append(f"| {r['head_dim']} | {r['dtype']} | {r['features']} | {_cfg(r)} | "
                          f"{'yes' if r['shipped'] else 'no'} | {r['registers']} | {r['spills']} | "
-                         f"{r['shared_bytes'] / 1024:.0f} | {shapes} | {loops} | {r['loop_exp2']} / "
+                         f"{r['shared_bytes'] / 1024:.0f} | {shapes} | {r['hmma']} | {loops} | {r['loop_exp2']} / "
                          f"{r['loop_depbar']} | {notes} |")
     return "\n".join(lines) + "\n"
 

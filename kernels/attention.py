@@ -709,8 +709,8 @@ _INTERPRET_CONFIGS = {
 
 
 # Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *only) per operand type, padded head dim
-# (≤ 64, 128, 256) and kernel; ``only`` restricts an entry to "T on" / "T off" (the temperature statistics) and/or
-# "no softcap". dK/dV: BLOCK_M = stacked query rows, BLOCK_N = keys (the rows of its accumulators).
+# (≤ 64, 128, 256) and kernel; ``only`` restricts an entry to "T off" / "T on" / "T = 2" (the temperature
+# statistics: none, any T, the one-exp T = 2 path) and/or "no softcap". dK/dV: BLOCK_M = stacked query rows, BLOCK_N = keys (the rows of its accumulators).
 #
 # Screened without a GPU by ``bench/compile_report.py`` (sm_90a; bench/results/compile_report.md): every entry
 # compiles with no register spill and no ptxas serialisation warning for every feature combination it serves.
@@ -718,24 +718,26 @@ _INTERPRET_CONFIGS = {
 # would compute the same S tile and its exponentials) except at head dim 256, where it is the only spill-free
 # layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill — the forward's
 # 128×128 with two accumulators, dK/dV with 64 stacked rows at head dim 128 — are left out: a spilling config
-# cannot win on the device and fails the report. fp32 operands go through "ieee" dots (FMA, no tensor cores: a
+# cannot win on the device and fails the report. At head dim 256 the dK/dV tiles (and some dQ tiles) are under 64
+# rows, so ptxas uses Ampere-style mma.sync there, not warpgroup MMAs: register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a
 # correctness path, not a fast one) and need small tiles.
 _HOPPER_CONFIGS = {
     64: {
-        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "no softcap")],
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap"),
+                (128, 128, 8, 2, "T = 2", "no softcap")],
         "dkdv": [(64, 128, 8, 2), (64, 64, 4, 2, "no softcap")],
         "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "no softcap")],
     },
     128: {
         "fwd": [(128, 64, 8, 2, "T off"), (128, 64, 8, 3, "T off"), (64, 64, 4, 2, "T off"), (64, 64, 4, 3, "T off"),
-                (128, 64, 8, 2, "T on", "no softcap"), (128, 32, 8, 2, "T on"), (64, 32, 4, 2, "T on")],
-        "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2, "no softcap")],
-        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
+                (128, 64, 8, 2, "T = 2", "no softcap"), (128, 32, 8, 2, "T on"), (64, 32, 4, 2, "T on")],
+        "dkdv": [(32, 128, 8, 2)],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, "no softcap")],
     },
     256: {
         "fwd": [(64, 32, 8, 2), (64, 32, 4, 2, "T off"), (64, 64, 8, 2, "T off")],
         "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2)],
-        "dq": [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+        "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
     },
 }
 _FP32_CONFIGS = {
@@ -746,11 +748,12 @@ _FP32_CONFIGS = {
 _FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 
 
-def _gpu_configs(kind: str, block_d: int, fp32: bool, temperature: bool, softcap: bool) -> list:
-    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``)."""
+def _gpu_configs(kind: str, block_d: int, fp32: bool, temp_mode: int, softcap: bool) -> list:
+    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``); temp_mode as TEMP_MODE."""
     table = _FP32_CONFIGS if fp32 else _HOPPER_CONFIGS
     entries = table[64 if block_d <= 64 else block_d][kind]
-    skip = {"T off" if temperature else "T on"} | ({"no softcap"} if softcap else set())
+    skip = ({"T on", "T = 2"} if temp_mode == 0 else {"T off"} | ({"T = 2"} if temp_mode == 1 else set()))
+    skip |= {"no softcap"} if softcap else set()
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
             for m, n, w, s, *only in entries if not skip & set(only)]
 
@@ -781,13 +784,13 @@ class Launch(NamedTuple):
         """The block configurations this launch may run with on a GPU (the autotuner's candidates)."""
         if self.kind == "delta":
             return [triton.Config(dict(BLOCK_M=_DELTA_BLOCK), num_warps=4, num_stages=1)]
-        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta["TEMP_MODE"] != 0,
+        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta["TEMP_MODE"],
                             self.meta["HAS_SOFTCAP"])
 
 
 def _run(launch: Launch) -> None:
     """Run a planned launch: fixed blocks under the interpreter, autotuned on a GPU (one autotuner per kernel,
-    padded head dim, operand type, temperature on/off and soft-capping on/off, built on first use; it re-tunes per power-of-two
+    padded head dim, operand type, temperature mode and soft-capping on/off, built on first use; it re-tunes per power-of-two
     sequence-length bucket and feature set, and keeps its results in Triton's cache across processes)."""
     kind, tiled_len, programs = launch.kind, launch.tiled_len, launch.programs
     block_name = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
@@ -799,8 +802,7 @@ def _run(launch: Launch) -> None:
         cfg = _INTERPRET_CONFIGS[kind]
         _KERNELS[kind][(programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta, **cfg)
         return
-    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"] != 0,
-           launch.meta["HAS_SOFTCAP"])
+    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"])
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(configs=launch.configs(), key=_TUNE_KEY, **_CACHE_RESULTS)(_KERNELS[kind])

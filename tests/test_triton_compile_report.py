@@ -51,7 +51,7 @@ def test_compiles_one_forward_config(tmp_path):
 
 def _record(**kw):
     base = dict(kernel="fwd", config=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), features="causal",
-                dtype="bf16", head_dim=128, shipped=True, spills=0, ptxas_warnings=[], hgmma_min_n=64,
+                dtype="bf16", head_dim=128, shipped=True, spills=0, ptxas_warnings=[], hgmma_min_n=64, hmma=0,
                 loop_instructions=300)
     return {**base, **kw}
 
@@ -87,4 +87,8 @@ def test_sass_loop_analysis():
     a = compile_report.analyse_sass(sass)
     assert a["loops"] == [3, 4] and a["loop_instructions"] == 3 and a["loop_exp2"] == 1
     assert a["hgmma_shapes"] == {"64x128x16": 1, "64x64x16": 1} and a["hgmma_min_n"] == 64
-    assert a["sass_instructions"] == 9
+    assert a["sass_instructions"] == 9 and a["hmma"] == 0
+    # Tiles under 64 rows get Ampere-style mma.sync instead: counted apart, not as a warpgroup MMA.
+    sync = compile_report.analyse_sass(".L_x_0:\n        /*0000*/    HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n"
+                                       "        /*0010*/    @P0 BRA `(.L_x_0) ;")
+    assert sync["hmma"] == 1 and sync["hgmma_shapes"] == {} and sync["loops"] == [2]
