@@ -86,8 +86,8 @@ def test_backward_without_saved_lse(config, chunk):
     q, k, v, dout, kw = make_case((2, 6, 2, 37, 80), config, torch.float32, seed=5)
     st = structure(q, kw, chunk)
     _, lse = ac.attention_forward(q, k, v, **st)
-    with_lse = ac.attention_backward(q, k, v, lse, dout, **st, **settings(kw))
-    without = ac.attention_backward(q, k, v, None, dout, **st, **settings(kw))
+    with_lse = ac.attention_backward(dout, q, k, v, None, lse, **st, **settings(kw))
+    without = ac.attention_backward(dout, q, k, v, None, None, **st, **settings(kw))
     _, ref = reference_run(q, k, v, dout, kw)
     for name, a, b, r in zip("qkv", with_lse, without, ref):
         assert_rel(a, r, ATTN_TOL[torch.float32], f"d{name} (lse)")
@@ -102,9 +102,9 @@ def test_backward_of_many_cotangents(config, dtype):
     douts = torch.randn((3,) + q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     st = structure(q, kw, 9)
     _, lse = ac.attention_forward(q, k, v, **st)
-    stacked = ac.attention_backward(q, k, v, lse, douts, **st, **settings(kw))
+    stacked = ac.attention_backward(douts, q, k, v, None, lse, **st, **settings(kw))
     for m in range(3):
-        single = ac.attention_backward(q, k, v, lse, douts[m], **st, **settings(kw))
+        single = ac.attention_backward(douts[m], q, k, v, None, lse, **st, **settings(kw))
         _, ref = reference_run(q, k, v, douts[m], kw)
         for name, many, one, r in zip("qkv", stacked, single, ref):
             assert many.shape == (3,) + one.shape
@@ -171,7 +171,7 @@ def test_inputs_untouched(shape, config):
     before = [t.clone() for t in (q, k, v, dout)]
     _, lse = ac.attention_forward(q, k, v, **st)
     lse_before = lse.clone()
-    ac.attention_backward(q, k, v, lse, dout, **st, **settings(kw))
+    ac.attention_backward(dout, q, k, v, None, lse, **st, **settings(kw))
     for name, a, b in zip(["q", "k", "v", "grad_out"], (q, k, v, dout), before):
         assert torch.equal(a, b), name
     assert torch.equal(lse, lse_before)
@@ -188,7 +188,7 @@ def test_plain_gradient_takes_the_fused_backward(monkeypatch, padding):
     douts = torch.randn((2,) + q.shape, generator=torch.Generator().manual_seed(2))
     st = structure(q, kw)
     out, lse = ac.attention_forward(q, k, v, **st)
-    stacked = ac.attention_backward(q, k, v, lse, douts, **st, **settings(kw), out=out)
+    stacked = ac.attention_backward(douts, q, k, v, out, lse, **st, **settings(kw))
     assert len(calls) == 2
     for m in range(2):
         _, ref = reference_run(q, k, v, douts[m], kw)

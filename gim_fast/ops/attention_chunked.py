@@ -273,14 +273,14 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_pa
 
 
 # ------------------------------------------------------------------------------------------------- backward
-def attention_backward(q, k, v, lse, grad_out, *, scale, causal, sliding_window, softcap, key_padding_mask,
-                       temperature, q_scale, k_scale, v_scale, chunk_size, out=None):
+def attention_backward(grad_out, q, k, v, out, lse, *, scale, causal, sliding_window, softcap, key_padding_mask,
+                       temperature, q_scale, k_scale, v_scale, chunk_size):
     """The GIM backward of ``attention_forward`` as a function of plain tensors: ``(dq, dk, dv)``.
 
     Args:
-        q, k, v, lse: the forward's inputs and its ``lse`` (``None``: recomputed per tile).
-        out: the forward's output, given only where ``_fused_backward_ok`` (T off after the CPU flash forward):
-            the backward is then torch's fused one.
+        q, k, v: the forward's inputs; out: its output, needed only where ``_fused_backward_ok`` (T off after the
+            CPU flash forward: the backward is then torch's fused one), else None; lse: its ``lse`` (``None``:
+            each tile takes P from its own scores).
         grad_out: ``[B, Hq, S, D]``, or ``[M, B, Hq, S, D]`` for M cotangents at once (the answer's M targets):
             each tile recomputes P and P_T once and serves all M; the gradients then carry the same leading M.
         temperature: T (``None`` or 1.0 = the plain gradient); q/k/v_scale: factors on dq, dk, dv (``None`` = 1).
@@ -369,7 +369,7 @@ class ChunkedGIMAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, lse, key_padding_mask, out = ctx.saved_tensors
         args = dict(ctx.args, key_padding_mask=key_padding_mask)
-        dq, dk, dv = attention_backward(q, k, v, lse, grad_out, out=out, **args)
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, **args)
         return (dq, dk, dv) + (None,) * 10
 
 
