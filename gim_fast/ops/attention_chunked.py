@@ -138,20 +138,18 @@ def _fused_backward(q, k, v, out, lse, grad_out, scale, causal, key_padding_mask
 
 
 # ---------------------------------------------------------------------------------------------------- layout
-def _rows(x: torch.Tensor, kv_heads: int, ct) -> torch.Tensor:
-    """``[..., B, Hq, S, D]`` → ``[..., B·Hkv, S·G, D]`` in ``ct``: the G query heads of a KV head, row i·G + g."""
-    *lead, batch, q_heads, seq_len, dim = x.shape
-    group = q_heads // kv_heads
-    x = x.reshape(*lead, batch, kv_heads, group, seq_len, dim).transpose(-3, -2)
-    return x.to(ct).reshape(*lead, batch * kv_heads, seq_len * group, dim)
+def _row_tile(x, kv_heads, q_start, q_end, dtype, factor=None):
+    """Positions ``[q_start, q_end)`` of ``x`` ``[..., B, Hq, S, D]`` as a new ``[..., B·Hkv, c·G, D]`` tensor in
+    ``dtype`` (× ``factor``): the G query heads of a KV head stacked, row (i − q_start)·G + g."""
+    part = x[..., q_start:q_end, :].unflatten(-3, (kv_heads, -1)).transpose(-3, -2)  # [..., B, Hkv, c, G, D]
+    tile = torch.empty(part.shape, dtype=dtype, device=x.device).copy_(part).flatten(-5, -4).flatten(-3, -2)
+    return tile if factor is None else tile.mul_(factor)
 
 
-def _unrows(x: torch.Tensor, batch: int, kv_heads: int, seq_len: int) -> torch.Tensor:
-    """Inverse of ``_rows``: ``[..., B·Hkv, S·G, D]`` → ``[..., B, Hq, S, D]``."""
-    *lead, _, rows, dim = x.shape
-    group = rows // seq_len
-    x = x.reshape(*lead, batch, kv_heads, seq_len, group, dim).transpose(-3, -2)
-    return x.reshape(*lead, batch, kv_heads * group, seq_len, dim)
+def _put_row_tile(dst, tile, kv_heads, q_start, q_end):
+    """The inverse of ``_row_tile``: write ``tile`` into positions ``[q_start, q_end)`` of ``dst``."""
+    part = dst[..., q_start:q_end, :].unflatten(-3, (kv_heads, -1)).transpose(-3, -2)
+    part.copy_(tile.view(part.shape))
 
 
 # ------------------------------------------------------------------------------------------------------ tiles
@@ -250,26 +248,25 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window, softcap, key_pa
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     ct = compute_dtype(q.dtype)
-    q_r = _rows(q, kv_heads, ct).mul(scale)  # a new tensor: never write into q
     k_r, v_r = (t.to(ct).reshape(batch * kv_heads, seq_len, head_dim) for t in (k, v))
-    out = torch.empty_like(q_r)
-    lse = torch.empty(q_r.shape[:-1] + (1,), dtype=ct, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1] + (1,), dtype=ct, device=q.device)
     tiles = _Tiles(k_r, kv_heads, group, chunk_size, causal=causal, sliding_window=sliding_window,
                    key_padding_mask=key_padding_mask, count=2)
     for span in tiles.spans:
         q_start, q_end, lo, hi = span
-        rows = slice(q_start * group, q_end * group)
-        scores = _logits(q_r[:, rows], k_r[:, lo:hi], 1.0, softcap, tiles.buffer(0, *span))
+        q_t = _row_tile(q, kv_heads, q_start, q_end, ct, scale)
+        scores = _logits(q_t, k_r[:, lo:hi], 1.0, softcap, tiles.buffer(0, *span))
         tiles.mask(scores, *span)
         tile_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        torch.bmm(torch.softmax(scores, dim=-1, out=tiles.buffer(1, *span)), v_r[:, lo:hi], out=out[:, rows])
+        out_t = torch.bmm(torch.softmax(scores, dim=-1, out=tiles.buffer(1, *span)), v_r[:, lo:hi])
         if key_padding_mask is not None:  # a row with no allowed key: 0 out, LSE 0 (as the fused op gives)
             empty = tile_lse == float("-inf")
-            out[:, rows].masked_fill_(empty, 0.0)
+            out_t.masked_fill_(empty, 0.0)
             tile_lse.masked_fill_(empty, 0.0)
-        lse[:, rows] = tile_lse
-    lse = _unrows(lse, batch, kv_heads, seq_len)[..., 0]
-    return _unrows(out, batch, kv_heads, seq_len).to(q.dtype), lse
+        _put_row_tile(out, out_t, kv_heads, q_start, q_end)
+        _put_row_tile(lse, tile_lse, kv_heads, q_start, q_end)
+    return out, lse[..., 0]
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -302,21 +299,21 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, causal, sliding_wi
     group = q_heads // kv_heads
     ct = compute_dtype(q.dtype)
     single = grad_out.dim() == 4
-    g_r = _rows(grad_out[None] if single else grad_out, kv_heads, ct)  # [M, B·Hkv, S·G, D]
-    q_r = _rows(q, kv_heads, ct).mul(scale / t)  # so that the score GEMM gives S/T (a copy: q untouched)
+    grads = grad_out[None] if single else grad_out  # [M, B, Hq, S, D]
     k_r, v_r = (x.to(ct).reshape(batch * kv_heads, seq_len, head_dim) for x in (k, v))
-    neg_lse = None if lse is None else _rows(lse[..., None], kv_heads, ct).neg()
+    q_factor = scale * (1.0 if q_scale is None else q_scale)
 
-    dq = torch.empty_like(g_r)
-    dk = torch.zeros(g_r.shape[0], batch * kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
+    dq = torch.empty(grads.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(grads.shape[0], batch * kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
     dv = torch.zeros_like(dk)
     # buffers: 0 S/T, then dP; 1 P_T; 2 P; 3 dS; 4 tanh, then 1 − tanh²
     tiles = _Tiles(k_r, kv_heads, group, chunk_size, causal=causal, sliding_window=sliding_window,
                    key_padding_mask=key_padding_mask, count=5 if softcap else 4)
     for span in tiles.spans:
         q_start, q_end, lo, hi = span
-        rows = slice(q_start * group, q_end * group)
-        q_t, k_t, v_t = q_r[:, rows], k_r[:, lo:hi], v_r[:, lo:hi]
+        q_t = _row_tile(q, kv_heads, q_start, q_end, ct, scale / t)  # so that the score GEMM gives S/T
+        g_t = _row_tile(grads, kv_heads, q_start, q_end, ct)  # [M, B·Hkv, c·G, D]
+        k_t, v_t = k_r[:, lo:hi], v_r[:, lo:hi]
         tanh = tiles.buffer(4, *span) if softcap is not None else None
         y = _logits(q_t, k_t, t, softcap, tiles.buffer(0, *span), tanh)  # S/T
         tiles.mask(y, *span)
@@ -325,29 +322,30 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, causal, sliding_wi
         probs_t = _softmax(y, empty, tiles.buffer(1, *span))
         if t == 1.0:
             probs = probs_t
-        elif neg_lse is not None:  # P = exp(S − LSE) (0 on a row without keys: its S/T is all −inf)
-            probs = torch.add(neg_lse[:, rows], y, alpha=t, out=tiles.buffer(2, *span)).exp_()
+        elif lse is not None:  # P = exp(S − LSE) (0 on a row without keys: its S/T is all −inf)
+            neg_lse = _row_tile(lse[..., None], kv_heads, q_start, q_end, ct, -1.0)
+            probs = torch.add(neg_lse, y, alpha=t, out=tiles.buffer(2, *span)).exp_()
         else:
             probs = _softmax(y.mul_(t), empty, tiles.buffer(2, *span))
         if tanh is not None:
             tanh.mul_(tanh).neg_().add_(1.0)  # the soft-cap's derivative, 1 − tanh²
-        for m in range(g_r.shape[0]):
-            do_t = g_r[m, :, rows]
+        for m, do_t in enumerate(g_t):
             dv[m, :, lo:hi].baddbmm_(probs.transpose(1, 2), do_t)  # dV = Pᵀ dO with the true P
             grad_p = torch.bmm(do_t, v_t.transpose(1, 2), out=tiles.buffer(0, *span))
             grad_s = torch.ops.aten._softmax_backward_data.out(grad_p, probs_t, -1, ct,
                                                                grad_input=tiles.buffer(3, *span))
             if tanh is not None:
                 grad_s.mul_(tanh)
-            torch.bmm(grad_s, k_t, out=dq[m, :, rows])  # × scale in finish()
+            _put_row_tile(dq[m], torch.bmm(grad_s, k_t).mul_(q_factor), kv_heads, q_start, q_end)
             dk[m, :, lo:hi].baddbmm_(grad_s.transpose(1, 2), q_t, alpha=t)  # scale·dSᵀ Q = T·dSᵀ (Q·scale/T)
 
-    def finish(grad, factor, like, unrow):
-        grad = scaled(_unrows(grad, batch, kv_heads, seq_len) if unrow else grad.view(-1, *like.shape), factor, like)
+    def finish(grad, factor, like):
+        if factor is not None and factor != 1.0:
+            grad.mul_(factor)
+        grad = grad.view(-1, *like.shape).to(like.dtype)
         return grad[0] if single else grad
 
-    return (finish(dq, scale * (1.0 if q_scale is None else q_scale), q, True),
-            finish(dk, k_scale, k, False), finish(dv, v_scale, v, False))
+    return dq[0] if single else dq, finish(dk, k_scale, k), finish(dv, v_scale, v)
 
 
 class ChunkedGIMAttention(torch.autograd.Function):
