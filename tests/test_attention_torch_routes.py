@@ -196,3 +196,15 @@ def test_plain_gradient_takes_the_fused_backward(monkeypatch, padding):
             assert_rel(g[m], r, ATTN_TOL[torch.float32], f"d{name}[{m}]")
     check(q, k, v, douts[0], kw)  # through autograd: the Function keeps the output for this route
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("temperature", [2.0, None], ids=str)
+@pytest.mark.parametrize("config", [{}, dict(causal=False), dict(padding="left")], ids=str)
+def test_generic_route_without_the_cpu_flash_op(monkeypatch, config, temperature):
+    """Where torch's CPU flash op is not used (another device): the forward is scaled_dot_product_attention (no
+    LSE; with padding the tiles), and the backward tiles take P from their own scores."""
+    monkeypatch.setattr(ac, "_FLASH_CPU", None)
+    q, k, v, dout, kw = make_case((2, 6, 2, 37, 80), dict(config, temperature=temperature), torch.float32, seed=13)
+    _, lse = ac.attention_forward(q, k, v, **structure(q, kw))
+    assert (lse is None) == (kw["key_padding_mask"] is None)
+    check(q, k, v, dout, kw)

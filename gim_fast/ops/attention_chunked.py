@@ -349,25 +349,34 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, causal, sliding_wi
 
 
 class ChunkedGIMAttention(torch.autograd.Function):
-    """Attention with the GIM backward; see the module docstring for the math and the route."""
+    """Attention with the GIM backward; see the module docstring for the math and the routes. The forward also
+    returns the LSE (non-differentiable; None where the forward gave none), so that ``setup_context`` — the form
+    torch.func needs — can save it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
+    def forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
                 temperature, q_scale, k_scale, v_scale, chunk_size):
-        structure = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
-                         key_padding_mask=key_padding_mask, chunk_size=chunk_size)
-        out, lse = attention_forward(q, k, v, **structure)
+        return attention_forward(q, k, v, scale=scale, causal=causal, sliding_window=sliding_window,
+                                 softcap=softcap, key_padding_mask=key_padding_mask, chunk_size=chunk_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
+         temperature, q_scale, k_scale, v_scale, chunk_size) = inputs
+        out, lse = output
+        if lse is not None:
+            ctx.mark_non_differentiable(lse)
         # the output is kept only for the fused plain-gradient backward (it costs O(S·D) per layer)
         keep = out if _fused_backward_ok(q, lse, temperature, sliding_window, softcap) else None
         ctx.save_for_backward(q, k, v, lse, key_padding_mask, keep)
-        ctx.args = dict(structure, temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
-        return out
+        ctx.args = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+                        temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                        chunk_size=chunk_size)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse=None):
         q, k, v, lse, key_padding_mask, out = ctx.saved_tensors
-        args = dict(ctx.args, key_padding_mask=key_padding_mask)
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, **args)
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=key_padding_mask, **ctx.args)
         return (dq, dk, dv) + (None,) * 10
 
 
@@ -376,5 +385,6 @@ def gim_attention_chunked(q, k, v, *, scale, causal, sliding_window, softcap, ke
     """Row-tiled GIM attention. q ``[B,Hq,S,D]``, k/v ``[B,Hkv,S,D]`` → ``[B,Hq,S,D]`` in q's dtype."""
     if chunk_size is None:
         chunk_size = auto_chunk_size(q.shape[0], q.shape[1], k.shape[1], q.shape[2], sliding_window)
-    return ChunkedGIMAttention.apply(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
-                                     temperature, q_scale, k_scale, v_scale, int(chunk_size))
+    out, _ = ChunkedGIMAttention.apply(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
+                                       temperature, q_scale, k_scale, v_scale, int(chunk_size))
+    return out
