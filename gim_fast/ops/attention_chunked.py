@@ -70,14 +70,15 @@ _STACKED_ROWS = 96
 _MIN_POSITIONS = 32
 _TILE_ELEMENTS = 1 << 22
 
-# torch's CPU flash attention op: (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp), in
-# torch since 2.2. Fewer KV heads than query heads inside the op: torch 2.13 (checked by the tests here; the
-# CPU kernel learnt GQA in 2025); before, K/V are repeated for it (a copy of O(S·D)).
+# torch's CPU flash attention ops (in torch since 2.2; signatures as of 2.11–2.13):
+#   forward  (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp)
+#   backward (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> (dq, dk, dv)
+# Fewer KV heads than query heads inside the ops: from torch 2.13 (checked by the tests here; the CPU kernels
+# learnt GQA in 2025); before, K/V are repeated for them (a copy of O(S·D)).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-# ... and its backward: (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> dq, dk, dv
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def auto_chunk_size(batch: int, q_heads: int, kv_heads: int, seq_len: int, sliding_window: int | None) -> int:
