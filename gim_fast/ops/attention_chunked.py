@@ -70,7 +70,7 @@ _STACKED_ROWS = 96
 _MIN_POSITIONS = 32
 _TILE_ELEMENTS = 1 << 22
 
-# torch's CPU flash attention ops (in torch since 2.2; signatures as of 2.11–2.13):
+# torch's CPU flash attention ops (in torch since 2.2, these signatures unchanged since; run here on 2.13):
 #   forward  (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp)
 #   backward (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> (dq, dk, dv)
 # Fewer KV heads than query heads inside the ops: from torch 2.13 (checked by the tests here; the CPU kernels
