@@ -208,3 +208,18 @@ def test_generic_route_without_the_cpu_flash_op(monkeypatch, config, temperature
     _, lse = ac.attention_forward(q, k, v, **structure(q, kw))
     assert (lse is None) == (kw["key_padding_mask"] is None)
     check(q, k, v, dout, kw)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(temperature=None), dict(padding="left"), dict(sliding_window=700),
+                                    dict(softcap=2.0)], ids=str)
+def test_no_score_matrix_is_allocated(config):
+    """O(S) memory: no allocation during forward + backward comes near one B·Hq·S·S float32 score matrix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, dout, kw = make_case((1, 2, 1, 2048, 16), config, torch.float32, seed=14)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        gim(*leaves, **kw).backward(dout)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    score_matrix = 2 * 2048 * 2048 * 4
+    assert 0 < largest < score_matrix / 4, largest
