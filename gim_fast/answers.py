@@ -43,6 +43,8 @@ class AnswerAttribution:
     prompt_length:   P, the number of prompt columns (the answer starts at column P).
     tokens:          with a tokenizer: each column's token, decoded alone ('' at padding); else None.
     target, total:   what was explained (``"logit"``/``"logprob"``) and whether rows were summed.
+    chunk:           how many cotangents each backward pass carried; checkpointing: whether decoder layers
+                     were checkpointed (both chosen from the memory estimate unless given).
     """
 
     scores: torch.Tensor
@@ -56,6 +58,8 @@ class AnswerAttribution:
     tokens: list | None
     target: str
     total: bool
+    chunk: int = 1
+    checkpointing: bool = False
 
     @property
     def answer_scores(self) -> torch.Tensor:
@@ -211,7 +215,8 @@ def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="log
         scores=scores, target_ids=answer.to(device).clone(),
         target_logits=result.target_logits, target_logprobs=result.target_logprobs,
         target_positions=positions.to(device), attention_mask=mask.to(device), answer_mask=amask.to(device),
-        prompt_length=prompt_len, tokens=tokens, target=target, total=total)
+        prompt_length=prompt_len, tokens=tokens, target=target, total=total, chunk=result.chunk,
+        checkpointing=result.checkpointing)
     if squeeze:
         for name in ("scores", "target_ids", "target_logits", "target_logprobs", "target_positions",
                      "attention_mask", "answer_mask"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .integration import GIM, checkpointed_layers, eval_mode, tlens
-from .memory import plan_checkpointing
+from .memory import plan_checkpointing, plan_cotangents
 from .settings import GIMSettings, resolve_backend
 
 
@@ -87,6 +87,13 @@ class ForwardPass:
     checkpointing: bool
 
 
+def _memory_backend(io: ModelIO, settings: GIMSettings | None) -> str:
+    """The attention backend the memory estimate assumes: the model's own eager attention, or GIM's backend."""
+    if io.attention is not None:
+        return io.attention
+    return resolve_backend(settings.backend, io.weight.device, io.weight.dtype) if settings is not None else "torch"
+
+
 @contextlib.contextmanager
 def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
                  baseline_token_id: int, settings: GIMSettings | None, *, checkpointing: bool | str = "auto",
@@ -99,10 +106,8 @@ def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     """
     io = model_io(model)
     batch, seq_len = input_ids.shape
-    dtype = io.weight.dtype
-    backend = resolve_backend(settings.backend, input_ids.device, dtype) if settings is not None else "torch"
     if io.hf_model is not None:
-        use_checkpoints = plan_checkpointing(io.hf_model, seq_len, batch, backend=io.attention or backend,
+        use_checkpoints = plan_checkpointing(io.hf_model, seq_len, batch, backend=_memory_backend(io, settings),
                                              num_targets=len(keep), checkpointing=checkpointing,
                                              cotangents=cotangents)
     elif checkpointing is True:
@@ -162,6 +167,10 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
 
 
 TARGETS = ("logit", "logprob")
+# explain_answer's automatic chunk: at most this many cotangents per backward pass (when the memory allows). On
+# the CPU (SmolLM2's shapes, 1k tokens) 4–8 were fastest: a bigger stack shares more attention work but its
+# elementwise passes fall out of cache. On a GPU a bigger stack fills the device (not measured yet).
+MAX_CHUNK = {"cpu": 8, "cuda": 32}
 
 
 def _gradients_per_target(values: torch.Tensor, inputs: torch.Tensor, chunk: int):
@@ -210,8 +219,19 @@ def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     same saved activations, ``chunk`` at a time.
     """
     batch, count = target_ids.shape
-    chunk = 1 if total else max(1, min(count, chunk or count))
     keep = torch.unique(target_positions[target_mask.bool()])
+    io = model_io(model)
+    if total:
+        chunk = 1
+    elif chunk is not None:
+        chunk = min(chunk, count)
+    elif io.hf_model is not None:
+        chunk, checkpointing = plan_cotangents(io.hf_model, input_ids.shape[1], batch,
+                                               backend=_memory_backend(io, settings), num_targets=len(keep),
+                                               count=count, checkpointing=checkpointing,
+                                               limit=MAX_CHUNK.get(io.weight.device.type, 8))
+    else:
+        chunk = count
     with forward_pass(model, input_ids, attention_mask, keep, baseline_token_id, settings,
                       checkpointing=checkpointing, cotangents=chunk) as run:
         device = run.logits.device
