@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import TARGETS, attribute_targets, model_io
+from .engine import TARGETS, attribute_targets
 from .explain import as_id_tensor, as_mask, check_vocabulary, resolve_baseline
 from .integration import check_model, eval_mode, tlens
+from .integration.model_io import model_io
 from .settings import GIMSettings
 
 __all__ = ["AnswerAttribution", "explain_answer", "explain_generation"]

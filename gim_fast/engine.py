@@ -8,48 +8,16 @@ activations would not fit — or refused before anything runs when even that wou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .integration import GIM, checkpointed_layers, eval_mode, tlens
+from .integration import GIM, checkpointed_layers, eval_mode
+# ModelIO and hf_model_io live in the integration layer; still importable from here, where they used to be
+from .integration.model_io import ModelIO, hf_model_io, model_io  # noqa: F401
 from .memory import plan_checkpointing, plan_cotangents
 from .settings import GIMSettings, resolve_backend
-
-
-@dataclass
-class ModelIO:
-    """How the engine talks to a model: what embeds the ids, and a forward from input embeddings to the logits
-    of the kept positions. Hugging Face models use their own embedding and forward; TransformerLens models get
-    theirs from ``gim_fast.integration.tlens.model_io``."""
-
-    embed: Callable[[torch.Tensor], torch.Tensor]  # ids [B, S] -> the input embeddings e [B, S, H]
-    weight: torch.Tensor                           # the embedding matrix (its device and dtype)
-    vocab_in: int
-    vocab_out: int
-    # (inputs_embeds [B,S,H], attention_mask [B,S], position_ids [B,S], keep [K], input_ids [B,S]) -> [B, K, V]
-    forward: Callable[..., torch.Tensor]
-    hf_model: torch.nn.Module | None = None        # memory estimate and layer checkpointing (None: neither)
-    attention: str | None = None                   # "eager": the model materialises its S×S attention itself
-
-
-def hf_model_io(model, *, attention: str | None = None) -> ModelIO:
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-
-    def forward(inputs, attention_mask, position_ids, keep, input_ids):
-        return model(inputs_embeds=inputs, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False, logits_to_keep=keep).logits
-
-    return ModelIO(embed=embed, weight=embed.weight, vocab_in=embed.num_embeddings,
-                   vocab_out=getattr(head, "out_features", None) or model.config.vocab_size, forward=forward,
-                   hf_model=model, attention=attention)
-
-
-def model_io(model) -> ModelIO:
-    """The engine's view of ``model``: a Hugging Face model, or a TransformerLens one (imported only then)."""
-    return tlens.model_io(model) if tlens.is_transformer_lens_model(model) else hf_model_io(model)
 
 
 @dataclass
@@ -74,6 +42,29 @@ def frozen_parameters(model: torch.nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _check_not_inference(model) -> None:
+    """Inference tensors can never take part in autograd: a model loaded or built under ``torch.inference_mode()``
+    cannot be attributed (its weights would have to be copied)."""
+    if any(p.is_inference() for p in model.parameters()):
+        raise ValueError("the model's weights are inference tensors (the model was loaded or built inside "
+                         "torch.inference_mode()), which autograd can never use, so no gradient-based attribution "
+                         "can run on them; load the model outside torch.inference_mode() (torch.no_grad() is fine)")
+
+
+def _with_autograd(fn):
+    """Run ``fn`` with gradients on, whatever the caller's grad mode: attribution needs them, under
+    ``torch.no_grad()`` and inside ``torch.inference_mode()`` alike. Tensors made under inference mode (the ids,
+    the mask, ...) are copied to normal tensors first, since autograd cannot save inference tensors; the results
+    are normal tensors too."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        _check_not_inference(model)
+        with torch.inference_mode(False), torch.enable_grad():
+            args = [a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args]
+            return fn(model, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -141,6 +132,7 @@ def gradient_x_input(grad: torch.Tensor, run: ForwardPass, attention_mask: torch
     return (scores * attention_mask.to(acc)).detach()
 
 
+@_with_autograd
 def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_positions: torch.Tensor,
               target_ids: torch.Tensor | None, baseline_token_id: int, settings: GIMSettings | None,
               *, checkpointing: bool | str = "auto") -> Attribution:
@@ -149,7 +141,8 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
     input_ids, attention_mask: ``[B, S]`` on the embedding's device; target_positions: ``[B]`` absolute positions
     of real tokens; target_ids: ``[B]`` or None for each row's top prediction. ``settings=None`` computes the
     plain gradient through the model's own attention (the cost floor of any gradient method).
-    ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False.
+    ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False. Gradients are enabled
+    inside, whatever the caller's grad mode (``torch.no_grad()``, ``torch.inference_mode()``).
     """
     batch = input_ids.shape[0]
     keep = torch.unique(target_positions)  # sorted; logits only where a row needs them
@@ -203,6 +196,7 @@ class AnswerScores:
     chunk: int                     # cotangents per backward pass
 
 
+@_with_autograd
 def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_positions: torch.Tensor,
                       target_ids: torch.Tensor, target_mask: torch.Tensor, baseline_token_id: int,
                       settings: GIMSettings | None, *, target: str = "logit", total: bool = False,
