@@ -160,6 +160,7 @@ def main(argv=None):
             for row in rows:
                 if row["mode"] == num:
                     row[f"ratio_to_{den}"] = ratio
+                    row[f"cpu_ratio_to_{den}"] = cpu_times[num] / cpu_times[den]
     print("\n".join(ratios))
     device_tag = "gpu" if device.type == "cuda" else "cpu"
     csv_path, _ = write_rows(rows, args.out, f"answers_{name}_{device_tag}")
