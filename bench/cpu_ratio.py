@@ -4,10 +4,12 @@
     python bench/cpu_ratio.py --config smollm2-135m-arch --layers 1 --seq 32 --repeats 1   # smoke run
 
 Model level: one ``explain`` with GIM (``torch`` backend) against plain gradient × input through the model's
-own SDPA attention in the same engine (frozen weights, target logits only: ``bench/explain.py``'s ``plain``),
-after one warm-up call each, then ``--repeats`` rounds that alternate the two (the order flips every round),
-so that both see the same machine load. Reported: min and median of each, the ratio of the medians, of the
-minima, and the median of the per-round ratios.
+own SDPA attention in the same engine (frozen weights, target logits only: ``bench/explain.py``'s ``plain``) and
+against GIM with the ``eager`` backend (the reference: materialised attention), after one warm-up call each, then
+``--repeats`` rounds that alternate them (the order flips every round), so that all see the same machine load.
+Each call is timed whole (forward + backward) and, separately, the time spent inside ``torch.autograd.grad`` (the
+backward alone; the engine's one backward call). Reported per provider: min and median of both; and the ratios of
+the medians to plain (and GIM / eager), whole call and backward alone.
 
 Attention level, at the model's own shapes (q ``[1, Hq, S, D]``, k/v ``[1, Hkv, S, D]``, causal, float32),
 forward + backward, the same alternation:
@@ -60,14 +62,58 @@ def stats(times: list[float]) -> dict:
     return {"min_s": min(times), "median_s": statistics.median(times), "times_s": times}
 
 
+class _BackwardClock:
+    """Adds the time spent inside ``torch.autograd.grad`` to ``seconds`` while active (the engine's backward)."""
+
+    def __init__(self, clock):
+        self.clock, self.seconds = clock, 0.0
+
+    def __enter__(self):
+        self._grad = torch.autograd.grad
+
+        def timed(*args, **kwargs):
+            start = self.clock()
+            try:
+                return self._grad(*args, **kwargs)
+            finally:
+                self.seconds += self.clock() - start
+
+        torch.autograd.grad = timed
+        return self
+
+    def __exit__(self, *exc):
+        torch.autograd.grad = self._grad
+
+
+MODEL_PROVIDERS = {"gim": "gim-torch", "plain": "plain", "eager": "gim-eager"}
+
+
 def model_level(args, model, ids) -> dict:
-    times = alternate({p: (lambda p=p: _call(p, model, ids)) for p in ("gim-torch", "plain")}, args.repeats,
-                      CLOCKS[args.clock])
-    gim, plain = times["gim-torch"], times["plain"]
-    return {"gim": stats(gim), "plain": stats(plain),
-            "ratio_median": statistics.median(gim) / statistics.median(plain),
-            "ratio_min": min(gim) / min(plain),
-            "ratio_paired_median": statistics.median(g / p for g, p in zip(gim, plain))}
+    """Per provider: whole-call and backward-only times; ratios of medians to plain (and GIM / eager)."""
+    clock = CLOCKS[args.clock]
+    backward = {name: [] for name in MODEL_PROVIDERS}
+
+    def call(name):
+        with _BackwardClock(clock) as timer:
+            _call(MODEL_PROVIDERS[name], model, ids)
+        backward[name].append(timer.seconds)
+
+    providers = [p for p in MODEL_PROVIDERS if p != "eager" or not args.skip_eager]
+    whole = alternate({p: (lambda p=p: call(p)) for p in providers}, args.repeats, clock)
+    result = {}
+    for name in providers:
+        bwd = backward[name][1:]  # without the warm-up
+        result[name] = {"whole": stats(whole[name]), "backward": stats(bwd)}
+    for part in ("whole", "backward"):
+        plain = result["plain"][part]["median_s"]
+        for name in providers:
+            result[name][part]["ratio_to_plain"] = result[name][part]["median_s"] / plain
+        if "eager" in result:
+            result["gim"][part]["ratio_to_eager"] = (result["gim"][part]["median_s"]
+                                                     / result["eager"][part]["median_s"])
+    result["gim"]["paired_ratio"] = statistics.median(g / p for g, p in zip(backward["gim"][1:],
+                                                                             backward["plain"][1:]))
+    return result
 
 
 def attention_level(args, config, seq) -> dict:
@@ -111,6 +157,7 @@ def main(argv=None):
                              "which other processes' load barely moves (with --threads 1: an indicative ratio on a "
                              "shared machine)")
     parser.add_argument("--skip-model", action="store_true", help="attention level only")
+    parser.add_argument("--skip-eager", action="store_true", help="model level without the eager reference")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     args.model = None if args.config else (args.model or "smollm2-135m")
@@ -123,22 +170,27 @@ def main(argv=None):
     env = environment(torch.device("cpu"))
     base = dict(model=name, seq=args.seq, dtype="fp32", clock=args.clock, **env)
     rows = []
+    summary = None
     if not args.skip_model:
         ids = torch.randint(1, model.config.vocab_size, (args.seq,), generator=torch.Generator().manual_seed(0))
-        m = model_level(args, model, ids)
-        for provider in ("gim", "plain"):
-            rows.append({**base, "level": "model", "route": provider, "min_s": m[provider]["min_s"],
-                         "median_s": m[provider]["median_s"], "times_s": m[provider]["times_s"],
-                         "ratio": m["ratio_median"] if provider == "gim" else 1.0})
+        summary = model_level(args, model, ids)
+        for provider, m in summary.items():
+            for part in ("whole", "backward"):
+                rows.append({**base, "level": "model", "route": f"{provider} {part}", "min_s": m[part]["min_s"],
+                             "median_s": m[part]["median_s"], "times_s": m[part]["times_s"],
+                             "ratio": m[part]["ratio_to_plain"]})
         print(f"model {name}, {args.seq} tokens, {args.threads} threads, {args.repeats} alternating rounds, "
-              f"{args.clock} clock:")
-        for provider in ("gim", "plain"):
-            print(f"  {provider:6} min {m[provider]['min_s']:.3f} s  median {m[provider]['median_s']:.3f} s")
-        print(f"  GIM / plain: {m['ratio_median']:.3f}× (medians), {m['ratio_min']:.3f}× (minima), "
-              f"{m['ratio_paired_median']:.3f}× (median of per-round ratios)")
-        summary = m
-    else:
-        summary = None
+              f"{args.clock} clock (medians; min in brackets):")
+        for provider, m in summary.items():
+            print(f"  {provider:6} whole call {m['whole']['median_s']:7.3f} s ({m['whole']['min_s']:.3f})  "
+                  f"backward {m['backward']['median_s']:7.3f} s ({m['backward']['min_s']:.3f})  "
+                  f"× plain: {m['whole']['ratio_to_plain']:.3f} whole, {m['backward']['ratio_to_plain']:.3f} backward")
+        gim = summary["gim"]
+        print(f"  GIM backward / plain backward: {gim['backward']['ratio_to_plain']:.3f}× (medians; per-round "
+              f"{gim['paired_ratio']:.3f}×; target <= 1.2)")
+        if "eager" in summary:
+            print(f"  GIM / eager reference: {gim['whole']['ratio_to_eager']:.3f}× whole, "
+                  f"{gim['backward']['ratio_to_eager']:.3f}× backward")
     att = attention_level(args, model.config, args.seq)
     print(f"attention per layer, q {att['sdpa']['q']}, k/v {att['sdpa']['kv']}, causal, fp32, forward + backward, "
           f"{args.attention_repeats} alternating rounds:")
@@ -154,10 +206,20 @@ def main(argv=None):
              f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}; "
              f"{args.clock} clock", ""]
     if summary:
-        lines += [f"Model level, {args.repeats} alternating rounds: GIM median {summary['gim']['median_s']:.3f} s "
-                  f"(min {summary['gim']['min_s']:.3f}), plain median {summary['plain']['median_s']:.3f} s "
-                  f"(min {summary['plain']['min_s']:.3f}): **GIM / plain = {summary['ratio_median']:.3f}×** "
-                  f"(minima {summary['ratio_min']:.3f}×, per-round {summary['ratio_paired_median']:.3f}×)", ""]
+        gim = summary["gim"]
+        lines += [f"Model level, {args.repeats} alternating rounds, medians (min): **GIM backward / plain backward = "
+                  f"{gim['backward']['ratio_to_plain']:.3f}×** (per-round {gim['paired_ratio']:.3f}×; whole call "
+                  f"{gim['whole']['ratio_to_plain']:.3f}×)", "",
+                  "| provider | whole call s | backward s | whole × plain | backward × plain |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {p} | {m['whole']['median_s']:.3f} ({m['whole']['min_s']:.3f}) | "
+                  f"{m['backward']['median_s']:.3f} ({m['backward']['min_s']:.3f}) | "
+                  f"{m['whole']['ratio_to_plain']:.3f} | {m['backward']['ratio_to_plain']:.3f} |"
+                  for p, m in summary.items()]
+        if "eager" in summary:
+            lines += ["", f"GIM (torch backend) / GIM eager reference: {gim['whole']['ratio_to_eager']:.3f}× whole "
+                          f"call, {gim['backward']['ratio_to_eager']:.3f}× backward"]
+        lines += [""]
     lines += ["| attention route (per layer, fwd+bwd) | min ms | median ms | × sdpa |", "|---|---:|---:|---:|"]
     lines += [f"| {route} | {r['min_s'] * 1e3:.1f} | {r['median_s'] * 1e3:.1f} | {r['ratio_to_sdpa']:.2f} |"
               for route, r in att.items()]

@@ -39,7 +39,18 @@ def test_cpu_ratio_benchmark_tiny(tmp_path):
     rows = _run(["bench/cpu_ratio.py", "--config", "smollm2-135m-arch", "--layers", "1", "--seq", "32",
                  "--repeats", "1", "--threads", "1"], tmp_path)
     assert {(r["level"], r["route"]) for r in rows} == {
-        ("model", "gim"), ("model", "plain"), ("attention", "sdpa"), ("attention", "gim"),
+        ("model", "gim whole"), ("model", "gim backward"), ("model", "plain whole"), ("model", "plain backward"),
+        ("model", "eager whole"), ("model", "eager backward"), ("attention", "sdpa"), ("attention", "gim"),
         ("attention", "gim-T-off"), ("attention", "gim-tiled")}
     assert all(float(r["median_s"]) > 0 and float(r["ratio"]) > 0 for r in rows)
     assert list(tmp_path.glob("*.md"))
+
+
+def test_answers_benchmark_tiny(tmp_path):
+    rows = _run(["bench/answers.py", "--config", "smollm2-135m-arch", "--layers", "1", "--dtype", "fp32",
+                 "--prompt", "24", "--answer", "3"], tmp_path)
+    assert [(r["mode"], r["status"]) for r in rows] == [(m, "ok") for m in ("explain-calls", "inseq-loop",
+                                                                            "sequential", "matrix", "total",
+                                                                            "explain-one")]
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    assert float(next(r for r in rows if r["mode"] == "matrix")["ratio_to_explain-calls"]) > 0

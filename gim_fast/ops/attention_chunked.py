@@ -48,7 +48,8 @@ Tile size (``auto_chunk_size``): ~96 stacked rows per KV head, at least 32 posit
 at long context (measured: 32 positions for SmolLM2's G = 3, 64–96 for G = 1 and head dim 64, 32–96 for Gemma
 3's head dim 256).
 
-With M cotangents (``grad_out`` ``[M, B, Hq, S, D]``, see ``attention_backward``) each tile computes its scores,
+With M cotangents (``grad_out`` ``[M, B, Hq, S, D]``, see ``attention_backward``: ``explain_answer``'s stack
+under ``torch.func.vmap``, handed over by ``gim_fast.ops.cotangents.backward_op``) each tile computes its scores,
 P and P_T once and runs the GEMMs per cotangent; the fused plain backward runs once per cotangent on the saved
 output and LSE.
 """
@@ -60,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_eager import compute_dtype
+from .cotangents import backward_op, unbatched_forward_only
 from .masks import allowed_tile, key_range
 
 # Query positions per tile: at least _MIN_POSITIONS, and enough for _STACKED_ROWS rows once the G query heads
@@ -350,9 +352,16 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, causal, sliding_wi
 
 
 class ChunkedGIMAttention(torch.autograd.Function):
-    """Attention with the GIM backward; see the module docstring for the math and the routes. The forward also
-    returns the LSE (non-differentiable; None where the forward gave none), so that ``setup_context`` — the form
-    torch.func needs — can save it."""
+    """Attention with the GIM backward; see the module docstring for the math and the routes.
+
+    The forward returns ``(out, lse)``: the LSE is non-differentiable (None where the forward gave none) and
+    exists so that ``setup_context`` — the form torch.func needs — can save it. The backward reads the saved
+    tensors once (a checkpointed layer's may be read only once) and hands them, with the cotangent, to
+    ``backward_op``: one cotangent or, under ``torch.func.vmap`` over the cotangents, the whole stack goes to
+    ``attention_backward`` in one call.
+    """
+
+    vmap = staticmethod(unbatched_forward_only)
 
     @staticmethod
     def forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
@@ -369,16 +378,30 @@ class ChunkedGIMAttention(torch.autograd.Function):
             ctx.mark_non_differentiable(lse)
         # the output is kept only for the fused plain-gradient backward (it costs O(S·D) per layer)
         keep = out if _fused_backward_ok(q, lse, temperature, sliding_window, softcap) else None
-        ctx.save_for_backward(q, k, v, lse, key_padding_mask, keep)
+        ctx.save_for_backward(q, k, v, keep, lse, key_padding_mask)
         ctx.args = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
                         temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
                         chunk_size=chunk_size)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse=None):
-        q, k, v, lse, key_padding_mask, out = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=key_padding_mask, **ctx.args)
+        dq, dk, dv = backward_op(_Cotangents(ctx.args), grad_out, *ctx.saved_tensors)
         return (dq, dk, dv) + (None,) * 10
+
+
+class _Cotangents:
+    """``attention_backward`` as a ``gim_fast.ops.cotangents`` rule: it takes one cotangent ``[B,Hq,S,D]`` or a
+    stack ``[M,B,Hq,S,D]`` (each tile's scores, P and P_T computed once for the stack), so ``many`` is ``one``."""
+
+    grads = 1
+
+    def __init__(self, args):
+        self.args = args
+
+    def one(self, grad_out, q, k, v, out, lse, key_padding_mask):
+        return attention_backward(grad_out, q, k, v, out, lse, key_padding_mask=key_padding_mask, **self.args)
+
+    many = one
 
 
 def gim_attention_chunked(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,
