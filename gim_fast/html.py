@@ -7,6 +7,14 @@ is also well-formed XML, so any XML parser can read it back.
 
     from gim_fast.html import HtmlRow, render_html
     page = render_html([HtmlRow(tokens, scores, target=" Paris", target_logit=17.4, label="row 1")])
+
+An answer of several tokens (``explain_answer``, ``attribute_context``) gets its own view: the sources (documents
+or prompt tokens) coloured by their score for the whole answer, recoloured by an answer token's own scores while
+the pointer is on it (pure CSS: a sibling selector per answer position, each source carrying one colour per
+answer token as a custom property), and a sources × answer-tokens heatmap table:
+
+    from gim_fast.html import AnswerView, render_answer_html
+    page = render_answer_html([AnswerView(sources, answer_tokens, scores)])   # scores [M answer tokens, n sources]
 """
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
-__all__ = ["HtmlRow", "render_html", "write_html", "rows_from_table"]
+__all__ = ["HtmlRow", "render_html", "write_html", "rows_from_table", "AnswerView", "render_answer_html",
+           "write_answer_html"]
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; background: #fff; }
@@ -129,8 +138,11 @@ def render_html(rows: Iterable[HtmlRow], *, title: str = "GIM attributions", sub
 
 def write_html(path: str | os.PathLike, rows: Iterable[HtmlRow], **kwargs) -> Path:
     """Write :func:`render_html` to ``path`` (through a temporary file and a rename); returns the path."""
+    return _write_page(path, render_html(rows, **kwargs))
+
+
+def _write_page(path, text: str) -> Path:
     path = Path(path)
-    text = render_html(rows, **kwargs)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -142,3 +154,123 @@ def rows_from_table(table) -> list[HtmlRow]:
     records = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
     return [HtmlRow(r["tokens"], r["scores"], label=f"id {r['id']} (line {r['line']})", target=r["target"],
                     target_logit=r["target_logit"], token_ids=r["token_ids"]) for r in records]
+
+
+# ------------------------------------------------------------------------------------------ answers × sources
+
+_ANSWER_STYLE = """
+.av { display: flex; flex-wrap: wrap; align-items: baseline; gap: 0 2px; }
+.av .srcs { order: 0; flex-basis: 100%; margin-bottom: 0.6em; }
+.av .alabel { order: 1; color: #666; font-size: 0.85em; margin-right: 0.5em; }
+.av .ans { order: 2; padding: 2px 3px; border: 1px dashed #999; border-radius: 3px; cursor: default;
+           font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 15px; }
+.av .ans:hover, .av .ans:focus, .av .ans:target { outline: 2px solid #333; }
+.srcs .src { background-color: var(--t, transparent); border-radius: 2px; }
+table.hm { border-collapse: collapse; margin-top: 1em; font-size: 12px; }
+table.hm th, table.hm td { border: 1px solid #eee; padding: 2px 4px; }
+table.hm th { font-family: ui-monospace, Menlo, Consolas, monospace; font-weight: normal; white-space: pre; }
+table.hm td.lab { max-width: 28em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+table.hm td.v { min-width: 1.6em; }
+"""
+HEATMAP_MAX_SOURCES = 200
+
+
+@dataclass
+class AnswerView:
+    """An answer attributed to sources: ``scores[m][j]`` is answer token m's score of source j.
+
+    Sources are documents (``attribute_context``) or prompt tokens (``explain_answer``); ``joiner`` is written
+    between them in the text view ("" for tokens, which carry their own spaces; a newline for documents).
+    ``heatmap``: also draw the sources × answer tokens table (default: when there are at most
+    ``HEATMAP_MAX_SOURCES`` sources)."""
+
+    sources: Sequence[str]
+    answer_tokens: Sequence[str]
+    scores: Sequence[Sequence[float]]
+    label: str = ""
+    source_labels: Sequence[str] | None = None
+    joiner: str = "\n"
+    heatmap: bool | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _matrix(scores, rows: int, cols: int, number: int) -> list[list[float]]:
+    if hasattr(scores, "detach"):
+        scores = scores.detach().float().cpu().tolist()
+    elif hasattr(scores, "tolist"):
+        scores = scores.tolist()
+    out = [[float(v) for v in row] for row in scores]
+    if len(out) != rows or any(len(r) != cols for r in out):
+        raise ValueError(f"view {number}: scores must be [answer tokens ({rows}), sources ({cols})], got "
+                         f"{len(out)} rows of lengths {sorted({len(r) for r in out})}")
+    return out
+
+
+def _answer_view_html(view: AnswerView, number: int) -> str:
+    sources, answer = [str(s) for s in view.sources], [str(t) for t in view.answer_tokens]
+    scores = _matrix(view.scores, len(answer), len(sources), number)
+    total = [sum(col) for col in zip(*scores)] if scores else [0.0] * len(sources)
+    peaks = [max((abs(s) for s in row if math.isfinite(s)), default=0.0) for row in scores]
+    total_peak = max((abs(s) for s in total if math.isfinite(s)), default=0.0)
+    labels = list(view.source_labels) if view.source_labels is not None else sources
+    # each source carries its colour for every answer token (--a<m>) and for the whole answer (--t); the page's
+    # CSS picks --a<m> while answer token m is hovered, focused or the URL's #fragment
+    spans = []
+    for j, text in enumerate(sources):
+        props = [f"--t: {_colour(total[j], total_peak)}"]
+        props += [f"--a{m}: {_colour(row[j], peaks[m])}" for m, row in enumerate(scores) if row[j] != 0]
+        tip = f"{_printable(labels[j])} | whole answer {total[j]:+.6g}"
+        spans.append(f'<span class="src" style="{"; ".join(props)}" title="{escape(tip)}">{_token_html(text)}</span>')
+    joiner = _token_html(view.joiner) if view.joiner else ""
+    answer_spans = "".join(
+        f'<span class="ans a{m}" id="v{number}a{m}" tabindex="0" title="{escape(f"answer token {m}: {_printable(repr(t))}")}">'
+        f"{_token_html(t)}</span>" for m, t in enumerate(answer))
+    body = (f'<div class="av tokens">{answer_spans}<span class="alabel">answer (point at a token):</span>'
+            f'<div class="srcs">{joiner.join(spans)}</div></div>')
+    heatmap = view.heatmap if view.heatmap is not None else len(sources) <= HEATMAP_MAX_SOURCES
+    table = ""
+    if heatmap:
+        head = "".join(f'<th title="answer token {m}">{_token_html(t)}</th>' for m, t in enumerate(answer))
+        rows = []
+        for j in range(len(sources)):
+            cells = "".join(
+                f'<td class="v" style="background-color: {_colour(row[j], peaks[m])}" '
+                f'title="{escape(f"{_printable(repr(answer[m]))} ← {_printable(labels[j])}: {row[j]:+.6g}")}"></td>'
+                for m, row in enumerate(scores))
+            rows.append(f'<tr><td class="lab" title="{escape(_printable(sources[j]))}">{escape(_printable(labels[j]))}'
+                        f'</td>{cells}<td class="v" style="background-color: {_colour(total[j], total_peak)}" '
+                        f'title="whole answer: {total[j]:+.6g}"></td></tr>')
+        table = (f'<table class="hm"><tr><th>source</th>{head}<th>whole answer</th></tr>' + "".join(rows)
+                 + "</table>")
+    meta = [f"{len(sources)} sources", f"{len(answer)} answer tokens"] + [escape(f"{k} {v}") for k, v in view.meta.items()]
+    heading = escape(_printable(view.label or f"answer {number}"))
+    return (f'<section class="row">\n<h2>{heading} <span class="meta">— {" · ".join(meta)}</span></h2>\n'
+            f"{body}\n{table}\n</section>")
+
+
+def render_answer_html(views: Iterable[AnswerView], *, title: str = "Which sources the answer came from",
+                       subtitle: str = "") -> str:
+    """A self-contained page (no scripts, nothing loaded; well-formed XML markup) with one block per answer: the
+    sources coloured by their score for the whole answer, and, while the pointer is on an answer token (or it
+    has the keyboard focus, or its id is the URL's #fragment), by their score for that token; below, the sources ×
+    answer tokens heatmap. Colours are relative to each answer token's largest |score| (green raises its target,
+    red lowers it)."""
+    views = list(views)
+    blocks = [_answer_view_html(v, n) for n, v in enumerate(views, start=1)]
+    longest = max((len(v.answer_tokens) for v in views), default=0)
+    rules = "".join(f".a{m}:hover ~ .srcs .src, .a{m}:focus ~ .srcs .src, .a{m}:target ~ .srcs .src "
+                    f"{{ background-color: var(--a{m}, transparent); }}\n" for m in range(longest))
+    sub = f'<p class="legend">{escape(subtitle)}</p>\n' if subtitle else ""
+    legend = ('<p class="legend">Sources are coloured by their score for the whole answer; point at an answer token '
+              "to colour them by their score for that token alone. Green raises the answer's target, red lowers it; "
+              "strength is relative to the largest |score|. Hover a source or a cell for its exact score.</p>")
+    return ("<!DOCTYPE html>\n"
+            '<html lang="en">\n<head>\n<meta charset="utf-8"/>\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1"/>\n'
+            f"<title>{escape(title)}</title>\n<style>{_STYLE}{_ANSWER_STYLE}{rules}</style>\n</head>\n<body>\n"
+            f"<h1>{escape(title)}</h1>\n{sub}{legend}\n" + "\n".join(blocks) + "\n</body>\n</html>\n")
+
+
+def write_answer_html(path: str | os.PathLike, views: Iterable[AnswerView], **kwargs) -> Path:
+    """Write :func:`render_answer_html` to ``path`` (through a temporary file and a rename); returns the path."""
+    return _write_page(path, render_answer_html(views, **kwargs))
