@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import positive_number
+from ..cli_args import BACKENDS, UsageError, positive_int, positive_number
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
@@ -79,18 +79,18 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"output folder (default {DEFAULT_OUT}; with --task context {DEFAULT_CONTEXT_OUT})")
     ctx = p.add_argument_group("--task context")
-    ctx.add_argument("--documents", nargs="+", type=_count, default=list(DEFAULT_SIZES), metavar="N",
+    ctx.add_argument("--documents", nargs="+", type=positive_int(1), default=list(DEFAULT_SIZES), metavar="N",
                      help=f"context sizes in documents (default {' '.join(map(str, DEFAULT_SIZES))}; 2 to 194)")
-    ctx.add_argument("--counts", nargs="+", type=_count, default=None, metavar="C",
+    ctx.add_argument("--counts", nargs="+", type=positive_int(1), default=None, metavar="C",
                      help="examples per context size: one per --documents, or one for all (default "
                           f"{' '.join(map(str, DEFAULT_COUNTS))} for the default sizes, else 20 each)")
-    ctx.add_argument("--limit", type=_count, default=None, metavar="Q",
+    ctx.add_argument("--limit", type=positive_int(1), default=None, metavar="Q",
                      help="ask at most Q questions per size while looking for answers the model gets right "
                           "(default: all 193)")
     p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"examples per attribution batch (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--backend", choices=("auto", "eager", "torch", "triton"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="GIM attention backend (default auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="converted-model cache (default "
                                                                      "$GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
@@ -98,16 +98,6 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
     return p
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def run(args) -> int:
@@ -119,13 +109,10 @@ def run(args) -> int:
 def run_faithfulness(args) -> int:
     import torch
 
-    from gim_fast.cli import UsageError
-
     from .methods import DEFAULT_METHODS
 
     args.methods = list(DEFAULT_METHODS) if args.methods is None else args.methods
     args.out = DEFAULT_OUT if args.out is None else args.out
-
     from .methods import get_method
     from .report import write_results
     from .run import _capital_shots, evaluate_model, unavailable_notes
@@ -174,8 +161,6 @@ def run_faithfulness(args) -> int:
 
 def run_context(args) -> int:
     import torch
-
-    from gim_fast.cli import UsageError
 
     from .context_methods import CONTEXT_METHODS
     from .context_report import markdown_context_table, write_context_results
