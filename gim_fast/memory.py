@@ -85,10 +85,13 @@ def format_bytes(n: float) -> str:
 
 
 def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat16, backend: str = "torch",
-                    checkpointing: bool = False, num_targets: int = 1, layers: int | None = None) -> MemoryEstimate:
+                    checkpointing: bool = False, num_targets: int = 1, layers: int | None = None,
+                    cotangents: int = 1) -> MemoryEstimate:
     """Estimate the activation memory of one attribution (the weights, already loaded, are not counted).
 
     ``layers``: how many decoder layers live on the device in question (default: all of them).
+    ``cotangents``: how many cotangents one backward pass pushes at once (``explain_answer``'s chunk): every
+    gradient the backward holds, and the input embeddings' gradient, has that many copies.
     """
     d = Dims.of(config)
     n_layers = d.layers if layers is None else layers
@@ -106,10 +109,12 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
         parts["one recomputed layer"] = layer
     else:
         parts[f"activations of {n_layers} layers"] = n_layers * layer
-    parts["embeddings and their gradient"] = 3 * b * tokens * d.hidden
+    parts["embeddings and their gradient"] = (2 + cotangents) * b * tokens * d.hidden
     parts["target logits"] = 4 * batch * num_targets * d.vocab
-    transient = 2 * b * tokens * max(d.intermediate, qkv)
-    if backend != "eager":
+    transient = 2 * cotangents * b * tokens * max(d.intermediate, qkv)
+    if backend == "eager":  # each cotangent's dP and dS
+        transient += 8 * (cotangents - 1) * batch * d.q_heads * seq_len * seq_len
+    else:
         transient += _CHUNK_TILES
     parts["backward working set"] = transient
     return MemoryEstimate(checkpointing, parts)
@@ -133,7 +138,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_targets: int,
-                       checkpointing: bool | str = "auto") -> bool:
+                       checkpointing: bool | str = "auto", cotangents: int = 1) -> bool:
     """Decide whether to checkpoint decoder layers, or raise ``InsufficientMemoryError`` before anything runs.
 
     Checks every device that holds decoder layers (models sharded with ``device_map`` included).
@@ -154,7 +159,7 @@ def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_tar
         worst = None
         for dev, n_layers in per_device.items():
             est = estimate_memory(model.config, seq_len, batch, dtype=dtype, backend=backend, checkpointing=ckpt,
-                                  num_targets=num_targets, layers=n_layers)
+                                  num_targets=num_targets, layers=n_layers, cotangents=cotangents)
             free = available_memory(dev)
             if est.total > _HEADROOM * free:
                 worst = (dev, est, free)
