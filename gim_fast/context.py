@@ -107,11 +107,12 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
         raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
     if not isinstance(per_token, bool):
         raise TypeError(f"per_token must be True or False, got {per_token!r}")
+    from .answers import max_positions
     from .integration import check_model
 
     check_model(model)
     prompt = build_prompt(tokenizer, sources, query, template=template, separator=separator, chat=chat)
-    limit = gim_fast.answers.max_positions(model)
+    limit = max_positions(model)
     if answer is None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

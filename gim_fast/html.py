@@ -26,7 +26,7 @@ from html import escape
 from pathlib import Path
 
 __all__ = ["HtmlRow", "render_html", "write_html", "rows_from_table", "AnswerView", "render_answer_html",
-           "write_answer_html"]
+           "write_answer_html", "answer_views_from_table"]
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; background: #fff; }
@@ -221,7 +221,7 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
         props += [f"--a{m}: {_colour(row[j], peaks[m])}" for m, row in enumerate(scores) if row[j] != 0]
         tip = f"{_printable(labels[j])} | whole answer {total[j]:+.6g}"
         spans.append(f'<span class="src" style="{"; ".join(props)}" title="{escape(tip)}">{_token_html(text)}</span>')
-    joiner = _token_html(view.joiner) if view.joiner else ""
+    joiner = "<br/>".join(escape(_printable(part), quote=False) for part in view.joiner.split("\n"))
     answer_spans = "".join(
         f'<span class="ans a{m}" id="v{number}a{m}" tabindex="0" title="{escape(f"answer token {m}: {_printable(repr(t))}")}">'
         f"{_token_html(t)}</span>" for m, t in enumerate(answer))
@@ -274,3 +274,12 @@ def render_answer_html(views: Iterable[AnswerView], *, title: str = "Which sourc
 def write_answer_html(path: str | os.PathLike, views: Iterable[AnswerView], **kwargs) -> Path:
     """Write :func:`render_answer_html` to ``path`` (through a temporary file and a rename); returns the path."""
     return _write_page(path, render_answer_html(views, **kwargs))
+
+
+def answer_views_from_table(table) -> list[AnswerView]:
+    """AnswerViews from an answer job's results (a pyarrow Table or a list of dicts with the job's answer columns):
+    the text's tokens and the answer's earlier tokens are the sources of each answer token."""
+    records = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
+    return [AnswerView(sources=[*r["tokens"], *r["answer_tokens"]], answer_tokens=r["answer_tokens"],
+                       scores=r["scores"], label=f"id {r['id']} (line {r['line']}): answer {r['answer']!r}",
+                       joiner="") for r in records]

@@ -29,12 +29,29 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class RawRow:
-    """One input row as read: its text, and the target (token string or id) and id when the data has them."""
+    """One input row as read: its text, and the target (token string or id), the answer (text) and the id when
+    the data has them."""
 
     line: int
     id: str
     text: str
     target: str | int | None = None
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The input's column names: the text, and optionally a target, an id and an answer."""
+
+    text: str = "text"
+    target: str | None = None
+    id: str | None = None
+    answer: str | None = None
+
+    def options(self):
+        """(command-line option, column name) of every column asked for."""
+        return [(o, n) for o, n in (("--text-field", self.text), ("--target-field", self.target),
+                                    ("--id-field", self.id), ("--answer-field", self.answer)) if n]
 
 
 @dataclass(frozen=True)
@@ -79,8 +96,9 @@ def _row_id(value, line: int) -> str:
     return str(line) if value is None else str(value)
 
 
-def _from_record(record, line: int, text_field: str, target_field: str | None, id_field: str | None):
+def _from_record(record, line: int, fields: Fields):
     """A RawRow or RowError from one mapping (a JSON object, a CSV record, a Parquet row)."""
+    text_field, target_field, id_field = fields.text, fields.target, fields.id
     raw_id = record.get(id_field) if id_field else None
     if id_field and raw_id is None:
         return RowError(line, None, f"missing id field {id_field!r}")
@@ -100,10 +118,20 @@ def _from_record(record, line: int, text_field: str, target_field: str | None, i
                                       f"got {type(target).__name__}", text)
     if target == "":
         target = None
-    return RawRow(line, row_id, text, target)
+    answer = None
+    if fields.answer:
+        if fields.answer not in record:
+            return RowError(line, row_id, f"missing answer field {fields.answer!r}", text)
+        answer = record[fields.answer]
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            return RowError(line, row_id, f"empty answer (field {fields.answer!r})", text)
+        if not isinstance(answer, str):
+            return RowError(line, row_id, f"answer field {fields.answer!r} is not a string but "
+                                          f"{type(answer).__name__}", text)
+    return RawRow(line, row_id, text, target, answer)
 
 
-def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+def _read_jsonl(path, fields: Fields) -> Iterator[RawRow | RowError]:
     with open(path, encoding="utf-8", errors="strict", newline="") as f:
         for line, raw in enumerate(_lines(f, path), start=1):
             if not raw.strip():
@@ -115,11 +143,11 @@ def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | R
                 yield RowError(line, None, f"malformed JSON: {e}", raw)
                 continue
             if isinstance(record, str):      # a bare JSON string is a text
-                record = {text_field: record}
+                record = {fields.text: record}
             if not isinstance(record, dict):
                 yield RowError(line, None, f"not a JSON object but {type(record).__name__}", raw)
                 continue
-            yield _from_record(record, line, text_field, target_field, id_field)
+            yield _from_record(record, line, fields)
 
 
 def _lines(f, path) -> Iterator[str]:
@@ -135,10 +163,10 @@ def _lines(f, path) -> Iterator[str]:
         raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
 
 
-def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
-    if target_field or id_field:
-        raise InputError("a plain-text input has no fields: --target-field and --id-field need JSON Lines, CSV or "
-                         "Parquet")
+def _read_text(path, fields: Fields) -> Iterator[RawRow | RowError]:
+    if fields.target or fields.id or fields.answer:
+        raise InputError("a plain-text input has no fields: --target-field, --id-field and --answer-field need JSON "
+                         "Lines, CSV or Parquet")
     with open(path, encoding="utf-8", newline="") as f:
         for line, text in enumerate(_lines(f, path), start=1):
             if not text.strip():
@@ -147,7 +175,7 @@ def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | Ro
                 yield RawRow(line, str(line), text)
 
 
-def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[RawRow | RowError]:
+def _read_csv(path, fields: Fields, delimiter) -> Iterator[RawRow | RowError]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
@@ -156,11 +184,11 @@ def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[R
             return
         except (csv.Error, UnicodeDecodeError) as e:
             raise InputError(f"cannot read the header of {os.fspath(path)!r}: {e}") from None
-        _check_columns(path, header, text_field, target_field, id_field)
+        _check_columns(path, header, fields)
         first = reader.line_num + 1
         while True:
             try:
-                fields = next(reader)
+                values = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
@@ -170,71 +198,71 @@ def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[R
             except UnicodeDecodeError as e:
                 raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
             line, first = first, reader.line_num + 1
-            if len(fields) != len(header):
-                if not fields or fields == [""]:
+            if len(values) != len(header):
+                if not values or values == [""]:
                     yield RowError(line, None, "empty line")
                 else:
-                    yield RowError(line, None, f"malformed CSV record: {len(fields)} fields where the header has "
-                                               f"{len(header)}", delimiter.join(fields))
+                    yield RowError(line, None, f"malformed CSV record: {len(values)} fields where the header has "
+                                               f"{len(header)}", delimiter.join(values))
                 continue
-            record = dict(zip(header, fields))
-            if id_field and record.get(id_field) == "":
-                record[id_field] = None
-            if target_field and record.get(target_field) == "":
-                record[target_field] = None
-            yield _from_record(record, line, text_field, target_field, id_field)
+            record = dict(zip(header, values))
+            for name in (fields.id, fields.target):      # an empty cell is a missing value
+                if name and record.get(name) == "":
+                    record[name] = None
+            yield _from_record(record, line, fields)
 
 
-def _check_columns(path, columns, text_field, target_field, id_field) -> None:
-    for option, name in (("--text-field", text_field), ("--target-field", target_field), ("--id-field", id_field)):
-        if name and name not in columns:
+def _check_columns(path, columns, fields: Fields) -> None:
+    for option, name in fields.options():
+        if name not in columns:
             shown = ", ".join(repr(c) for c in list(columns)[:20])
             raise InputError(f"{os.fspath(path)!r} has no column {name!r} (given as {option}); its columns are: "
                              f"{shown}")
 
 
-def _read_parquet(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+def _read_parquet(path, fields: Fields) -> Iterator[RawRow | RowError]:
     import pyarrow.parquet as pq
 
     try:
         file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own ArrowInvalid/OSError kinds
         raise InputError(f"cannot read {os.fspath(path)!r} as Parquet: {e}") from None
-    columns = [c for c in (text_field, target_field, id_field) if c]
-    _check_columns(path, file.schema_arrow.names, text_field, target_field, id_field)
+    columns = [name for _, name in fields.options()]
+    _check_columns(path, file.schema_arrow.names, fields)
     line = 0
     for batch in file.iter_batches(columns=list(dict.fromkeys(columns)), batch_size=8192):
         for record in batch.to_pylist():
             line += 1
-            yield _from_record(record, line, text_field, target_field, id_field)
+            yield _from_record(record, line, fields)
 
 
-def _read_records(records: Iterable, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
-    """In-memory input for the Python API: strings, or mappings with the text (and target, id) fields."""
+def _read_records(records: Iterable, fields: Fields) -> Iterator[RawRow | RowError]:
+    """In-memory input for the Python API: strings, or mappings with the text (and target, id, answer) fields."""
     for line, record in enumerate(records, start=1):
         if isinstance(record, str):
-            record = {text_field: record}
+            record = {fields.text: record}
         if not isinstance(record, dict):
             yield RowError(line, None, f"a row must be a string or a dict, got {type(record).__name__}")
             continue
-        yield _from_record(record, line, text_field, target_field, id_field)
+        yield _from_record(record, line, fields)
 
 
 def read_rows(source, *, format: str | None = None, text_field: str = "text", target_field: str | None = None,
-              id_field: str | None = None) -> Iterator[RawRow | RowError]:
+              id_field: str | None = None, answer_field: str | None = None) -> Iterator[RawRow | RowError]:
     """Every row of ``source`` (a path, or for the Python API an iterable of strings or dicts), in order."""
+    fields = Fields(text_field, target_field, id_field, answer_field)
     if not isinstance(source, (str, os.PathLike)):
         if format is not None:
             raise InputError("format= applies to files only; in-memory rows are strings or dicts")
-        return _read_records(source, text_field, target_field, id_field)
+        return _read_records(source, fields)
     path = Path(source)
     kind = detect_format(path, format)
     if not path.is_file():
         raise InputError(f"no such input file: {os.fspath(source)!r}")
     if kind == "jsonl":
-        return _read_jsonl(path, text_field, target_field, id_field)
+        return _read_jsonl(path, fields)
     if kind == "text":
-        return _read_text(path, text_field, target_field, id_field)
+        return _read_text(path, fields)
     if kind in ("csv", "tsv"):
-        return _read_csv(path, text_field, target_field, id_field, "," if kind == "csv" else "\t")
-    return _read_parquet(path, text_field, target_field, id_field)
+        return _read_csv(path, fields, "," if kind == "csv" else "\t")
+    return _read_parquet(path, fields)
