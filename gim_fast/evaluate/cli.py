@@ -189,16 +189,6 @@ def run_context(args) -> int:
         if not args.quiet:
             print(f"gim-fast evaluate: {msg}", file=sys.stderr, flush=True)
 
-    started = time.perf_counter()
-    results = []
-    for model in args.models:
-        try:
-            results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
-                                            limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
-                                            progress=say))
-        except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
-            raise UsageError(f"{model}: {e}") from None
-    wall = time.perf_counter() - started
     parts = ["gim-fast", "evaluate", "--task", "context", "--models", *args.models, "--documents",
              *map(str, args.documents), "--counts", *map(str, counts), "--methods", *methods, "--seed",
              str(args.seed), "--out", str(out)]
@@ -208,8 +198,24 @@ def run_context(args) -> int:
         parts += ["--backend", args.backend]
     if args.threads:
         parts += ["--threads", str(args.threads)]
-    files = write_context_results(results, out, command=" ".join(shlex.quote(p) for p in parts),
-                                  environment=_environment(), seed=args.seed, wall_seconds=wall)
+    command = " ".join(shlex.quote(p) for p in parts)
+    started = time.perf_counter()
+    results = []
+
+    def write(partial=None):      # after every context size: a long run leaves its results so far
+        done = results + ([partial] if partial is not None else [])
+        return write_context_results(done, out, command=command, environment=_environment(), seed=args.seed,
+                                     wall_seconds=time.perf_counter() - started)
+
+    for model in args.models:
+        try:
+            results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
+                                            limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
+                                            progress=say, checkpoint=write))
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{model}: {e}") from None
+    files = write()
+    wall = time.perf_counter() - started
     print(markdown_context_table(results))
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
     return 0

@@ -84,8 +84,8 @@ def _cost(row) -> str:
 
 
 def markdown_context_table(results: list[ContextModelResult]) -> str:
-    """model × documents × method: top-k drops, LDS, the gold document's rank, cost. Best mean of each column per
-    (model, documents) in bold."""
+    """model × documents × method: top-k drops, LDS, the gold document's rank, cost. The best mean of each column
+    per (model, documents) in bold (every method that ties it)."""
     summary = summary_rows(results)
     higher = {**{f"drop{k}": True for k in TOP_K}, "lds": True, "gold_rank": False, "gold_first": True}
     header = ("| model | docs | method | " + " | ".join(f"top-{k} drop ↑" for k in TOP_K)
@@ -96,15 +96,16 @@ def markdown_context_table(results: list[ContextModelResult]) -> str:
             group = [r for r in summary if r["model"] == result.model and r["documents"] == documents]
             best = {}
             for metric, up in higher.items():
-                means = [(r[metric], r["method"]) for r in group if not math.isnan(r[metric])]
+                means = [r[metric] for r in group if not math.isnan(r[metric])]
                 if means:
-                    best[metric] = (max if up else min)(means)[1]
+                    best[metric] = (max if up else min)(means)
             for r in group:
                 cells = []
                 for metric in higher:
                     text = (_fmt(r[metric], r[f"{metric}_se"], 2) if metric != "gold_first"
                             else f"{r[metric]:.2f}")
-                    cells.append(f"**{text}**" if best.get(metric) == r["method"] else text)
+                    tied = metric in best and abs(r[metric] - best[metric]) <= 1e-9 * max(1.0, abs(best[metric]))
+                    cells.append(f"**{text}**" if tied else text)
                 lines.append(f"| {result.model} | {documents} | `{r['method']}` | " + " | ".join(cells)
                              + f" | {r['seconds_per_answer']:.2f} | {_cost(r)} | {r['n']} |")
     return "\n".join(lines)

@@ -122,9 +122,10 @@ def evaluate_example(model, tokenizer, example, prompt, answer_ids, methods, *, 
 
 def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DEFAULT_COUNTS, seed: int = 0,
                      limit: int | None = None, backend: str = "auto", cache_dir=None, model_and_tokenizer=None,
-                     batch_tokens: int | None = None, progress=None) -> ContextModelResult:
+                     batch_tokens: int | None = None, progress=None, checkpoint=None) -> ContextModelResult:
     """Evaluate ``methods`` on one model; ``counts[i]`` examples of ``sizes[i]`` documents. ``limit``: ask at most
-    this many questions per size. ``model_and_tokenizer`` skips loading (tests pass tiny models)."""
+    this many questions per size. ``model_and_tokenizer`` skips loading (tests pass tiny models).
+    ``checkpoint(partial result)`` is called after each size (e.g. to write the files so far)."""
     say = progress or (lambda _msg: None)
     for name in methods:
         if name not in CONTEXT_METHODS:
@@ -155,7 +156,10 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
             say(f"{model_name}, {documents} documents: example {i}/{len(kept)} done "
                 f"({time.perf_counter() - t2:.0f} s)")
         t_eval += time.perf_counter() - t2
-    return ContextModelResult(model_name, fmt.chat, selections, rows,
-                              {"load": t_load, "select": t_select, "evaluate": t_eval,
-                               "total": time.perf_counter() - t0})
+        result = ContextModelResult(model_name, fmt.chat, selections, rows,
+                                    {"load": t_load, "select": t_select, "evaluate": t_eval,
+                                     "total": time.perf_counter() - t0})
+        if checkpoint is not None:
+            checkpoint(result)
+    return result
 
