@@ -54,6 +54,15 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend (default auto)")
 
 
+def _add_generate_args(group, exclusive, what: str) -> None:
+    """--generate (beside the option that gives the answer) and --answer-target."""
+    exclusive.add_argument("--generate", type=positive_int(1), default=None, metavar="N",
+                           help=f"the same for the model's own greedy continuation of {what}: at most N tokens, "
+                                "stopping at the end-of-sequence token")
+    group.add_argument("--answer-target", choices=("logit", "logprob"), default="logit",
+                       help="what is explained for each answer token: its raw logit (default) or its log-probability")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Fast, faithful GIM attributions for Hugging Face language models.")
@@ -74,12 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attribute every token of ANSWER (the text that follows TEXT, tokenized alone, e.g. "
                             "' Paris is the capital') to the tokens before it, and print each answer token with its "
                             "top source tokens")
-    given.add_argument("--generate", type=positive_int(1), default=None, metavar="N",
-                       help="the same for the model's own greedy continuation of TEXT: at most N tokens, stopping at "
-                            "the end-of-sequence token")
-    answer.add_argument("--answer-target", choices=("logit", "logprob"), default="logit",
-                        help="what is explained for each answer token: its raw logit (default) or its "
-                             "log-probability")
+    _add_generate_args(answer, given, "TEXT")
     answer.add_argument("--top", type=positive_int(1), default=3, metavar="K",
                         help="source tokens shown per answer token (default 3)")
     _add_model_args(ex)
@@ -128,12 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "answer token is attributed to the row's and the answer's earlier tokens; the output "
                              "gets answer, answer_ids, answer_tokens, answer_given, answer_logits, answer_logprobs "
                              "and scores as a matrix (list<list<float32>>: one row per answer token)")
-    source.add_argument("--generate", type=positive_int(1), default=None, metavar="N",
-                        help="the same for the model's own greedy continuation of each row: at most N tokens, "
-                             "stopping at the end-of-sequence token")
-    answers.add_argument("--answer-target", choices=("logit", "logprob"), default="logit",
-                         help="with --answer-field/--generate: explain each answer token's raw logit (default) or its "
-                              "log-probability")
+    _add_generate_args(answers, source, "each row")
     io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
     io.add_argument("--strict", action="store_true",

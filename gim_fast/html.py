@@ -129,11 +129,16 @@ def render_html(rows: Iterable[HtmlRow], *, title: str = "GIM attributions", sub
     legend = ('<p class="legend"><span class="key" style="background-color: rgba(22, 163, 74, 0.6)">green</span> '
               'raises the target logit, <span class="key" style="background-color: rgba(220, 38, 38, 0.6)">red</span> '
               "lowers it; strength is |score| relative to the row's largest. Hover a token for its score.</p>")
+    return _page(title, _STYLE, sub + legend, blocks)
+
+
+def _page(title: str, style: str, head: str, blocks: list[str]) -> str:
+    """The whole document: the title, the style sheet, the text above the blocks, the blocks."""
     return ("<!DOCTYPE html>\n"
             '<html lang="en">\n<head>\n<meta charset="utf-8"/>\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1"/>\n'
-            f"<title>{escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-            f"<h1>{escape(title)}</h1>\n{sub}{legend}\n" + "\n".join(blocks) + "\n</body>\n</html>\n")
+            f"<title>{escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
+            f"<h1>{escape(title)}</h1>\n{head}\n" + "\n".join(blocks) + "\n</body>\n</html>\n")
 
 
 def write_html(path: str | os.PathLike, rows: Iterable[HtmlRow], **kwargs) -> Path:
@@ -223,8 +228,9 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
         spans.append(f'<span class="src" style="{"; ".join(props)}" title="{escape(tip)}">{_token_html(text)}</span>')
     joiner = "<br/>".join(escape(_printable(part), quote=False) for part in view.joiner.split("\n"))
     answer_spans = "".join(
-        f'<span class="ans a{m}" id="v{number}a{m}" tabindex="0" title="{escape(f"answer token {m}: {_printable(repr(t))}")}">'
-        f"{_token_html(t)}</span>" for m, t in enumerate(answer))
+        f'<span class="ans a{m}" id="v{number}a{m}" tabindex="0" '
+        f'title="{escape(f"answer token {m}: {_printable(repr(t))}")}">{_token_html(t)}</span>'
+        for m, t in enumerate(answer))
     body = (f'<div class="av tokens">{answer_spans}<span class="alabel">answer (point at a token):</span>'
             f'<div class="srcs">{joiner.join(spans)}</div></div>')
     heatmap = view.heatmap if view.heatmap is not None else len(sources) <= HEATMAP_MAX_SOURCES
@@ -242,7 +248,8 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
                         f'title="whole answer: {total[j]:+.6g}"></td></tr>')
         table = (f'<table class="hm"><tr><th>source</th>{head}<th>whole answer</th></tr>' + "".join(rows)
                  + "</table>")
-    meta = [f"{len(sources)} sources", f"{len(answer)} answer tokens"] + [escape(f"{k} {v}") for k, v in view.meta.items()]
+    meta = [f"{len(sources)} sources", f"{len(answer)} answer tokens"]
+    meta += [escape(f"{k} {v}") for k, v in view.meta.items()]
     heading = escape(_printable(view.label or f"answer {number}"))
     return (f'<section class="row">\n<h2>{heading} <span class="meta">— {" · ".join(meta)}</span></h2>\n'
             f"{body}\n{table}\n</section>")
@@ -264,11 +271,7 @@ def render_answer_html(views: Iterable[AnswerView], *, title: str = "Which sourc
     legend = ('<p class="legend">Sources are coloured by their score for the whole answer; point at an answer token '
               "to colour them by their score for that token alone. Green raises the answer's target, red lowers it; "
               "strength is relative to the largest |score|. Hover a source or a cell for its exact score.</p>")
-    return ("<!DOCTYPE html>\n"
-            '<html lang="en">\n<head>\n<meta charset="utf-8"/>\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1"/>\n'
-            f"<title>{escape(title)}</title>\n<style>{_STYLE}{_ANSWER_STYLE}{rules}</style>\n</head>\n<body>\n"
-            f"<h1>{escape(title)}</h1>\n{sub}{legend}\n" + "\n".join(blocks) + "\n</body>\n</html>\n")
+    return _page(title, _STYLE + _ANSWER_STYLE + rules, sub + legend, blocks)
 
 
 def write_answer_html(path: str | os.PathLike, views: Iterable[AnswerView], **kwargs) -> Path:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ContextPrompt", "PromptFormat", "build_prompt", "check_template", "check_sources", "has_chat_template", "DEFAULT_TEMPLATE", "DEFAULT_PLAIN_TEMPLATE",
+__all__ = ["ContextPrompt", "PromptFormat", "build_prompt", "check_template", "check_sources", "has_chat_template",
+           "DEFAULT_TEMPLATE", "DEFAULT_PLAIN_TEMPLATE",
            "DEFAULT_SEPARATOR"]
 
 # ContextCite's prompt (github.com/MadryLab/context-cite): the user's message under a chat template ...

@@ -2,8 +2,8 @@
 
 For a prompt built from n sources (``gim_fast.sources``), an answer a of M tokens and a keep-mask k ∈ {0, 1}ⁿ, let
 f(k) = log p(a | the prompt rebuilt from the kept sources only) = Σ_m log p(a_m | prompt(k), a_<m), computed in
-float32 and summed in float64. Removing a source removes its text (and one separator) from the prompt, as
-ContextCite does (github.com/MadryLab/context-cite). Given an attribution ``scores`` (one number per source,
+float32 (float64 for a float64 model) and summed in float64. Removing a source removes its text (and one
+separator) from the prompt, as ContextCite does (github.com/MadryLab/context-cite). Given an attribution ``scores`` (one number per source,
 higher = more responsible for the answer):
 
 - **top-k drop** (higher is better): f(all) − f(all but the k highest-scored sources), for k = 1, 3, 5;
@@ -71,7 +71,8 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answer_ids: Sequenc
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), use_cache=False, logits_to_keep=m + 1).logits
-            logp = torch.log_softmax(logits[:, :m].float(), -1)           # position P + j − 1 predicts token j
+            acc = torch.promote_types(logits.dtype, torch.float32)           # float32, float64 for float64 models
+            logp = torch.log_softmax(logits[:, :m].to(acc), -1)              # position P + j − 1 predicts token j
             picked = logp.gather(-1, target.expand(len(chunk), -1)[..., None])[..., 0]
             out[chunk] = picked.double().sum(-1).cpu().numpy()
             start += count

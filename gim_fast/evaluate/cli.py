@@ -87,6 +87,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     ctx.add_argument("--limit", type=positive_int(1), default=None, metavar="Q",
                      help="ask at most Q questions per size while looking for answers the model gets right "
                           "(default: all 193)")
+    ctx.add_argument("--keep", choices=("right", "all"), default="right",
+                     help="which answers to evaluate: those that contain the capital (default), or all of them "
+                          "(smoke tests on untrained models)")
     p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"examples per attribution batch (default {DEFAULT_BATCH_SIZE})")
@@ -194,6 +197,8 @@ def run_context(args) -> int:
              str(args.seed), "--out", str(out)]
     if args.limit:
         parts += ["--limit", str(args.limit)]
+    if args.keep != "right":
+        parts += ["--keep", args.keep]
     if args.backend != "auto":
         parts += ["--backend", args.backend]
     if args.threads:
@@ -211,7 +216,7 @@ def run_context(args) -> int:
         try:
             results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
                                             limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
-                                            progress=say, checkpoint=write))
+                                            keep_wrong=args.keep == "all", progress=say, checkpoint=write))
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
             raise UsageError(f"{model}: {e}") from None
     files = write()

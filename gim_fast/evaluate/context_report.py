@@ -160,7 +160,8 @@ def write_context_results(results: list[ContextModelResult], out: Path, *, comma
     files["markdown"].write_text("\n".join(md), encoding="utf-8")
     write_json(files["run"], {
         "command": command, "environment": environment, "seed": seed, "wall_seconds": round(wall_seconds, 1),
-        "models": [{"model": r.model, "chat_template": r.chat, "seconds": {k: round(v, 1) for k, v in r.seconds.items()},
+        "models": [{"model": r.model, "chat_template": r.chat,
+                    "seconds": {k: round(v, 1) for k, v in r.seconds.items()},
                     "selections": [vars(s) for s in r.selections],
                     "examples": [{"documents": row.documents, "key": row.key, "answer": row.answer}
                                  for row in r.rows]} for r in results]})

@@ -77,8 +77,10 @@ def _cut_at_newline(tokenizer, ids: list[int]) -> list[int]:
 
 
 def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int, count: int, *, seed: int = 0,
-                            limit: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, progress=None):
-    """([(example, prompt, answer_ids)] of up to ``count`` examples answered right, ContextSelection)."""
+                            limit: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, keep_wrong: bool = False,
+                            progress=None):
+    """([(example, prompt, answer_ids)] of up to ``count`` examples answered right (with ``keep_wrong``: answered
+    at all), ContextSelection)."""
     from ..context import generate_answers
     from ..data import context_examples
 
@@ -95,10 +97,10 @@ def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int,
         for ex, prompt, ids in zip(chunk, prompts, answers):
             asked += 1
             ids = _cut_at_newline(tokenizer, ids)
-            if ids and ex.answer in tokenizer.decode(ids):
-                correct += 1
-                if len(kept) < count:
-                    kept.append((ex, prompt, ids))
+            right = bool(ids) and ex.answer in tokenizer.decode(ids)
+            correct += right
+            if (right or (keep_wrong and ids)) and len(kept) < count:
+                kept.append((ex, prompt, ids))
         say(f"{documents} documents: {len(kept)} of {count} kept after {asked} questions")
     return kept, ContextSelection(documents, asked, correct, len(candidates), time.perf_counter() - started)
 
@@ -122,9 +124,11 @@ def evaluate_example(model, tokenizer, example, prompt, answer_ids, methods, *, 
 
 def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DEFAULT_COUNTS, seed: int = 0,
                      limit: int | None = None, backend: str = "auto", cache_dir=None, model_and_tokenizer=None,
-                     batch_tokens: int | None = None, progress=None, checkpoint=None) -> ContextModelResult:
+                     batch_tokens: int | None = None, keep_wrong: bool = False, progress=None,
+                     checkpoint=None) -> ContextModelResult:
     """Evaluate ``methods`` on one model; ``counts[i]`` examples of ``sizes[i]`` documents. ``limit``: ask at most
-    this many questions per size. ``model_and_tokenizer`` skips loading (tests pass tiny models).
+    this many questions per size. ``keep_wrong``: evaluate wrong answers too (smoke tests on tiny random models).
+    ``model_and_tokenizer`` skips loading.
     ``checkpoint(partial result)`` is called after each size (e.g. to write the files so far)."""
     say = progress or (lambda _msg: None)
     for name in methods:
@@ -144,7 +148,7 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
     for documents, count in zip(sizes, counts):
         t1 = time.perf_counter()
         kept, selection = select_context_examples(model, tokenizer, fmt, documents, count, seed=seed, limit=limit,
-                                                  progress=say)
+                                                  keep_wrong=keep_wrong, progress=say)
         t_select += time.perf_counter() - t1
         selections.append(selection)
         say(f"{model_name}, {documents} documents: {len(kept)} examples ({selection.correct} of {selection.asked} "

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["JobError", "write_atomic", "write_shard", "done_batches", "read_manifest", "create_manifest",
-           "compare_configs", "finalize_manifest", "write_errors", "OutputLock", "SCHEMA_FIELDS", "ANSWER_SCHEMA_FIELDS",
-           "read_results"]
+           "compare_configs", "finalize_manifest", "write_errors", "OutputLock", "SCHEMA_FIELDS",
+           "ANSWER_SCHEMA_FIELDS", "read_results"]
 
 MANIFEST, ERRORS, DATA, REPORT = "manifest.json", "errors.jsonl", "data", "report.html"
 _META_KEY = b"gim_fast"
@@ -124,7 +124,8 @@ def _lists(values, value_type, np_type):
     """A pyarrow list column from a list of 1-D sequences, built from one flat array (no per-value Python)."""
     import pyarrow as pa
 
-    flat = np.concatenate([np.asarray(v, dtype=np_type).reshape(-1) for v in values]) if values else np.zeros(0, np_type)
+    flat = (np.concatenate([np.asarray(v, dtype=np_type).reshape(-1) for v in values]) if values
+            else np.zeros(0, np_type))
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum([np.asarray(v).size for v in values], out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
