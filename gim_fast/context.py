@@ -27,7 +27,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 64, **gene
     """The model's own continuation of each prompt (lists of token ids; a batch is left-padded), greedy unless
     ``generate_kwargs`` say otherwise, up to ``max_new_tokens`` tokens, cut before the first end-of-sequence token
     (which is not part of the answer). ``generate_kwargs`` go to ``model.generate`` (e.g. ``do_sample=True``, or
-    ``stop_strings=["\\n"], tokenizer=tokenizer``). The model is left as it was."""
+    ``stop_strings=["\\n"]``, which gets the tokenizer passed along). The model is left as it was."""
     from .integration import eval_mode
 
     config = model.generation_config
@@ -41,6 +41,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 64, **gene
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
     device = model.get_input_embeddings().weight.device
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, **generate_kwargs}
+    if kwargs.get("stop_strings") is not None:
+        kwargs.setdefault("tokenizer", tokenizer)
     with eval_mode(model), torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
     answers = []

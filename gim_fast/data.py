@@ -1,4 +1,4 @@
-"""Prompt sets shared by the benchmarks and the faithfulness evaluation.
+"""Prompt sets shared by the benchmarks and the evaluations (faithfulness; context attribution).
 
 The capital prompts, "The capital of {country} is", come from the ``country-capitals`` package (193 countries by
 ISO 3166 alpha-3 code, ``pip install country-capitals``), each country named with pycountry's common name where it

@@ -115,6 +115,7 @@ def test_gold_rank_shares_ties():
 
 
 def test_lasso_surrogate_recovers_known_linear_weights():
+    pytest.importorskip("sklearn")
     n, weights, bias = 10, np.array([2.0, 0.0, -1.5, 0.0, 0.8, 0.0, 3.0, 0.0, -0.5, 1.0]), -4.0
     masks = contextcite_masks(n)
     assert masks.shape == (64, n) and masks.dtype == bool and 0.35 < masks.mean() < 0.65
