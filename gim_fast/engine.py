@@ -131,6 +131,25 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
 TARGETS = ("logit", "logprob")
 
 
+def _gradients_per_target(values: torch.Tensor, inputs: torch.Tensor, chunk: int):
+    """∂values[:, m]/∂inputs for every m, ``chunk`` targets per backward pass: yields ``[c, B, S, H]``.
+
+    Target m is the cotangent e_m on ``values [B, M]``; a chunk of them goes back as one stack through
+    ``torch.func.vmap`` over ``torch.autograd.grad`` (GIM's custom Functions batch through
+    ``gim_fast.ops.cotangents``), reusing the saved activations of the one forward pass.
+    """
+    batch, count = values.shape
+    eye = torch.eye(count, dtype=values.dtype, device=values.device)
+    for start in range(0, count, chunk):
+        stop = min(count, start + chunk)
+        retain = stop < count
+        cotangents = eye[start:stop, None].expand(stop - start, batch, count)
+        if stop - start == 1:
+            yield torch.autograd.grad(values, inputs, cotangents[0], retain_graph=retain)[0][None]
+        else:
+            yield torch.func.vmap(lambda c: torch.autograd.grad(values, inputs, c, retain_graph=retain)[0])(cotangents)
+
+
 @dataclass
 class AnswerScores:
     """What one engine run over many targets per row computes."""
@@ -158,7 +177,7 @@ def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     same saved activations, ``chunk`` at a time.
     """
     batch, count = target_ids.shape
-    chunk = 1 if total else max(1, min(count, chunk or 1))
+    chunk = 1 if total else max(1, min(count, chunk or count))
     keep = torch.unique(target_positions[target_mask.bool()])
     with forward_pass(model, input_ids, attention_mask, keep, baseline_token_id, settings,
                       checkpointing=checkpointing, cotangents=chunk) as run:
@@ -175,13 +194,9 @@ def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             (grad,) = torch.autograd.grad(values.sum(), run.inputs)
             scores = gradient_x_input(grad, run, attention_mask)[:, None]                # [B, 1, S]
         else:
-            rows = []
-            for start in range(count):
-                cotangent = torch.zeros_like(values)
-                cotangent[:, start] = 1
-                (grad,) = torch.autograd.grad(values, run.inputs, cotangent, retain_graph=start < count - 1)
-                rows.append(gradient_x_input(grad, run, attention_mask))
-            scores = torch.stack(rows, 1)                                                  # [B, M, S]
+            rows = [gradient_x_input(grad, run, attention_mask)
+                    for grad in _gradients_per_target(values, run.inputs, chunk)]
+            scores = torch.cat(rows).movedim(0, 1)                                         # [B, M, S]
             # row m sees only positions up to its own (exact zeros by causality; made explicit)
             seen = torch.arange(input_ids.shape[1], device=scores.device) <= target_positions.to(scores.device)[..., None]
             scores = scores * (seen & valid.to(scores.device)[..., None])

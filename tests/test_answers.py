@@ -245,3 +245,21 @@ def test_bad_generation_input():
         gim_fast.explain_generation(model, CharTokenizer(), "abc", max_new_tokens=3, eos_token_id=first,
                                     baseline_token_id=0)
     assert_same_state(before, snapshot(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_backend_rows_equal_explain_on_the_prefix(family):
+    """The fused kernels (the interpreter on the CPU): a padded batch, its cotangents stacked through one forward."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(family, torch.float32).to(device)
+    prompts = random_ids(7, batch=2, seed=10)
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0
+    answer = random_ids(3, seed=11)
+    result = gim_fast.explain_answer(model, prompts.to(device), answer.to(device), attention_mask=mask.to(device),
+                                     baseline_token_id=0, backend="triton", chunk=3)
+    for i in range(2):
+        real = prompts[i][mask[i].bool()]
+        expected = prefix_rows(model, real.to(device), answer.to(device), baseline_token_id=0, backend="eager")
+        got = result.scores[i][:, torch.cat([mask[i], torch.ones(3, dtype=torch.long)]).bool()]
+        assert rel_err(got, expected) <= 1e-4, i
