@@ -116,6 +116,11 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
     prompt = build_prompt(tokenizer, sources, query, template=template, separator=separator, chat=chat)
     limit = max_positions(model)
     if answer is None:
+        from .integration import tlens
+
+        if tlens.is_transformer_lens_model(model):
+            raise TypeError("generating the answer needs a Hugging Face model's generate(); for a TransformerLens "
+                            "model, generate the answer yourself and pass it: attribute_context(..., answer=text)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if limit is not None and len(prompt.input_ids) >= limit:
