@@ -216,7 +216,13 @@ def test_evaluate_context_end_to_end_on_a_tiny_model(tmp_path):
         assert -1 <= float(r["lds"]) <= 1 and 1 <= float(r["gold_rank"]) <= 3
     run = json.loads((out / "run.json").read_text())
     assert run["models"][0]["selections"][0]["asked"] <= 4 and "--keep all" in run["command"]
-    assert "| `gim` |" in (out / "context.md").read_text()
+    md = (out / "context.md").read_text()
+    assert "| `gim` |" in md
+    tables = itertools.groupby(md.splitlines(), key=lambda line: line.startswith("|"))
+    for is_table, lines in tables:         # every row of a markdown table has the header's number of columns
+        if is_table:
+            counts = {line.count("|") for line in lines}
+            assert len(counts) == 1, counts
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -90,7 +90,7 @@ def markdown_context_table(results: list[ContextModelResult]) -> str:
     higher = {**{f"drop{k}": True for k in TOP_K}, "lds": True, "gold_rank": False, "gold_first": True}
     header = ("| model | docs | method | " + " | ".join(f"top-{k} drop ↑" for k in TOP_K)
               + " | LDS ↑ | gold rank ↓ | gold first ↑ | s/answer | passes | N |")
-    lines = [header, "|---|---:|---|" + "---:|" * (len(TOP_K) + 7)]
+    lines = [header, "|---|---:|---|" + "---:|" * (len(TOP_K) + 6)]
     for result in results:
         for documents, _rows, _methods in _groups(result):
             group = [r for r in summary if r["model"] == result.model and r["documents"] == documents]
