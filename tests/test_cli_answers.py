@@ -112,17 +112,17 @@ def test_attribute_answers_matrix_column(tiny_dir, tiny, tmp_path, capsys):
     assert code == 2 and "answer_target: 'logprob' → 'logit'" in err
 
 
-def test_attribute_generated_answers_resume_after_a_kill(tiny_dir, tiny, tmp_path):
+def test_attribute_generated_answers_resume_after_a_kill(tiny_dir, tiny, tmp_path, capsys):
     model, tok = tiny
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ("one", "second row", "3rd", "the fourth")])
     argv = ["attribute", "--data", data, "--model", tiny_dir, "--generate", "3", "--batch-size", "1",
             "--shard-rows", "1", "--no-progress"]
+    # killed (SIGKILL) in a process of its own after two batches were written; resumed and run whole in this one
     killed = run_cli([*argv, "--out", tmp_path / "out"], env={"GIM_FAST_JOB_CRASH": "batch:3", "OMP_NUM_THREADS": "1"})
     assert killed.returncode != 0 and len(list((tmp_path / "out" / "data").glob("*.parquet"))) == 2
-    resumed = run_cli([*argv, "--out", tmp_path / "out"], env={"OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0 and "2 batches were already done" in resumed.stdout
-    whole = run_cli([*argv, "--out", tmp_path / "whole"], env={"OMP_NUM_THREADS": "1"})
-    assert whole.returncode == 0
+    code, printed, _ = _code([*argv, "--out", tmp_path / "out"], capsys)
+    assert code == 0 and "2 batches were already done" in printed
+    assert _code([*argv, "--out", tmp_path / "whole"], capsys)[0] == 0
     got, ref = table_rows(tmp_path / "out"), table_rows(tmp_path / "whole")
     assert [r["line"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(got, ref):
