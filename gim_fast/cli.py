@@ -314,15 +314,13 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
             if not answer_ids:
                 raise UsageError(f"--answer {args.answer!r} encodes to no token")
             how = "given"
-        else:
-            from .context import generate_answers
-
-            answer_ids = generate_answers(model, tokenizer, [input_ids.tolist()], args.generate)[0]
-            if not answer_ids:
-                raise UsageError("the model generated no answer (its first token was the end-of-sequence token)")
+            result = gim_fast.explain_answer(model, input_ids, torch.tensor(answer_ids), tokenizer=tokenizer,
+                                             target=args.answer_target, **kwargs)
+        else:      # explain_generation tokenizes TEXT as above
+            result = gim_fast.explain_generation(model, tokenizer, args.text, max_new_tokens=args.generate,
+                                                 target=args.answer_target, **kwargs)
+            answer_ids = result.target_ids.tolist()
             how = f"generated, greedy, at most {args.generate} tokens"
-        result = gim_fast.explain_answer(model, input_ids, torch.tensor(answer_ids), tokenizer=tokenizer,
-                                         target=args.answer_target, **kwargs)
     except ValueError as e:
         raise UsageError(str(e)) from None
     values = result.target_logits if args.answer_target == "logit" else result.target_logprobs
