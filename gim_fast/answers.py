@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import TARGETS, attribute_targets, model_io
+from .engine import TARGETS, attribute_targets
 from .explain import as_id_tensor, as_mask, check_vocabulary, resolve_baseline
 from .integration import check_model, eval_mode, tlens
+from .integration.model_io import model_io
 from .settings import GIMSettings
 
 __all__ = ["AnswerAttribution", "explain_answer", "explain_generation"]
@@ -43,6 +44,8 @@ class AnswerAttribution:
     prompt_length:   P, the number of prompt columns (the answer starts at column P).
     tokens:          with a tokenizer: each column's token, decoded alone ('' at padding); else None.
     target, total:   what was explained (``"logit"``/``"logprob"``) and whether rows were summed.
+    chunk:           how many cotangents each backward pass carried; checkpointing: whether decoder layers
+                     were checkpointed (both chosen from the memory estimate unless given).
     """
 
     scores: torch.Tensor
@@ -56,6 +59,8 @@ class AnswerAttribution:
     tokens: list | None
     target: str
     total: bool
+    chunk: int = 1
+    checkpointing: bool = False
 
     @property
     def answer_scores(self) -> torch.Tensor:
@@ -211,7 +216,8 @@ def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="log
         scores=scores, target_ids=answer.to(device).clone(),
         target_logits=result.target_logits, target_logprobs=result.target_logprobs,
         target_positions=positions.to(device), attention_mask=mask.to(device), answer_mask=amask.to(device),
-        prompt_length=prompt_len, tokens=tokens, target=target, total=total)
+        prompt_length=prompt_len, tokens=tokens, target=target, total=total, chunk=result.chunk,
+        checkpointing=result.checkpointing)
     if squeeze:
         for name in ("scores", "target_ids", "target_logits", "target_logprobs", "target_positions",
                      "attention_mask", "answer_mask"):

@@ -8,6 +8,7 @@ activations would not fit — or refused before anything runs when even that wou
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from .integration import GIM, checkpointed_layers, eval_mode
 # ModelIO and hf_model_io live in the integration layer; still importable from here, where they used to be
 from .integration.model_io import ModelIO, hf_model_io, model_io  # noqa: F401
-from .memory import plan_checkpointing
+from .memory import plan_checkpointing, plan_cotangents
 from .settings import GIMSettings, resolve_backend
 
 
@@ -43,6 +44,29 @@ def frozen_parameters(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def _check_not_inference(model) -> None:
+    """Inference tensors can never take part in autograd: a model loaded or built under ``torch.inference_mode()``
+    cannot be attributed (its weights would have to be copied)."""
+    if any(p.is_inference() for p in model.parameters()):
+        raise ValueError("the model's weights are inference tensors (the model was loaded or built inside "
+                         "torch.inference_mode()), which autograd can never use, so no gradient-based attribution "
+                         "can run on them; load the model outside torch.inference_mode() (torch.no_grad() is fine)")
+
+
+def _with_autograd(fn):
+    """Run ``fn`` with gradients on, whatever the caller's grad mode: attribution needs them, under
+    ``torch.no_grad()`` and inside ``torch.inference_mode()`` alike. Tensors made under inference mode (the ids,
+    the mask, ...) are copied to normal tensors first, since autograd cannot save inference tensors; the results
+    are normal tensors too."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        _check_not_inference(model)
+        with torch.inference_mode(False), torch.enable_grad():
+            args = [a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args]
+            return fn(model, *args, **kwargs)
+    return run
+
+
 @dataclass
 class ForwardPass:
     """What the forward pass under GIM leaves for the backward: the input embeddings (the leaf the gradient is
@@ -52,6 +76,13 @@ class ForwardPass:
     baseline: torch.Tensor
     logits: torch.Tensor
     checkpointing: bool
+
+
+def _memory_backend(io: ModelIO, settings: GIMSettings | None) -> str:
+    """The attention backend the memory estimate assumes: the model's own eager attention, or GIM's backend."""
+    if io.attention is not None:
+        return io.attention
+    return resolve_backend(settings.backend, io.weight.device, io.weight.dtype) if settings is not None else "torch"
 
 
 @contextlib.contextmanager
@@ -66,10 +97,8 @@ def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     """
     io = model_io(model)
     batch, seq_len = input_ids.shape
-    dtype = io.weight.dtype
-    backend = resolve_backend(settings.backend, input_ids.device, dtype) if settings is not None else "torch"
     if io.hf_model is not None:
-        use_checkpoints = plan_checkpointing(io.hf_model, seq_len, batch, backend=io.attention or backend,
+        use_checkpoints = plan_checkpointing(io.hf_model, seq_len, batch, backend=_memory_backend(io, settings),
                                              num_targets=len(keep), checkpointing=checkpointing,
                                              cotangents=cotangents)
     elif checkpointing is True:
@@ -103,6 +132,7 @@ def gradient_x_input(grad: torch.Tensor, run: ForwardPass, attention_mask: torch
     return (scores * attention_mask.to(acc)).detach()
 
 
+@_with_autograd
 def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_positions: torch.Tensor,
               target_ids: torch.Tensor | None, baseline_token_id: int, settings: GIMSettings | None,
               *, checkpointing: bool | str = "auto") -> Attribution:
@@ -111,7 +141,8 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
     input_ids, attention_mask: ``[B, S]`` on the embedding's device; target_positions: ``[B]`` absolute positions
     of real tokens; target_ids: ``[B]`` or None for each row's top prediction. ``settings=None`` computes the
     plain gradient through the model's own attention (the cost floor of any gradient method).
-    ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False.
+    ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False. Gradients are enabled
+    inside, whatever the caller's grad mode (``torch.no_grad()``, ``torch.inference_mode()``).
     """
     batch = input_ids.shape[0]
     keep = torch.unique(target_positions)  # sorted; logits only where a row needs them
@@ -129,6 +160,10 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
 
 
 TARGETS = ("logit", "logprob")
+# explain_answer's automatic chunk: at most this many cotangents per backward pass (when the memory allows). On
+# the CPU (SmolLM2's shapes, 1k tokens) 4–8 were fastest: a bigger stack shares more attention work but its
+# elementwise passes fall out of cache. On a GPU a bigger stack fills the device (not measured yet).
+MAX_CHUNK = {"cpu": 8, "cuda": 32}
 
 
 def _gradients_per_target(values: torch.Tensor, inputs: torch.Tensor, chunk: int):
@@ -161,6 +196,7 @@ class AnswerScores:
     chunk: int                     # cotangents per backward pass
 
 
+@_with_autograd
 def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_positions: torch.Tensor,
                       target_ids: torch.Tensor, target_mask: torch.Tensor, baseline_token_id: int,
                       settings: GIMSettings | None, *, target: str = "logit", total: bool = False,
@@ -177,8 +213,19 @@ def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     same saved activations, ``chunk`` at a time.
     """
     batch, count = target_ids.shape
-    chunk = 1 if total else max(1, min(count, chunk or count))
     keep = torch.unique(target_positions[target_mask.bool()])
+    io = model_io(model)
+    if total:
+        chunk = 1
+    elif chunk is not None:
+        chunk = min(chunk, count)
+    elif io.hf_model is not None:
+        chunk, checkpointing = plan_cotangents(io.hf_model, input_ids.shape[1], batch,
+                                               backend=_memory_backend(io, settings), num_targets=len(keep),
+                                               count=count, checkpointing=checkpointing,
+                                               limit=MAX_CHUNK.get(io.weight.device.type, 8))
+    else:
+        chunk = count
     with forward_pass(model, input_ids, attention_mask, keep, baseline_token_id, settings,
                       checkpointing=checkpointing, cotangents=chunk) as run:
         device = run.logits.device

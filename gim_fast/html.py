@@ -1,7 +1,9 @@
 """Attributions as a self-contained HTML page: tokens coloured by score, the exact score on hover.
 
 One block per row (a prompt and its target); green tokens push the target's logit up, red ones push it down,
-the colour's strength is the score relative to the row's largest |score|. The page has no scripts and loads
+the colour's strength is the score relative to the row's largest |score|. Special tokens (``<bos>``, ...) are left
+out of that scale and shown uncoloured with a dashed outline, their exact score on hover, so that a large score on
+<bos> does not wash out the colours of the real tokens. The page has no scripts and loads
 nothing (no fonts, no stylesheets, no images): it opens offline, in a mail attachment or a notebook. The markup
 is also well-formed XML, so any XML parser can read it back.
 
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from .display import display_peak, plural
+
 __all__ = ["HtmlRow", "render_html", "write_html", "rows_from_table", "AnswerView", "render_answer_html",
            "write_answer_html", "answer_views_from_table"]
 
@@ -42,6 +46,7 @@ section.row h2 { font-size: 0.95em; font-weight: 600; margin: 0 0 0.5em 0; color
 .tok:hover { outline: 1px solid #333; }
 .target { margin-left: 0.6em; padding: 2px 4px; border: 1px dashed #888; border-radius: 3px; }
 .nl { color: #999; }
+.special { outline: 1px dashed #999; }
 """
 
 
@@ -56,6 +61,7 @@ class HtmlRow:
     target_logit: float | None = None
     token_ids: Sequence[int] | None = None
     meta: dict = field(default_factory=dict)
+    special: Sequence[bool] | None = None   # one flag per token: special tokens are not on the colour scale
 
 
 def _floats(scores) -> list[float]:
@@ -98,14 +104,23 @@ def _row_html(row: HtmlRow, number: int) -> str:
     tokens = [str(t) for t in row.tokens]
     if len(tokens) != len(scores):
         raise ValueError(f"row {number}: {len(tokens)} tokens but {len(scores)} scores")
-    peak = max((abs(s) for s in scores if math.isfinite(s)), default=0.0)
+    special = list(row.special) if row.special is not None else [False] * len(scores)
+    try:
+        peak = display_peak(scores, special)
+    except ValueError as e:
+        raise ValueError(f"row {number}: {e}") from None
+    on_scale = all(special)          # every token special: they are the scale
     spans = []
     for i, (token, score) in enumerate(zip(tokens, scores)):
         tip = f"score {score:+.6g} | token {_printable(repr(token))}"
         if row.token_ids is not None:
             tip += f" (id {int(row.token_ids[i])})"
         tip += f" | position {i}"
-        spans.append(f'<span class="tok" style="background-color: {_colour(score, peak)}" data-score="{score:.6g}" '
+        kind, colour = "tok", _colour(score, peak)
+        if special[i] and not on_scale:
+            kind, colour = "tok special", "transparent"
+            tip += " | special token: not on the colour scale"
+        spans.append(f'<span class="{kind}" style="background-color: {colour}" data-score="{score:.6g}" '
                      f'title="{escape(tip)}">{_token_html(token)}</span>')
     heading = escape(_printable(row.label or f"row {number}"))
     meta = []
@@ -113,7 +128,7 @@ def _row_html(row: HtmlRow, number: int) -> str:
         meta.append(f"target {escape(_printable(repr(row.target)))}")
     if row.target_logit is not None and math.isfinite(row.target_logit):
         meta.append(f"logit {row.target_logit:.4g}")
-    meta.append(f"{len(tokens)} tokens")
+    meta.append(plural(len(tokens), "token"))
     meta.extend(escape(f"{k} {v}") for k, v in row.meta.items())
     target = ""
     if row.target is not None:
@@ -128,7 +143,8 @@ def render_html(rows: Iterable[HtmlRow], *, title: str = "GIM attributions", sub
     sub = f"<p class=\"legend\">{escape(subtitle)}</p>\n" if subtitle else ""
     legend = ('<p class="legend"><span class="key" style="background-color: rgba(22, 163, 74, 0.6)">green</span> '
               'raises the target logit, <span class="key" style="background-color: rgba(220, 38, 38, 0.6)">red</span> '
-              "lowers it; strength is |score| relative to the row's largest. Hover a token for its score.</p>")
+              "lowers it; strength is |score| relative to the row's largest, special tokens (dashed outline) left out. "
+              "Hover a token for its score.</p>")
     return _page(title, _STYLE, sub + legend, blocks)
 
 
@@ -154,11 +170,14 @@ def _write_page(path, text: str) -> Path:
     return path
 
 
-def rows_from_table(table) -> list[HtmlRow]:
-    """HtmlRows from a job's results (a pyarrow Table or a list of dicts with the job's output columns)."""
+def rows_from_table(table, special_ids: Iterable[int] = ()) -> list[HtmlRow]:
+    """HtmlRows from a job's results (a pyarrow Table or a list of dicts with the job's output columns);
+    ``special_ids``: the tokenizer's special token ids (``tokenizer.all_special_ids``), kept off the colour scale."""
     records = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
+    special_ids = set(special_ids)
     return [HtmlRow(r["tokens"], r["scores"], label=f"id {r['id']} (line {r['line']})", target=r["target"],
-                    target_logit=r["target_logit"], token_ids=r["token_ids"]) for r in records]
+                    target_logit=r["target_logit"], token_ids=r["token_ids"],
+                    special=[i in special_ids for i in r["token_ids"]]) for r in records]
 
 
 # ------------------------------------------------------------------------------------------ answers × sources
@@ -187,7 +206,8 @@ class AnswerView:
     Sources are documents (``attribute_context``) or prompt tokens (``explain_answer``); ``joiner`` is written
     between them in the text view ("" for tokens, which carry their own spaces; a newline for documents).
     ``heatmap``: also draw the sources × answer tokens table (default: when there are at most
-    ``HEATMAP_MAX_SOURCES`` sources)."""
+    ``HEATMAP_MAX_SOURCES`` sources). ``special``: one flag per source (special tokens such as ``<bos>``): left
+    uncoloured, with a dashed outline, and off the colour scale."""
 
     sources: Sequence[str]
     answer_tokens: Sequence[str]
@@ -197,6 +217,7 @@ class AnswerView:
     joiner: str = "\n"
     heatmap: bool | None = None
     meta: dict = field(default_factory=dict)
+    special: Sequence[bool] | None = None
 
 
 def _matrix(scores, rows: int, cols: int, number: int) -> list[list[float]]:
@@ -215,16 +236,25 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
     sources, answer = [str(s) for s in view.sources], [str(t) for t in view.answer_tokens]
     scores = _matrix(view.scores, len(answer), len(sources), number)
     total = [sum(col) for col in zip(*scores)] if scores else [0.0] * len(sources)
-    peaks = [max((abs(s) for s in row if math.isfinite(s)), default=0.0) for row in scores]
-    total_peak = max((abs(s) for s in total if math.isfinite(s)), default=0.0)
+    special = list(view.special) if view.special is not None else [False] * len(sources)
+    try:
+        peaks = [display_peak(row, special) for row in scores]
+        total_peak = display_peak(total, special)
+    except ValueError as e:
+        raise ValueError(f"view {number}: {e}") from None
+    off_scale = [flag and not all(special) for flag in special]   # every source special: they are the scale
     labels = list(view.source_labels) if view.source_labels is not None else sources
     # each source carries its colour for every answer token (--a<m>) and for the whole answer (--t); the page's
     # CSS picks --a<m> while answer token m is hovered, focused or the URL's #fragment
     spans = []
     for j, text in enumerate(sources):
+        tip = f"{_printable(labels[j])} | whole answer {total[j]:+.6g}"
+        if off_scale[j]:
+            spans.append(f'<span class="src special" title="{escape(tip)} | special token: not on the colour scale">'
+                         f"{_token_html(text)}</span>")
+            continue
         props = [f"--t: {_colour(total[j], total_peak)}"]
         props += [f"--a{m}: {_colour(row[j], peaks[m])}" for m, row in enumerate(scores) if row[j] != 0]
-        tip = f"{_printable(labels[j])} | whole answer {total[j]:+.6g}"
         spans.append(f'<span class="src" style="{"; ".join(props)}" title="{escape(tip)}">{_token_html(text)}</span>')
     joiner = "<br/>".join(escape(_printable(part), quote=False) for part in view.joiner.split("\n"))
     answer_spans = "".join(
@@ -239,16 +269,17 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
         head = "".join(f'<th title="answer token {m}">{_token_html(t)}</th>' for m, t in enumerate(answer))
         rows = []
         for j in range(len(sources)):
+            colour = (lambda _score, _peak: "transparent") if off_scale[j] else _colour
             cells = "".join(
-                f'<td class="v" style="background-color: {_colour(row[j], peaks[m])}" '
+                f'<td class="v" style="background-color: {colour(row[j], peaks[m])}" '
                 f'title="{escape(f"{_printable(repr(answer[m]))} ← {_printable(labels[j])}: {row[j]:+.6g}")}"></td>'
                 for m, row in enumerate(scores))
             rows.append(f'<tr><td class="lab" title="{escape(_printable(sources[j]))}">{escape(_printable(labels[j]))}'
-                        f'</td>{cells}<td class="v" style="background-color: {_colour(total[j], total_peak)}" '
+                        f'</td>{cells}<td class="v" style="background-color: {colour(total[j], total_peak)}" '
                         f'title="whole answer: {total[j]:+.6g}"></td></tr>')
         table = (f'<table class="hm"><tr><th>source</th>{head}<th>whole answer</th></tr>' + "".join(rows)
                  + "</table>")
-    meta = [f"{len(sources)} sources", f"{len(answer)} answer tokens"]
+    meta = [plural(len(sources), "source"), plural(len(answer), "answer token")]
     meta += [escape(f"{k} {v}") for k, v in view.meta.items()]
     heading = escape(_printable(view.label or f"answer {number}"))
     return (f'<section class="row">\n<h2>{heading} <span class="meta">— {" · ".join(meta)}</span></h2>\n'
@@ -270,7 +301,8 @@ def render_answer_html(views: Iterable[AnswerView], *, title: str = "Which sourc
     sub = f'<p class="legend">{escape(subtitle)}</p>\n' if subtitle else ""
     legend = ('<p class="legend">Sources are coloured by their score for the whole answer; point at an answer token '
               "to colour them by their score for that token alone. Green raises the answer's target, red lowers it; "
-              "strength is relative to the largest |score|. Hover a source or a cell for its exact score.</p>")
+              "strength is relative to the largest |score|, special tokens (dashed outline) left out. Hover a source "
+              "or a cell for its exact score.</p>")
     return _page(title, _STYLE + _ANSWER_STYLE + rules, sub + legend, blocks)
 
 
@@ -279,10 +311,13 @@ def write_answer_html(path: str | os.PathLike, views: Iterable[AnswerView], **kw
     return _write_page(path, render_answer_html(views, **kwargs))
 
 
-def answer_views_from_table(table) -> list[AnswerView]:
+def answer_views_from_table(table, special_ids: Iterable[int] = ()) -> list[AnswerView]:
     """AnswerViews from an answer job's results (a pyarrow Table or a list of dicts with the job's answer columns):
-    the text's tokens and the answer's earlier tokens are the sources of each answer token."""
+    the text's tokens and the answer's earlier tokens are the sources of each answer token; ``special_ids`` as for
+    :func:`rows_from_table`."""
     records = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
+    special_ids = set(special_ids)
     return [AnswerView(sources=[*r["tokens"], *r["answer_tokens"]], answer_tokens=r["answer_tokens"],
                        scores=r["scores"], label=f"id {r['id']} (line {r['line']}): answer {r['answer']!r}",
-                       joiner="") for r in records]
+                       joiner="", special=[i in special_ids for i in [*r["token_ids"], *r["answer_ids"]]])
+            for r in records]

@@ -263,3 +263,37 @@ def test_triton_backend_rows_equal_explain_on_the_prefix(family):
         expected = prefix_rows(model, real.to(device), answer.to(device), baseline_token_id=0, backend="eager")
         got = result.scores[i][:, torch.cat([mask[i], torch.ones(3, dtype=torch.long)]).bool()]
         assert rel_err(got, expected) <= 1e-4, i
+
+
+def test_under_no_grad_and_inference_mode():
+    model = tiny_model("qwen2", torch.float64)
+    expected = gim_fast.explain_answer(model, PROMPT, ANSWER, baseline_token_id=0).scores
+    with torch.no_grad():
+        assert torch.equal(gim_fast.explain_answer(model, PROMPT, ANSWER, baseline_token_id=0).scores, expected)
+    with torch.inference_mode():
+        prompt, answer = PROMPT.clone(), ANSWER.clone()  # inference tensors
+        assert torch.equal(gim_fast.explain_answer(model, prompt, answer, baseline_token_id=0).scores, expected)
+
+
+def test_the_memory_plan_accounts_for_the_chunk(monkeypatch):
+    from gim_fast import memory
+
+    model = tiny_model("llama")
+    need = [memory.estimate_memory(model.config, 64, dtype=torch.float32, cotangents=c).total for c in (1, 2, 8)]
+    assert need[0] < need[1] < need[2]
+    # room for 5 cotangents without checkpointing: the automatic chunk is 5 (of 7 targets)
+    room = lambda c, ckpt=False: memory.estimate_memory(model.config, 64, dtype=torch.float32, cotangents=c,  # noqa
+                                                         checkpointing=ckpt, num_targets=7).total / 0.9
+    monkeypatch.setattr(memory, "available_memory", lambda device: int((room(5) + room(6)) / 2))
+    assert memory.plan_cotangents(model, 64, 1, backend="torch", num_targets=7, count=7) == (5, False)
+    result = gim_fast.explain_answer(model, random_ids(57, seed=3), random_ids(7, seed=4), baseline_token_id=0)
+    assert (result.chunk, result.checkpointing) == (5, False)
+    # room for 2 without checkpointing, 3 with it: checkpointing is worth its recompute
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(room(3, True) + 1))
+    assert memory.plan_cotangents(model, 64, 1, backend="torch", num_targets=7, count=7) == (3, True)
+    # not even one cotangent: refused before anything runs, the model untouched
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(room(1, True) / 2))
+    before = snapshot(model)
+    with pytest.raises(gim_fast.InsufficientMemoryError, match="needs about"):
+        gim_fast.explain_answer(model, random_ids(57, seed=3), random_ids(7, seed=4), baseline_token_id=0)
+    assert_same_state(before, snapshot(model))

@@ -224,56 +224,59 @@ def chunked_backward_many(grad_out, q, k, v, *, scale, causal, sliding_window, s
     """GIM attention backward for a stack of C cotangents ``grad_out [C, B, Hq, S, D]`` → dq ``[C, B, Hq, S, D]``,
     dk, dv ``[C, B, Hkv, S, D]``; the math of the module docstring, per cotangent.
 
-    Each query tile's scores, P and P_T are computed once and shared by the C cotangents; the cotangent dim is
+    Each query tile's scores, P, P_T and O_T = P_T V are computed once and shared by the C cotangents, which are
     folded into the GEMMs: dP = dO Vᵀ and dQ = dS K stack the C cotangents' rows (C·G·c rows against one K/V
-    tile), dV = Pᵀ dO puts them side by side as C·D columns, dK = dSᵀ Q is one batched GEMM over C.
+    tile), dV = Pᵀ dO puts them side by side (C·D columns), dK = dSᵀ Q is one GEMM per cotangent. The row sums
+    come from the small side, Δ_T = rowsum(dP ⊙ P_T) = rowsum(dO ⊙ O_T), and enter dP's GEMM as its initial
+    value, so that the C-fold score tiles are touched by only one elementwise pass (× P_T).
     """
     count = grad_out.shape[0]
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
+    bh = batch * kv_heads
     ct = compute_dtype(q.dtype)
     t = 1.0 if temperature is None else float(temperature)
     if chunk_size is None:
         chunk_size = many_chunk_size(count, batch, q_heads, seq_len, sliding_window)
-    # dO as [B, Hkv, G, S, C, D]: a tile's rows, cotangents side by side, one reshape away from both GEMM layouts
-    grad = grad_out.to(ct).view(count, batch, kv_heads, group, seq_len, head_dim).permute(1, 2, 3, 4, 0, 5)
-    dq = torch.empty(count, batch, kv_heads, group, seq_len, head_dim, dtype=ct, device=q.device)
-    dk = torch.zeros(count, batch, kv_heads, seq_len, head_dim, dtype=ct, device=q.device)
-    dv = torch.zeros(batch, kv_heads, seq_len, count, head_dim, dtype=ct, device=q.device)
+    grad = grad_out.to(ct).unflatten(2, (kv_heads, group))  # a view at any strides: each tile copies its rows
+    # accumulators in the layouts the tiles' GEMMs produce (a tile adds a contiguous block of rows)
+    dq = torch.empty(bh, count, group, seq_len, head_dim, dtype=ct, device=q.device)
+    dk = torch.zeros(bh, count, seq_len, head_dim, dtype=ct, device=q.device)
+    dv = torch.zeros(bh, seq_len, count * head_dim, dtype=ct, device=q.device)
     for q_start in range(0, seq_len, chunk_size):
         q_end = min(seq_len, q_start + chunk_size)
         c = q_end - q_start
+        rows = group * c
         scores, tanh, (lo, hi), q_tile, k_tile, v_tile = _tile(
             q, k, v, q_start, q_end, ct, group, scale, softcap, causal, sliding_window, key_padding_mask)
         n = hi - lo
         probs, probs_t = _softmaxes(scores, t)
         del scores
-        do_rows = grad[:, :, :, q_start:q_end].reshape(batch, kv_heads, group * c, count * head_dim)
-        # dV = Pᵀ dO with the true P: one GEMM, the C cotangents as C·D columns
-        dv[:, :, lo:hi] += (probs.transpose(-1, -2) @ do_rows).view(batch, kv_heads, n, count, head_dim)
+        o_t = (probs_t @ v_tile).reshape(bh, 1, rows, head_dim)                      # O_T = P_T V, shared
+        weight = probs_t if tanh is None else probs_t * (1.0 - tanh * tanh)        # × soft-cap derivative
+        do = grad[:, :, :, :, q_start:q_end].permute(1, 2, 0, 3, 4, 5)             # [B, Hkv, C, G, c, D]
+        # dV = Pᵀ dO with the true P: the C cotangents as C·D columns of one GEMM
+        do_cols = do.permute(0, 1, 3, 4, 2, 5).reshape(bh, rows, count * head_dim)
+        dv[:, lo:hi].baddbmm_(probs.view(bh, rows, n).transpose(1, 2), do_cols)
         del probs
-        # dP = dO Vᵀ: the C cotangents' rows stacked, [B, Hkv, C, G·c, n]
-        do_stack = do_rows.view(batch, kv_heads, group * c, count, head_dim).transpose(2, 3)
-        grad_s = (do_stack.reshape(batch, kv_heads, count * group * c, head_dim) @ v_tile.transpose(-1, -2))
-        grad_s = grad_s.view(batch, kv_heads, count, group * c, n)
-        probs_t = probs_t[:, :, None]
-        grad_s.sub_((grad_s * probs_t).sum(dim=-1, keepdim=True)).mul_(probs_t)
-        if tanh is not None:
-            grad_s.mul_((1.0 - tanh * tanh)[:, :, None])
-        grad_s.mul_(scale)
-        dq[:, :, :, :, q_start:q_end] = (grad_s.view(batch, kv_heads, count * group * c, n) @ k_tile).view(
-            batch, kv_heads, count, group, c, head_dim).permute(2, 0, 1, 3, 4, 5)
-        # dK = dSᵀ Q: one GEMM per cotangent, batched
-        dk[:, :, :, lo:hi] += (grad_s.transpose(-1, -2) @ q_tile[:, :, None]).permute(2, 0, 1, 3, 4)
-
-    def finish(g, factor, like):
-        if factor is not None and factor != 1.0:
-            g = g * factor
-        return g.reshape(count, *like.shape).to(like.dtype)
-
-    return (finish(dq, q_scale, q), finish(dk, k_scale, k),
-            finish(dv.permute(3, 0, 1, 2, 4), v_scale, v))
+        # dS = P_T ⊙ (dP − Δ_T): the C cotangents' rows stacked, [B·Hkv, C·G·c, n]
+        do_rows = do.reshape(bh, count, rows, head_dim)
+        delta = (do_rows * o_t).sum(-1, keepdim=True).neg_().view(bh, count * rows, 1)
+        grad_s = torch.baddbmm(delta, do_rows.reshape(bh, count * rows, head_dim),
+                               v_tile.reshape(bh, n, head_dim).transpose(1, 2))
+        grad_s.view(bh, count, rows, n).mul_(weight.view(bh, 1, rows, n))
+        dq[:, :, :, q_start:q_end] = torch.bmm(grad_s, k_tile.reshape(bh, n, head_dim)).view(
+            bh, count, group, c, head_dim)
+        dk[:, :, lo:hi] += torch.matmul(grad_s.view(bh, count, rows, n).transpose(-1, -2),
+                                        q_tile.reshape(bh, 1, rows, head_dim))
+    # to [C, B, H, S, D] with the GIM factors (scale: dS was not multiplied by it)
+    dq = dq.view(batch, kv_heads, count, group, seq_len, head_dim).permute(2, 0, 1, 3, 4, 5)
+    dk = dk.view(batch, kv_heads, count, seq_len, head_dim).permute(2, 0, 1, 3, 4)
+    dv = dv.view(batch, kv_heads, seq_len, count, head_dim).permute(3, 0, 1, 2, 4)
+    factors = (scale * (1.0 if q_scale is None else q_scale), scale * (1.0 if k_scale is None else k_scale),
+               1.0 if v_scale is None else v_scale)
+    return tuple((g * f).reshape(count, *like.shape).to(like.dtype) for g, f, like in zip((dq, dk, dv), factors, (q, k, v)))
 
 
 def gim_attention_chunked(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,

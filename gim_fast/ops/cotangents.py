@@ -16,8 +16,7 @@ recomputed, forward Functions included, while the cotangents are being vmapped),
 
 A rule is any object with ``grads`` (how many leading arguments are cotangents) and two methods returning a
 tuple of tensors: ``one(*grads, *saved)`` and ``many(*grads_with_leading_cotangent_dim, *saved)`` (each output
-with the leading cotangent dim). Should the saved tensors themselves be batched (vmap over the forward pass,
-not only over its cotangents), the stack is run one ``one`` call at a time.
+with the leading cotangent dim).
 """
 from __future__ import annotations
 
@@ -52,20 +51,11 @@ class _BackwardOp(torch.autograd.Function):
     def vmap(info, in_dims, rule, *args):
         dims = in_dims[1:]
         grads, saved = args[:rule.grads], args[rule.grads:]
-        saved_dims = dims[rule.grads:]
         if all(d is None for d in dims[:rule.grads]):  # no cotangent is batched: one backward serves all
             outputs = tuple(rule.one(*args))
             return outputs, (None,) * len(outputs)
-        if any(d is not None for d in saved_dims):
-            # vmap over the forward pass itself: per-sample saved tensors, one backward per sample
-            size = info.batch_size
-
-            def take(t, d, i):
-                return t if d is None or not isinstance(t, torch.Tensor) else t.select(d, i)
-
-            per_sample = [tuple(rule.one(*(take(t, d, i) for t, d in zip(args, dims)))) for i in range(size)]
-            outputs = tuple(torch.stack(parts) for parts in zip(*per_sample))
-            return outputs, (0,) * len(outputs)
+        if any(d is not None for d in dims[rule.grads:]):  # cannot happen: the forward refuses batched inputs
+            raise NotImplementedError("gim_fast: a GIM backward under vmap with batched saved tensors")
         stacked = tuple(g.movedim(d, 0) if d is not None else g.expand(info.batch_size, *g.shape)
                         for g, d in zip(grads, dims[:rule.grads]))
         outputs = tuple(rule.many(*stacked, *saved))
