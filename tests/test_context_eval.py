@@ -218,6 +218,9 @@ def test_evaluate_context_end_to_end_on_a_tiny_model(tmp_path):
     assert run["models"][0]["selections"][0]["asked"] <= 4 and "--keep all" in run["command"]
     md = (out / "context.md").read_text()
     assert "| `gim` |" in md
+    from gim_fast.evaluate.context_report import markdown_context_table, read_context_results
+
+    assert markdown_context_table(read_context_results(out)) in md        # the files hold everything the table says
     tables = itertools.groupby(md.splitlines(), key=lambda line: line.startswith("|"))
     for is_table, lines in tables:         # every row of a markdown table has the header's number of columns
         if is_table:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from .ablation import LDS_ABLATIONS, TOP_K
 from .context_methods import CONTEXT_METHODS
-from .context_run import ContextModelResult
+from .context_run import ContextModelResult, ContextRow, ContextSelection
+from ..display import plural
 from .report import _write_csv
 from .run import mean_se, write_json
 
-__all__ = ["write_context_results", "markdown_context_table", "summary_rows"]
+__all__ = ["write_context_results", "read_context_results", "markdown_context_table", "summary_rows"]
 
 _METRICS = [*(f"drop{k}" for k in TOP_K), "lds", "gold_rank", "gold_first"]
 
@@ -146,8 +147,8 @@ def write_context_results(results: list[ContextModelResult], out: Path, *, comma
     for result in results:
         prompt = "the tokenizer's chat template" if result.chat else "a plain prompt (no chat template)"
         md.append(f"- {result.model} ({prompt}): " + "; ".join(
-            f"{s.documents} documents: {sum(1 for r in result.rows if r.documents == s.documents)} examples, "
-            f"{s.correct} of {s.asked} questions answered right" for s in result.selections)
+            f"{s.documents} documents: {plural(sum(1 for r in result.rows if r.documents == s.documents), 'example')}"
+            f", {s.correct} of {plural(s.asked, 'question')} answered right" for s in result.selections)
             + f"; time {result.seconds['total']:.0f} s.")
     md += ["", f"Top-k drop: log p(answer | all documents) − log p(answer | all but the k highest-scored); LDS: "
            f"Spearman correlation over {LDS_ABLATIONS} random ablations (each document kept with probability ½, the "
@@ -166,3 +167,28 @@ def write_context_results(results: list[ContextModelResult], out: Path, *, comma
                     "examples": [{"documents": row.documents, "key": row.key, "answer": row.answer}
                                  for row in r.rows]} for r in results]})
     return files
+
+
+def read_context_results(out: Path) -> list[ContextModelResult]:
+    """The results a run wrote into ``out`` (examples.csv and run.json), to write the files again (e.g. after a
+    change of the report's layout) without computing anything: ``write_context_results(read_context_results(out),
+    out, ...)``. Numbers come back as the CSV holds them (6 significant digits)."""
+    import csv
+    import json
+
+    run = json.loads((Path(out) / "run.json").read_text(encoding="utf-8"))
+    rows: dict[tuple, ContextRow] = {}
+    with (Path(out) / "examples.csv").open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            key = (r["model"], int(r["documents"]), r["key"])
+            row = rows.setdefault(key, ContextRow(r["key"], int(r["documents"]), int(r["gold"]), r["answer"],
+                                                  int(r["answer_tokens"]), int(r["prompt_tokens"]),
+                                                  float(r["full_logprob"])))
+            row.methods[r["method"]] = {
+                "scores": [float(v) for v in r["scores"].split()], "seconds": float(r["seconds"]),
+                "forwards": int(r["forwards"]), "backwards": int(r["backwards"]),
+                "drop": {k: float(r[f"drop{k}"]) for k in TOP_K}, "lds": float(r["lds"]),
+                "gold_rank": float(r["gold_rank"])}
+    return [ContextModelResult(m["model"], m["chat_template"], [ContextSelection(**s) for s in m["selections"]],
+                               [row for (model, _, _), row in rows.items() if model == m["model"]], m["seconds"])
+            for m in run["models"]]
