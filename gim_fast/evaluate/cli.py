@@ -102,7 +102,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                      help=f"context sizes in documents (default {' '.join(map(str, DEFAULT_SIZES))}; 2 to 194)")
     ctx.add_argument("--counts", nargs="+", type=positive_int(1), default=None, metavar="C",
                      help="examples per context size: one per --documents, or one for all (default "
-                          f"{' '.join(map(str, DEFAULT_COUNTS))} for the default sizes, else 20 each)")
+                          f"{' '.join(map(str, DEFAULT_COUNTS))} for the default sizes, else 10 each)")
     ctx.add_argument("--limit", type=positive_int(1), default=None, metavar="Q",
                      help="ask at most Q questions per size while looking for answers the model gets right "
                           "(default: all 193)")
@@ -222,7 +222,7 @@ def run_context(args) -> int:
             raise UsageError(f"--documents {documents}: a context holds 2 to 194 documents")
     counts = args.counts
     if counts is None:
-        counts = list(DEFAULT_COUNTS) if args.documents == list(DEFAULT_SIZES) else [20] * len(args.documents)
+        counts = list(DEFAULT_COUNTS) if args.documents == list(DEFAULT_SIZES) else [10] * len(args.documents)
     elif len(counts) == 1:
         counts = counts * len(args.documents)
     elif len(counts) != len(args.documents):
