@@ -145,8 +145,8 @@ def main(argv=None):
             if not (is_oom(err) or isinstance(err, gim_fast.InsufficientMemoryError)):
                 raise
             row.update(status=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        print(f"  {mode:<14} {row.get('seconds', float('nan')):9.2f} s wall {row.get('cpu_seconds', float('nan')):9.2f} s "
-              f"CPU  {row['status']}", flush=True)
+        wall, cpu = row.get("seconds", float("nan")), row.get("cpu_seconds", float("nan"))
+        print(f"  {mode:<14} {wall:9.2f} s wall {cpu:9.2f} s CPU  {row['status']}", flush=True)
         rows.append(row)
 
     ratios = []
@@ -160,6 +160,7 @@ def main(argv=None):
             for row in rows:
                 if row["mode"] == num:
                     row[f"ratio_to_{den}"] = ratio
+                    row[f"cpu_ratio_to_{den}"] = cpu_times[num] / cpu_times[den]
     print("\n".join(ratios))
     device_tag = "gpu" if device.type == "cuda" else "cpu"
     csv_path, _ = write_rows(rows, args.out, f"answers_{name}_{device_tag}")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .engine import TARGETS, attribute_targets
-from .explain import as_id_tensor, as_mask, check_vocabulary, resolve_baseline
-from .integration import check_model, eval_mode, tlens
+from .explain import as_id_tensor, as_mask, check_vocabulary, checked_call, resolve_baseline
+from .integration import eval_mode, tlens
 from .integration.model_io import model_io
 from .settings import GIMSettings
 
@@ -133,12 +133,9 @@ def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="log
         leading ``B``), row m equal to ``explain(model, (prompt + answer)[: P + m], target_token_id=answer[m])``
         up to float rounding, 0 after its position; float32 (float64 for a float64 model).
     """
-    settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
-                           k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
-                           backend=backend)
-    check_model(model)
-    if checkpointing not in ("auto", True, False):
-        raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
+    settings = checked_call(model, checkpointing, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+                            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
+                            up_scale=up_scale, backend=backend)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
     if not isinstance(total, bool):
@@ -241,13 +238,11 @@ def explain_generation(model, tokenizer, prompt, max_new_tokens=32, *, target="l
     error). Every other keyword goes to ``model.generate``. The answer's text is ``tokenizer.decode`` of
     ``result.target_ids``.
     """
-    settings = dict(target=target, total=total, baseline_token_id=baseline_token_id, freeze_norm=freeze_norm,
-                    softmax_temperature=softmax_temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                    gate_scale=gate_scale, up_scale=up_scale, backend=backend, chunk=chunk,
+    gim = dict(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale, k_scale=k_scale,
+               v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale, backend=backend)
+    checked_call(model, checkpointing, **gim)  # before generating
+    settings = dict(gim, target=target, total=total, baseline_token_id=baseline_token_id, chunk=chunk,
                     checkpointing=checkpointing)
-    GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale, k_scale=k_scale,
-                v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale, backend=backend)
-    check_model(model)
     if tlens.is_transformer_lens_model(model):
         raise TypeError("explain_generation generates with a Hugging Face model's generate(); for a TransformerLens "
                         "model, generate the answer yourself and call explain_answer(model, prompt_ids, answer_ids)")

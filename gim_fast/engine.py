@@ -125,8 +125,8 @@ def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
 
 
 def gradient_x_input(grad: torch.Tensor, run: ForwardPass, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``Σ_h grad · (e − e_b)`` over the hidden dim, 0 at padded positions; grad ``[..., B, S, H]`` → ``[..., B, S]``
-    in float32 (float64 for float64 models)."""
+    """``Σ_h grad · (e − e_b)`` over the hidden dim, 0 at padded positions: grad ``[..., B, S, H]`` →
+    ``[..., B, S]`` in float32 (float64 for float64 models)."""
     acc = torch.promote_types(grad.dtype, torch.float32)
     scores = (grad.to(acc) * (run.inputs.detach().to(acc) - run.baseline.to(acc))).sum(-1)
     return (scores * attention_mask.to(acc)).detach()
@@ -245,7 +245,8 @@ def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                     for grad in _gradients_per_target(values, run.inputs, chunk)]
             scores = torch.cat(rows).movedim(0, 1)                                         # [B, M, S]
             # row m sees only positions up to its own (exact zeros by causality; made explicit)
-            seen = torch.arange(input_ids.shape[1], device=scores.device) <= target_positions.to(scores.device)[..., None]
+            columns = torch.arange(input_ids.shape[1], device=scores.device)
+            seen = columns <= target_positions.to(scores.device)[..., None]
             scores = scores * (seen & valid.to(scores.device)[..., None])
     return AnswerScores(scores, target_logits.detach().float() * valid, target_logprobs.detach().float() * valid,
                         run.checkpointing, chunk)

@@ -106,6 +106,15 @@ def _per_row(value, batch: int, what: str) -> list | None:
     return [_as_index(value, what)] * batch
 
 
+def checked_call(model, checkpointing, **gim_settings) -> GIMSettings:
+    """The GIM settings, the model and ``checkpointing`` checked, before anything runs: the settings."""
+    settings = GIMSettings(**gim_settings)
+    check_model(model)
+    if checkpointing not in ("auto", True, False):
+        raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
+    return settings
+
+
 def explain(model, input_ids, *, target_token_id=None, target_position=-1, baseline_token_id=None, tokenizer=None,
             attention_mask=None, freeze_norm=_DEFAULTS.freeze_norm,
             softmax_temperature=_DEFAULTS.softmax_temperature, q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale,
@@ -136,12 +145,9 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
         Scores ``[S]`` for 1-D input, ``[B, S]`` for 2-D (0 at padded positions), float32 (float64 for a
         float64 model), on the model's device.
     """
-    settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
-                           k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
-                           backend=backend)
-    check_model(model)
-    if checkpointing not in ("auto", True, False):
-        raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
+    settings = checked_call(model, checkpointing, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+                            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
+                            up_scale=up_scale, backend=backend)
     ids = as_id_tensor(input_ids)
     squeeze = ids.dim() == 1
     mask = as_mask(attention_mask, ids)

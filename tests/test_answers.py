@@ -19,6 +19,7 @@ PROMPT, ANSWER = random_ids(9, seed=1), random_ids(4, seed=2)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

@@ -130,6 +130,8 @@ def test_explain_answer_on_a_bridge(pair, target):
         ours = gim_fast.explain_answer(bridge, prompt, answer, baseline_token_id=0, target=target, **kwargs)
         assert rel(ours.scores, ref.scores) <= TOL, kwargs
         before = before or snapshot(bridge)  # after a first forward, which sets the bridge's per-call flags
+    with pytest.raises(TypeError, match="generate the answer yourself and call explain_answer"):
+        gim_fast.explain_generation(bridge, None, "t1 t2", max_new_tokens=2)
     assert_same_state(before, snapshot(bridge))
 
 

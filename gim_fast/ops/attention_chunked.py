@@ -228,7 +228,7 @@ def chunked_backward_many(grad_out, q, k, v, *, scale, causal, sliding_window, s
     folded into the GEMMs: dP = dO Vᵀ and dQ = dS K stack the C cotangents' rows (C·G·c rows against one K/V
     tile), dV = Pᵀ dO puts them side by side (C·D columns), dK = dSᵀ Q is one GEMM per cotangent. The row sums
     come from the small side, Δ_T = rowsum(dP ⊙ P_T) = rowsum(dO ⊙ O_T), and enter dP's GEMM as its initial
-    value, so that the C-fold score tiles are touched by only one elementwise pass (× P_T).
+    value, so that besides the GEMMs the C-fold score tiles see one elementwise pass (× P_T).
     """
     count = grad_out.shape[0]
     batch, q_heads, seq_len, head_dim = q.shape
@@ -253,7 +253,7 @@ def chunked_backward_many(grad_out, q, k, v, *, scale, causal, sliding_window, s
         n = hi - lo
         probs, probs_t = _softmaxes(scores, t)
         del scores
-        o_t = (probs_t @ v_tile).reshape(bh, 1, rows, head_dim)                      # O_T = P_T V, shared
+        o_t = (probs_t @ v_tile).reshape(bh, 1, rows, head_dim)                    # O_T = P_T V, shared
         weight = probs_t if tanh is None else probs_t * (1.0 - tanh * tanh)        # × soft-cap derivative
         do = grad[:, :, :, :, q_start:q_end].permute(1, 2, 0, 3, 4, 5)             # [B, Hkv, C, G, c, D]
         # dV = Pᵀ dO with the true P: the C cotangents as C·D columns of one GEMM
@@ -276,7 +276,8 @@ def chunked_backward_many(grad_out, q, k, v, *, scale, causal, sliding_window, s
     dv = dv.view(batch, kv_heads, seq_len, count, head_dim).permute(3, 0, 1, 2, 4)
     factors = (scale * (1.0 if q_scale is None else q_scale), scale * (1.0 if k_scale is None else k_scale),
                1.0 if v_scale is None else v_scale)
-    return tuple((g * f).reshape(count, *like.shape).to(like.dtype) for g, f, like in zip((dq, dk, dv), factors, (q, k, v)))
+    return tuple((g * f).reshape(count, *like.shape).to(like.dtype)
+                 for g, f, like in zip((dq, dk, dv), factors, (q, k, v)))
 
 
 def gim_attention_chunked(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,

@@ -52,8 +52,9 @@ class TritonGIMAttention(torch.autograd.Function):
 
 
 class _Cotangents:
-    """The GIM backward for one cotangent, or for a stack of them: for now one ``attention_backward`` launch per
-    cotangent, sharing Q, K, V and the forward statistics (never copied)."""
+    """The GIM backward for one cotangent ``[B,Hq,S,D]``, or for a stack ``[M,B,Hq,S,D]``: ``attention_backward``
+    takes either, and runs the M backward passes in one set of launches on a grid M times larger, Q, K, V and the
+    forward statistics shared (indexed, never copied)."""
 
     grads = 1
 
@@ -64,8 +65,7 @@ class _Cotangents:
         return attention_backward(grad_out, q, k, v, out, lse, lse_t, o_t, key_padding_mask=key_padding_mask,
                                   **self.args)
 
-    def many(self, grad_out, *saved):
-        return tuple(torch.stack(parts) for parts in zip(*(self.one(g, *saved) for g in grad_out)))
+    many = one
 
 
 def gim_attention_triton(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,
