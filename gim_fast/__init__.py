@@ -17,5 +17,4 @@ from .settings import GIMSettings
 
 __version__ = "0.1.0"
 __all__ = ["explain", "explain_answer", "explain_generation", "AnswerAttribution", "attribute_context", "GIM", "ops",
-           "GIMSettings",
-           "attribute_dataset", "estimate_memory", "InsufficientMemoryError", "__version__"]
+           "GIMSettings", "attribute_dataset", "estimate_memory", "InsufficientMemoryError", "__version__"]
