@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Country", "countries", "capital_prompts", "CAPITAL_TEMPLATE", "ContextExample", "context_examples"]
+__all__ = ["Country", "countries", "capital_prompts", "CAPITAL_TEMPLATE", "ContextExample", "context_examples",
+           "names_capital"]
 
 CAPITAL_TEMPLATE = "The capital of {country} is"
 
@@ -60,6 +61,23 @@ class ContextExample:
     query: str
     gold: int              # the index of the document that states the answer
     answer: str            # the capital, as country-capitals spells it
+    country: str           # the asked country's name, as in the query
+
+    def is_answered_by(self, text: str) -> bool:
+        """Whether ``text`` (a generated answer) names the capital: see :func:`names_capital`."""
+        return names_capital(text, self.answer, self.country)
+
+
+def names_capital(text: str, capital: str, country: str) -> bool:
+    """Whether ``text`` names ``capital`` other than inside a mention of ``country``. When the capital's name is
+    part of the country's, every occurrence of the country's name is cut out first, so "Tunis" is not found in
+    "Tunisia", nor "Bissau" in "Guinea-Bissau" ("Kuwait City" is looked for as it is). A capital named exactly as
+    its country (Luxembourg, Singapore, Monaco, Djibouti) is then never found: a string test cannot tell "The
+    capital of Luxembourg is Luxembourg." from "Luxembourg is the capital of the European Union.", so such
+    questions are not counted as answered."""
+    if capital in country:
+        text = text.replace(country, " ")
+    return capital in text
 
 
 def _capital_fact(c: Country) -> str:
@@ -93,5 +111,6 @@ def context_examples(documents: int, *, seed: int = 0) -> list[ContextExample]:
         sources = [""] * documents
         for doc, where in zip(docs, place):
             sources[where] = doc
-        out.append(ContextExample(c.code, tuple(sources), f"What is the capital of {c.name}?", place[0], c.capital))
+        out.append(ContextExample(c.code, tuple(sources), f"What is the capital of {c.name}?", place[0], c.capital,
+                                  c.name))
     return out

@@ -192,6 +192,27 @@ def test_context_examples():
         context_examples(1)
 
 
+@pytest.mark.parametrize("answer,capital,country,right", [
+    ("The capital of Peru is Lima.", "Lima", "Peru", True),
+    (" Lima.", "Lima", "Peru", True),
+    ("The ISO 3166 code of Peru is PER.", "Lima", "Peru", False),
+    ("The capital of Tunisia is Tunis.", "Tunis", "Tunisia", True),
+    ("Tunisia is in North Africa.", "Tunis", "Tunisia", False),           # "Tunis" only inside "Tunisia"
+    ("The capital of Guinea-Bissau is Bissau.", "Bissau", "Guinea-Bissau", True),
+    ("The ISO 3166 code of Guinea-Bissau is GNB.", "Bissau", "Guinea-Bissau", False),
+    # the committed run's false positives: a capital named as its country is never counted (see names_capital)
+    ("Luxembourg is the capital of the European Union.", "Luxembourg", "Luxembourg", False),
+    ("The ISO 3166 code of Luxembourg is LUX.", "Luxembourg", "Luxembourg", False),
+    ("The capital of Kuwait is Kuwait City.", "Kuwait City", "Kuwait", True),
+])
+def test_an_answer_names_the_capital_not_only_the_country(answer, capital, country, right):
+    from gim_fast.data import ContextExample, names_capital
+
+    assert names_capital(answer, capital, country) is right
+    example = ContextExample("XYZ", ("a", "b"), f"What is the capital of {country}?", 0, capital, country)
+    assert example.is_answered_by(answer) is right
+
+
 def test_evaluate_context_end_to_end_on_a_tiny_model(tmp_path):
     pytest.importorskip("country_capitals")
     pytest.importorskip("sklearn")

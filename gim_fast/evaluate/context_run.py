@@ -2,8 +2,8 @@
 
 Per model and context size n (documents): walk the questions of ``gim_fast.data.context_examples(n)`` in their
 seeded order, generate each answer (greedy, at most ``max_new_tokens``, cut at the end-of-sequence token and at the
-first line break), keep those whose answer contains the capital, until ``count`` are kept (or ``limit`` questions
-were asked). For each kept one: every method's source scores with its cost (``context_methods``), then
+first line break), keep those whose answer names the capital (``ContextExample.is_answered_by``: not merely
+inside the country's name), until ``count`` are kept (or ``limit`` questions were asked). For each kept one: every method's source scores with its cost (``context_methods``), then
 ContextCite's metrics (``ablation``: top-k drop for k = 1, 3, 5 and LDS over 32 random half-ablations, the same
 masks for every method) and the rank the method gives the gold document.
 """
@@ -97,7 +97,7 @@ def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int,
         for ex, prompt, ids in zip(chunk, prompts, answers):
             asked += 1
             ids = _cut_at_newline(tokenizer, ids)
-            right = bool(ids) and ex.answer in tokenizer.decode(ids)
+            right = bool(ids) and ex.is_answered_by(tokenizer.decode(ids))
             correct += right
             if (right or (keep_wrong and ids)) and len(kept) < count:
                 kept.append((ex, prompt, ids))
