@@ -107,7 +107,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                      help="ask at most Q questions per size while looking for answers the model gets right "
                           "(default: all 193)")
     ctx.add_argument("--keep", choices=("right", "all"), default="right",
-                     help="which answers to evaluate: those that contain the capital (default), or all of them "
+                     help="which answers to evaluate: those that name the capital (default), or all of them "
                           "(smoke tests on untrained models)")
     p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
     p.add_argument("--batch-size", type=positive_int(1), default=DEFAULT_BATCH_SIZE, metavar="B",
