@@ -183,6 +183,7 @@ def test_context_examples():
         for e in examples[:20]:
             assert len(e.sources) == n and len(set(e.sources)) == n
             country = e.query[len("What is the capital of "):-1]
+            assert e.country == country
             assert e.sources[e.gold] == f"The capital of {country} is {capitals[country]}." == \
                 f"The capital of {country} is {e.answer}."
             assert f"The ISO 3166 code of {country} is {e.key}." in e.sources
