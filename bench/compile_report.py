@@ -5,7 +5,8 @@ instruction shapes and the length of each kernel's steady-state inner loop, for 
     python bench/compile_report.py --quick      # one config per kernel, two feature sets (~30 s)
 
 Writes ``bench/results/compile_report.json`` (one record per compiled kernel) and ``compile_report.md`` beside it,
-and exits with status 1 when a *shipped* 16-bit configuration spills registers or draws a ptxas serialisation
+and exits with status 1 when a *shipped* 16-bit configuration spills registers, needs more than the 227 KiB of
+shared memory a block may have on sm_90, or draws a ptxas serialisation
 warning (C7515 "wgmma ... serialized", or any other "Potential Performance Loss"); 0 otherwise.
 
 How: the launchers of ``gim_fast.kernels.attention`` plan their launches on ``meta`` tensors (shapes and strides
@@ -66,6 +67,7 @@ PLAN = {
 QUICK_PLAN = {128: [("bf16", "causal"), ("bf16", "causal-T2")]}
 KINDS = ("fwd", "dkdv", "dq", "delta")
 SERIALISATION = re.compile(r"Potential Performance Loss|serializ", re.IGNORECASE)
+SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,8 +102,11 @@ def plan_launches(feature: str, dtype: str, head_dim: int) -> dict:
 def _config_tuple(cfg) -> dict:
     kw = cfg.all_kwargs() if hasattr(cfg, "all_kwargs") else dict(cfg.kwargs, num_warps=cfg.num_warps,
                                                                   num_stages=cfg.num_stages)
-    return dict(BLOCK_M=kw.get("BLOCK_M"), BLOCK_N=kw.get("BLOCK_N"), num_warps=kw["num_warps"],
-                num_stages=kw["num_stages"])
+    out = dict(BLOCK_M=kw.get("BLOCK_M"), BLOCK_N=kw.get("BLOCK_N"), num_warps=kw["num_warps"],
+               num_stages=kw["num_stages"])
+    if "ROWS_MAJOR" in kw:   # the dK/dV tiling: S = Q Kᵀ ("rows") or Sᵀ = K Qᵀ ("keys")
+        out["tiling"] = "rows" if kw["ROWS_MAJOR"] else "keys"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +153,8 @@ def compile_one(task: tuple) -> dict:
 
     launch = plan_launches(feature, dtype, head_dim)[kind]
     configs = launch.configs() if override is None else [
-        triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in [override]]
+        triton.Config(dict(BLOCK_M=m, BLOCK_N=n, **({"ROWS_MAJOR": "rows" in tags} if kind == "dkdv" else {})),
+                      num_warps=w, num_stages=s) for m, n, w, s, *tags in [override]]
     cfg = configs[index]
     log = io.StringIO()
     start = time.perf_counter()
@@ -202,6 +208,23 @@ _HGMMA = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA = re.compile(r"\bHMMA\.")
 
 
+_PREDICATED = re.compile(r"^@!?U?P\w*\s")
+
+
+def _skippable(body: list, labels: dict, start: int) -> int:
+    """Instructions of a loop body (``body`` = instructions start, start+1, …) that a predicated forward branch
+    inside the body jumps over: the conditional blocks (in these kernels only the forward's lazy rescale, taken
+    when a row's running max grew by more than its bound)."""
+    skipped = set()
+    for i, ins in enumerate(body):
+        m = _BRANCH.search(ins)
+        if m and _PREDICATED.search(ins):
+            target = labels.get(m.group(1), -1) - start
+            if i < target <= len(body):
+                skipped.update(range(i + 1, target))
+    return len(skipped)
+
+
 def analyse_sass(sass: str) -> dict:
     """Tensor-core shapes of the whole kernel, and the innermost loops that do tensor-core work."""
     instrs, labels = [], {}
@@ -221,16 +244,22 @@ def analyse_sass(sass: str) -> dict:
     def tensor_core(body):
         return any("HGMMA" in i or "HMMA" in i for i in body)
 
-    bodies = [instrs[a:b + 1] for a, b in sorted(innermost) if tensor_core(instrs[a:b + 1])]
-    steady = min(bodies, key=len) if bodies else []
+    spans = [(a, b) for a, b in sorted(innermost) if tensor_core(instrs[a:b + 1])]
+    bodies = [instrs[a:b + 1] for a, b in spans]
+    hot = [len(body) - _skippable(body, labels, a) for body, (a, _) in zip(bodies, spans)]
+    steady = min(range(len(bodies)), key=lambda i: len(bodies[i])) if bodies else None
+    body = bodies[steady] if bodies else []
     return dict(
         hgmma_shapes=dict(sorted(shapes.items())),
         hgmma_min_n=min((int(s.split("x")[1]) for s in shapes), default=None),
         hmma=sum(bool(_HMMA.search(i)) for i in instrs),      # Ampere-style mma.sync: tiles too small for wgmma
-        loop_instructions=len(steady) if bodies else None,
+        loop_instructions=len(body) if bodies else None,      # the whole body of the steady-state loop
+        loop_hot_instructions=hot[steady] if bodies else None,   # the same less its conditional blocks
         loops=[len(b) for b in bodies],
-        loop_exp2=sum("MUFU.EX2" in i for i in steady),
-        loop_depbar=sum("WARPGROUP.DEPBAR" in i for i in steady),
+        loops_hot=hot,
+        loop_exp2=sum("MUFU.EX2" in i for i in body),
+        loop_depbar=sum("WARPGROUP.DEPBAR" in i for i in body),
+        loop_bar_sync=sum("BAR.SYNC" in i for i in body),
         sass_instructions=len(instrs),
     )
 
@@ -240,22 +269,24 @@ def analyse_sass(sass: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 def failures(records: list) -> list:
-    """Shipped 16-bit configurations that spill or draw a serialisation warning (the report's exit status)."""
+    """Shipped 16-bit configurations that spill, draw a serialisation warning or need more shared memory than a
+    block may have (the report's exit status)."""
     bad = []
     for r in records:
         if not r["shipped"] or r["dtype"] not in ("bf16", "fp16"):
             continue
         serial = [w for w in r["ptxas_warnings"] if SERIALISATION.search(w)]
-        if r["spills"] or serial:
+        if r["spills"] or serial or r["shared_bytes"] > SMEM_LIMIT:
             bad.append(f"{r['kernel']} {_cfg(r)} {r['dtype']} D={r['head_dim']} {r['features']}: "
-                       f"spills {r['spills']} B" + (f", {serial[0]}" if serial else ""))
+                       f"spills {r['spills']} B, shared memory {r['shared_bytes']} B"
+                       + (f", {serial[0]}" if serial else ""))
     return bad
 
 
 def _cfg(r) -> str:
     c = r["config"]
     return "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N") if c[k] is not None) + f" w{c['num_warps']} " \
-        f"s{c['num_stages']}"
+        f"s{c['num_stages']}" + (f" {c['tiling']}" if c.get("tiling") else "")
 
 
 def targets(records: list) -> list:
@@ -322,6 +353,13 @@ def markdown(records: list, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parse_config(text: str) -> tuple:
+    *numbers, last = text.split(",")
+    if last in ("rows", "keys"):
+        return (*(int(x) for x in numbers), last)
+    return tuple(int(x) for x in text.split(","))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one config per kernel, two feature sets, D = 128")
@@ -329,9 +367,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", choices=HEAD_DIMS, default=None)
     parser.add_argument("--features", nargs="+", choices=list(FEATURES), default=None,
                         help="only these feature sets (bf16 and fp16 as planned)")
-    parser.add_argument("--config", type=lambda s: tuple(int(x) for x in s.split(",")), action="append",
-                        metavar="M,N,WARPS,STAGES", help="compile this candidate instead of the shipped configs "
-                        "(repeatable; recorded with shipped=false, never fails the run)")
+    parser.add_argument("--config", type=_parse_config, action="append", metavar="M,N,WARPS,STAGES[,rows]",
+                        help="compile this candidate instead of the shipped configs (repeatable; recorded with "
+                        "shipped=false, never fails the run); ',rows': the dK/dV kernel's S = Q Kᵀ tiling")
     parser.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="compile_report", help="output file stem")

@@ -243,17 +243,18 @@ def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_k
 
 @triton.jit
 def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, MASKED: tl.constexpr,
-              TEMP_MODE: tl.constexpr, LAZY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              TEMP_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile of the online softmax. The exponent of a score is x·c in the kernel's log2 units (S·log2e,
     or S·log2e/2 for T = 2), and x·ct that of S/T (TEMP_MODE 1: ct = c/T); x = −inf where masked. m is the
     reference the accumulators are taken against (shared by S and S/T: max(S/T) = max(S)/T).
 
-    Eager (MASKED, or LAZY off): m follows the running max and the accumulators are rescaled on every tile.
-    Lazy (LAZY, unmasked stage: every x finite): m moves, and the accumulators are rescaled, only on the tiles
-    where some row's max exceeds it by more than ``rescale_at``; otherwise the tile's exponentials are taken
-    against the stale m and stay ≤ 2^rescale_at (exact: only the reference changes, O = acc / l either way)."""
+    Unmasked stage (every x finite), lazily: m moves, and the accumulators are rescaled, only on the tiles where
+    some row's max exceeds m by more than ``rescale_at`` (one block-wide decision, so the branch is uniform);
+    otherwise the tile's exponentials are taken against the stale m and stay ≤ 2^rescale_at. Exact: only the
+    reference changes (O = acc / l, LSE = m + log2 l either way). The first tile always moves m off −inf.
+    Masked stage: m follows the running max and the accumulators are rescaled on every tile (FlashAttention-2)."""
     m_new = tl.maximum(m_i, tl.max(x, 1) * c)
-    if LAZY:
+    if not MASKED:
         if tl.max(m_new - m_i, 0) > rescale_at:   # block-uniform: the whole tile moves to its rows' maxima
             if TEMP_MODE == 2:
                 alpha_t = tl.exp2(m_i - m_new)
@@ -280,10 +281,8 @@ def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, MASK
             l_t = l_t + tl.sum(u, 1)
             acc_t = tl.dot(u.to(v.dtype), v, acc_t, input_precision=DOT_PRECISION)
         return m_i, l_i, acc, l_t, acc_t
-    if MASKED:   # a row that has seen no allowed key yet keeps m = −inf: subtract 0 instead (exp2 gives 0, not NaN)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
+    # A row that has seen no allowed key yet keeps m = −inf: subtract 0 instead (exp2 gives 0, not NaN).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     if TEMP_MODE == 2:
         u = tl.exp2(x * c - m_use[:, None])
         alpha_t = tl.exp2(m_i - m_use)
@@ -324,7 +323,6 @@ def _attn_fwd_kernel(
     TEMP_MODE: tl.constexpr,     # 0: no temperature statistics; 1: any T; 2: T = 2 (one exp serves P and P_T)
     FAST_MMA: tl.constexpr,      # GPU + 16-bit inputs: dot operands stay 16-bit
     DOT_PRECISION: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr = True,   # unmasked stage: rescale only when a row's max grew by > 2^8 in P
 ):
     """Online softmax over key tiles, one program per (batch·query head, query block).
 
@@ -391,14 +389,14 @@ def _attn_fwd_kernel(
                                stride_ms, seq_len, window, cap_in, cap_out, False, MASK_D, CAUSAL, HAS_WINDOW,
                                HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
         m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, False,
-                                              TEMP_MODE, LAZY_RESCALE, DOT_PRECISION)
+                                              TEMP_MODE, DOT_PRECISION)
     for it in tl.range(0, n_masked):                         # masked stage
         start_n = tl.where(it < n_left, lo + it * BLOCK_N, u_hi + (it - n_left) * BLOCK_N)
         k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                stride_ms, seq_len, window, cap_in, cap_out, True, MASK_D, CAUSAL, HAS_WINDOW,
                                HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
         m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, True,
-                                              TEMP_MODE, False, DOT_PRECISION)
+                                              TEMP_MODE, DOT_PRECISION)
 
     empty = l_i == 0.0          # no allowed key: output 0, LSE = +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -583,7 +581,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
     TEMP_MODE: tl.constexpr, FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROWS_MAJOR: tl.constexpr = True,
+    ROWS_MAJOR: tl.constexpr,    # the tiling (a configuration choice): see the docstring
 ):
     """dK, dV of one key block of one KV head (and cotangent), one program per (cotangent·batch·KV head, key
     block): the sums over the G query heads of the group and every query position that sees these keys, done
@@ -787,7 +785,7 @@ def _attn_bwd_dq_kernel(
 # dK/dV: BLOCK_M is the stacked tile (BLOCK_M // G positions of all G heads).
 _INTERPRET_CONFIGS = {
     "fwd": dict(BLOCK_M=32, BLOCK_N=16),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=32, ROWS_MAJOR=True),
     "dq": dict(BLOCK_M=32, BLOCK_N=16),
 }
 
@@ -815,13 +813,13 @@ _HOPPER_CONFIGS = {
     128: {
         "fwd": [(128, 64, 8, 2, "T off"), (128, 64, 8, 3, "T off"), (64, 64, 4, 2, "T off"), (64, 64, 4, 3, "T off"),
                 (128, 64, 8, 2, "T = 2", "no softcap"), (128, 32, 8, 2, "T on"), (64, 32, 4, 2, "T on")],
-        "dkdv": [(32, 128, 8, 2)],
+        "dkdv": [(128, 64, 8, 2, "rows"), (64, 128, 8, 2, "causal", "no softcap")],
         "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, "no softcap")],
     },
     256: {
         "fwd": [(64, 32, 8, 2), (64, 32, 4, 2, "T off"), (64, 64, 8, 2, "T off")],
-        "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2)],
-        "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+        "dkdv": [(64, 16, 4, 2, "rows"), (32, 32, 8, 2)],
+        "dq": [(128, 32, 8, 2)],
     },
 }
 _FP32_CONFIGS = {
@@ -832,14 +830,17 @@ _FP32_CONFIGS = {
 _FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 
 
-def _gpu_configs(kind: str, block_d: int, fp32: bool, temp_mode: int, softcap: bool) -> list:
-    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``); temp_mode as TEMP_MODE."""
+def _gpu_configs(kind: str, block_d: int, fp32: bool, meta: dict) -> list:
+    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``) under the launch flags ``meta``."""
     table = _FP32_CONFIGS if fp32 else _HOPPER_CONFIGS
     entries = table[64 if block_d <= 64 else block_d][kind]
+    temp_mode = meta["TEMP_MODE"]
     skip = ({"T on", "T = 2"} if temp_mode == 0 else {"T off"} | ({"T = 2"} if temp_mode == 1 else set()))
-    skip |= {"no softcap"} if softcap else set()
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-            for m, n, w, s, *only in entries if not skip & set(only)]
+    skip |= {"no softcap"} if meta["HAS_SOFTCAP"] else set()
+    skip |= set() if meta["CAUSAL"] else {"causal"}
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, **({"ROWS_MAJOR": "rows" in tags} if kind == "dkdv" else {})),
+                          num_warps=w, num_stages=s)
+            for m, n, w, s, *tags in entries if not skip & set(tags)]
 
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
@@ -868,8 +869,7 @@ class Launch(NamedTuple):
         """The block configurations this launch may run with on a GPU (the autotuner's candidates)."""
         if self.kind == "delta":
             return [triton.Config(dict(BLOCK_M=_DELTA_BLOCK), num_warps=4, num_stages=1)]
-        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta["TEMP_MODE"],
-                            self.meta["HAS_SOFTCAP"])
+        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta)
 
 
 def _run(launch: Launch) -> None:
@@ -886,7 +886,8 @@ def _run(launch: Launch) -> None:
         cfg = _INTERPRET_CONFIGS[kind]
         _KERNELS[kind][(programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta, **cfg)
         return
-    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"])
+    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"],
+           launch.meta["CAUSAL"])
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(configs=launch.configs(), key=_TUNE_KEY, **_CACHE_RESULTS)(_KERNELS[kind])
