@@ -452,6 +452,35 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_probs(qk, stat, lset2, rel, cols, window, c, ct, cap_in, cap_out, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr):
+    """(P, P_T, tanh) of a dK/dV score tile, in either orientation: qk the raw scores, stat / lset2 / rel / cols
+    the per-row statistics (LSE·log2e, or R for T = 2; LSE_T·log2e), row positions less the key block's start and
+    column numbers, each already broadcast to the tile's orientation. x = cap·tanh(qk·cap_in) in log2 units (or
+    qk), −inf outside the causal/window band in the masked stage only (rows past the end have P = P_T = 0 already:
+    LSE = +inf, R = 0; a padded key, or one past the end, only touches its own dK/dV row, zeroed or not stored at
+    the end); P = exp2(x·c − stat) (T = 2: P_T²·R, one exponential per score), P_T = exp2(x·ct − lset2)."""
+    if HAS_SOFTCAP:
+        tanh = _tanh(qk * cap_in)
+        x = tanh * cap_out
+    else:
+        tanh = qk
+        x = qk
+    if MASKED and CAUSAL:
+        x = tl.where(_in_band(rel, cols, window, HAS_WINDOW), x, float("-inf"))
+    if TEMP_MODE == 0:
+        p = tl.exp2(x * c - stat)
+        pt = p
+    else:
+        pt = tl.exp2(x * ct - lset2)
+        if TEMP_MODE == 2:
+            p = pt * pt * stat
+        else:
+            p = tl.exp2(x * c - stat)
+    return p, pt, tanh
+
+
+@triton.jit
 def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off, p0, pos_r, row_used,
                start_n, cols, offs_d, d_ok, stride_qs, stride_qd, seq_len, window, c, ct,
                cap_in, cap_out,
@@ -459,12 +488,13 @@ def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off,
                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr,
                FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS_MAJOR: tl.constexpr):
     """One stacked query tile (positions p0 + pos_r of the heads the rows stand for) against the program's key
-    block, on transposed tiles (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·log2e − LSE·log2e) (T = 2: P_Tᵀ²·R),
-    P_Tᵀ = exp2(Sᵀ·log2e/T − LSE_T·log2e), dPᵀ = V dOᵀ, dSᵀ = P_Tᵀ ⊙ (dPᵀ − Δ_T) (⊙ (1 − tanh²)),
-    dV += Pᵀ dO, dK += dSᵀ Q. Rows that stand for no (head, position) — and, in the masked stage, positions past
-    the end — load as q = dO = 0 with LSE = +inf (R = 0), so they contribute exactly 0. Addresses: a scalar base
-    per head chunk (q_c, do_c, lse_c, lset_c, delta_c: 64-bit) plus small per-row offsets (32-bit: fewer live
-    registers)."""
+    block: P = exp2(S·log2e − LSE·log2e) (T = 2: P_T²·R), P_T = exp2(S·log2e/T − LSE_T·log2e),
+    dS = P_T ⊙ (dP − Δ_T) (⊙ (1 − tanh²)), dV += Pᵀ dO, dK += dSᵀ Q. ROWS_MAJOR: S = Q Kᵀ and dP = dO Vᵀ with
+    query rows along rows, accumulating dVᵀ += dOᵀ P and dKᵀ += Qᵀ dS (the S/dP GEMMs BLOCK_M × BLOCK_N);
+    otherwise transposed tiles, keys along rows: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q. Rows that
+    stand for no (head, position) — and, in the masked stage, positions past the end — load as q = dO = 0 with
+    LSE = +inf (R = 0), so they contribute exactly 0. Addresses: a scalar base per head chunk (q_c, do_c, lse_c,
+    lset_c, delta_c: 64-bit) plus small per-row offsets (32-bit: fewer live registers)."""
     MASK_ROWS: tl.constexpr = MASKED or not FULL
     i = p0 + pos_r
     row_ok = row_used
@@ -492,62 +522,28 @@ def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off,
     else:
         delta = tl.load(delta_c + rows)
 
+    if TEMP_MODE == 0:
+        lset2 = stat            # (unused: P_T = P)
+    elif MASK_ROWS:
+        lset2 = tl.load(lset_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
+    else:
+        lset2 = tl.load(lset_c + rows) * _LOG2E
+
     if ROWS_MAJOR:   # S = Q Kᵀ [BLOCK_M, BLOCK_N]: row statistics per row; Pᵀ, dSᵀ go through shared memory
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            tanh = _tanh(qk * cap_in)
-            x = tanh * cap_out
-        else:
-            tanh = qk
-            x = qk
-        if MASKED and CAUSAL:   # the band only: rows past the end have P = P_T = 0 already (LSE = +inf, R = 0)
-            x = tl.where(_in_band((i - start_n)[:, None], cols[None, :], window, HAS_WINDOW), x, float("-inf"))
-        if TEMP_MODE == 0:
-            p = tl.exp2(x * c - stat[:, None])
-            pt = p
-        else:
-            if MASK_ROWS:
-                lset2 = tl.load(lset_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
-            else:
-                lset2 = tl.load(lset_c + rows) * _LOG2E
-            pt = tl.exp2(x * ct - lset2[:, None])
-            if TEMP_MODE == 2:
-                p = pt * pt * stat[:, None]
-            else:
-                p = tl.exp2(x * c - stat[:, None])
+        p, pt, tanh = _dkdv_probs(qk, stat[:, None], lset2[:, None], (i - start_n)[:, None], cols[None, :], window,
+                                  c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE)
         if HAS_SOFTCAP:   # fold the soft-cap derivative in now: one tile live across the dP GEMM, not two
             pt = pt * (1.0 - tanh * tanh)
         dv = tl.dot(tl.trans(do), p.to(do.dtype), dv, input_precision=DOT_PRECISION)     # dVᵀ += dOᵀ P
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = pt * (dp - delta[:, None])
         dk = tl.dot(tl.trans(q), ds.to(q.dtype), dk, input_precision=DOT_PRECISION)       # dKᵀ += Qᵀ dS
-    else:
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)          # [BLOCK_N, BLOCK_M]
-        if HAS_SOFTCAP:
-            tanh_t = _tanh(qk_t * cap_in)
-            x = tanh_t * cap_out
-        else:
-            tanh_t = qk_t
-            x = qk_t
-        if MASKED:
-            # Only the band: a row past the end has P = 0 already, and a padded key (or one past the end) only
-            # touches its own dK/dV row, zeroed (or not stored) at the end.
-            if CAUSAL:
-                x = tl.where(_in_band((i - start_n)[None, :], cols[:, None], window, HAS_WINDOW), x, float("-inf"))
-        if TEMP_MODE == 0:
-            p_t = tl.exp2(x * c - stat[None, :])
-            pt_t = p_t
-        else:
-            if MASK_ROWS:
-                lset2 = tl.load(lset_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
-            else:
-                lset2 = tl.load(lset_c + rows) * _LOG2E
-            pt_t = tl.exp2(x * ct - lset2[None, :])
-            if TEMP_MODE == 2:
-                p_t = pt_t * pt_t * stat[None, :]
-            else:
-                p_t = tl.exp2(x * c - stat[None, :])
-
+    else:            # Sᵀ = K Qᵀ [BLOCK_N, BLOCK_M]: keys along rows, row statistics per column
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t, pt_t, tanh_t = _dkdv_probs(qk_t, stat[None, :], lset2[None, :], (i - start_n)[None, :], cols[:, None],
+                                        window, c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                        TEMP_MODE)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO (true P)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
         ds_t = pt_t * (dp_t - delta[None, :])
@@ -649,15 +645,15 @@ def _attn_bwd_dkdv_kernel(
         delta_c = DELTA + stat_c + cot.to(tl.int64) * n_bkv * GROUP * seq_len     # into [M,B,Hq,S]
         for p0 in tl.range(u_lo, u_hi, POS):                                   # unmasked stage
             dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off,
-                                stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd, seq_len, window, c,
-                                ct, cap_in, cap_out, False, FULL, MASK_D,
-                                CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
+                                stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd,
+                                seq_len, window, c, ct, cap_in, cap_out, False, FULL, MASK_D, CAUSAL, HAS_WINDOW,
+                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
         for it in tl.range(0, n_masked):                                       # masked stage
             p0 = tl.where(it < n_left, lo + it * POS, u_hi + (it - n_left) * POS)
             dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off,
-                                stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd, seq_len, window, c,
-                                ct, cap_in, cap_out, True, FULL, MASK_D,
-                                CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
+                                stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd,
+                                seq_len, window, c, ct, cap_in, cap_out, True, FULL, MASK_D, CAUSAL, HAS_WINDOW,
+                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
 
     # Everything the stores need is recomputed here from scalars: nothing vector-valued lives across the loops.
     out_off = (z.to(tl.int64) * seq_len + start_n) * HEAD_DIM + (cols[:, None] * HEAD_DIM + offs_d[None, :])

@@ -160,6 +160,11 @@ FP32_CASES = [
 
 @pytest.mark.parametrize("shape,opts", [c[1:] for c in FP32_CASES], ids=[c[0] for c in FP32_CASES])
 def test_fp32_matches_eager_reference(shape, opts):
+    _check_fp32_case(shape, opts)
+
+
+def _check_fp32_case(shape, opts):
+    """One FP32_CASES entry (``pad``: (left, right) padding per batch row) against the eager reference."""
     b, hq, hkv, s, d = shape
     opts = dict(opts)
     pad = opts.pop("pad", None)
@@ -401,13 +406,8 @@ def test_dkdv_keys_major_tiling():
     assert saved["ROWS_MAJOR"]            # the default tiling runs in every other test of this file
     try:
         kernels._INTERPRET_CONFIGS["dkdv"] = dict(saved, ROWS_MAJOR=False)
-        for _, (b, hq, hkv, s, d), opts in cases:
-            opts = dict(opts)
-            pad = opts.pop("pad", None)
-            if pad is not None:
-                opts["key_padding_mask"] = padding_mask(b, s, left=pad[0], right=pad[1])
-            q, k, v, do = make_inputs(b, hq, hkv, s, d, torch.float32)
-            check_against_reference(q, k, v, do, attn_args(d, **opts), TOL[torch.float32])
+        for _, shape, opts in cases:
+            _check_fp32_case(shape, opts)
     finally:
         kernels._INTERPRET_CONFIGS["dkdv"] = saved
 
