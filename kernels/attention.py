@@ -786,23 +786,27 @@ _INTERPRET_CONFIGS = {
 }
 
 
-# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *only) per operand type, padded head dim
-# (≤ 64, 128, 256) and kernel; ``only`` restricts an entry to "T off" / "T on" / "T = 2" (the temperature
-# statistics: none, any T, the one-exp T = 2 path) and/or "no softcap". dK/dV: BLOCK_M = stacked query rows, BLOCK_N = keys (the rows of its accumulators).
+# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *tags) per operand type, padded head dim
+# (≤ 64, 128, 256) and kernel. Tags restrict an entry to "T off" / "T on" / "T = 2" (the temperature statistics:
+# none, any T, the one-exp T = 2 path), to causal attention ("causal") and/or to "no softcap"; "rows" picks the
+# dK/dV kernel's S = Q Kᵀ tiling (ROWS_MAJOR), else it runs Sᵀ = K Qᵀ. dK/dV: BLOCK_M = stacked query rows,
+# BLOCK_N = keys.
 #
 # Screened without a GPU by ``bench/compile_report.py`` (sm_90a; bench/results/compile_report.md): every entry
 # compiles with no register spill and no ptxas serialisation warning for every feature combination it serves.
 # A warpgroup (4 warps) gets 64 accumulator rows of its own; no entry lays 8 warps over 64 rows (both warpgroups
 # would compute the same S tile and its exponentials) except at head dim 256, where it is the only spill-free
-# layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill — the forward's
-# 128×128 with two accumulators, dK/dV with 64 stacked rows at head dim 128 — are left out: a spilling config
-# cannot win on the device and fails the report. At head dim 256 the dK/dV tiles (and some dQ tiles) are under 64
-# rows, so ptxas uses Ampere-style mma.sync there, not warpgroup MMAs: register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a
-# correctness path, not a fast one) and need small tiles.
+# layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill are left out (a
+# spilling config cannot win on the device and fails the report): the forward's 128×128 with two accumulators
+# (T = 2 at head dim 64 spills 16 B), the head-dim-256 forward on one warpgroup (44 B with T off) and 64×32 with
+# soft-capping at T ≠ 2 (8 B). At head dim 256 no S/dP tile 64 keys wide fits in 255 registers a thread (dQ
+# 128×64: 296–572 B of spills, dK/dV 64 or 128 stacked rows × 64 keys, either tiling: 844–6740 B), so the dQ
+# tile is 32 keys wide and the dK/dV tiles 16 keys (rows) or 32 stacked rows (keys, Ampere-style mma.sync):
+# register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a correctness path,
+# not a fast one) and need small tiles.
 _HOPPER_CONFIGS = {
     64: {
-        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap"),
-                (128, 128, 8, 2, "T = 2", "no softcap")],
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap")],
         "dkdv": [(64, 128, 8, 2), (64, 64, 4, 2, "no softcap")],
         "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "no softcap")],
     },
@@ -813,7 +817,8 @@ _HOPPER_CONFIGS = {
         "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, "no softcap")],
     },
     256: {
-        "fwd": [(64, 32, 8, 2), (64, 32, 4, 2, "T off"), (64, 64, 8, 2, "T off")],
+        "fwd": [(64, 32, 8, 2, "T off"), (64, 64, 8, 2, "T off"), (64, 32, 8, 2, "T on", "no softcap"),
+                (64, 16, 8, 2, "T on")],
         "dkdv": [(64, 16, 4, 2, "rows"), (32, 32, 8, 2)],
         "dq": [(128, 32, 8, 2)],
     },
