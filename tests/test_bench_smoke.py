@@ -54,3 +54,22 @@ def test_answers_benchmark_tiny(tmp_path):
                                                                             "explain-one")]
     assert all(float(r["seconds"]) > 0 for r in rows)
     assert float(next(r for r in rows if r["mode"] == "matrix")["ratio_to_explain-calls"]) > 0
+
+
+def test_context_settings_benchmark_tiny(tmp_path):
+    import pytest
+
+    pytest.importorskip("country_capitals")
+    from jobs_support import save_tiny
+
+    from gim_fast.data import context_examples
+
+    tiny = save_tiny(tmp_path / "tiny", family="llama")
+    key = context_examples(3)[0].key
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = _run(["bench/context_settings.py", "--model", str(tiny), "--documents", "3", "--key", key], out)
+    assert [r["settings"] for r in rows][:2] == ["GIM (defaults)", "defaults, softmax temperature 1"]
+    assert len(rows) == 10 and {r["key"] for r in rows} == {key}
+    for r in rows:
+        assert 1 <= float(r["gold_rank"]) <= 3 and 0 <= int(r["top_document"]) < 3 and -1 <= float(r["lds"]) <= 1
