@@ -1,0 +1,220 @@
+"""Running a circuit: the model on the clean prompts with every edge outside the circuit patched.
+
+Each input v of the graph reads, instead of the residual stream, the outputs of its in-circuit parents as they are
+in this (patched) run plus the corrupt outputs of its other parents:
+
+    in_v = x − Σ_{u → v not in the circuit} (a_u(this run) − a_u(corrupt))
+
+x the residual stream where v reads it (the sum of every upstream output in this run, plus the biases). With every
+edge kept nothing is patched and the run is the clean one, bit for bit; with none every input reads the corrupt
+run's values, so the logits are the corrupt run's up to rounding. For Gemma 2/3 the heads of a layer reach the
+residual stream through the attention's post-norm, which is not additive: an input that reads some heads of layer
+l from the corrupt run gets that layer's contribution recomputed, ``post_norm(A − Σ_{patched heads} Δa_h)``, A the
+layer's attention output in this run (as the EAP-IG code does for Gemma).
+
+How: per instance and restored on exit, the layer's input norm is swapped for one that builds each query, key and
+value input's own residual read and projects it with that head's weight slice (the projections' forwards return
+these), the MLP's norm and the final norm for ones that subtract their input's patched edges, and hooks record
+each node's output as the run goes (``Δ`` rows are filled layer by layer, so an input's correction costs one
+matrix product over its upstream nodes). ``weights`` may be a float matrix that requires grad (1 = kept): the run
+is then differentiable in it, and ∂m/∂w(u → v) at w = 1 is exactly the attribution-patching score of the edge.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..engine import frozen_parameters
+from ..integration import eval_mode
+from ..integration.gim import _swap_forward as swap_forward
+from .attribution import record_outputs
+from .graph import Graph
+from .layout import Layout, layout_of
+from .tasks import Task
+
+__all__ = ["CorruptRun", "run_circuit", "circuit_metric", "patched_forward", "edge_effects"]
+
+
+class CorruptRun(dict):
+    """The node outputs of the corrupt prompts (``record_outputs``), recorded once per batch and reused by every
+    circuit run on that batch."""
+
+    @classmethod
+    def of(cls, model, layout: Layout, corrupt_ids: torch.Tensor) -> "CorruptRun":
+        run = cls()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            record_outputs(layout, run, stack)
+            model(input_ids=corrupt_ids, use_cache=False, logits_to_keep=1)
+        return run
+
+
+class _Patch:
+    """The state of one patched forward pass."""
+
+    def __init__(self, layout: Layout, graph: Graph, corrupt: CorruptRun, weights: torch.Tensor):
+        self.layout, self.graph, self.corrupt = layout, graph, corrupt
+        self.grad = weights.requires_grad
+        self.off = 1 - weights.to(corrupt["emb"].dtype)      # 1 where the edge is patched
+        self.rows: list[torch.Tensor] = []                   # Δ blocks in source order (differentiable runs)
+        self.buffer: torch.Tensor | None = None              # Δ rows, filled in place (runs without gradient)
+        self.filled = 0
+        self.stash: dict[str, torch.Tensor | None] = {}
+        self.attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # post-norm layers: (A, post_norm(A))
+
+    # -------------------------------------------------------------------------------------------- Δ rows
+    def add_rows(self, block: torch.Tensor) -> None:
+        """Append Δ rows ``[n, B, S, H]`` (this run's output minus the corrupt one) for the next n sources."""
+        if self.grad:
+            self.rows.append(block)
+        else:
+            if self.buffer is None:
+                self.buffer = block.new_empty((self.graph.n_sources, *block.shape[1:]))
+            self.buffer[self.filled:self.filled + len(block)] = block
+        self.filled += len(block)
+
+    def delta(self, rows) -> torch.Tensor:
+        if self.grad:
+            return torch.cat(self.rows)[rows]
+        return self.buffer[rows]
+
+    # -------------------------------------------------------------------------------------------- inputs
+    def inputs(self, x: torch.Tensor, upstream: int, cols) -> torch.Tensor | None:
+        """Each input of ``cols``'s residual read ``[len(cols), B, S, H]``, or None when none of them has a
+        patched edge (then they all read ``x``; only in runs without gradient)."""
+        off = self.off[:upstream, cols]
+        if not self.grad and not bool(off.any()):
+            return None
+        n_cols, shape = off.shape[1], x.shape
+        if not self.layout.post_norms:
+            corr = (off.T @ self.delta(slice(0, upstream)).reshape(upstream, -1)).reshape(n_cols, *shape)
+            return x.unsqueeze(0) - corr
+        graph, heads = self.graph, self.graph.heads
+        mlp_rows = [r for r in range(upstream) if r == 0 or (r - 1) % (heads + 1) == heads]
+        rows = torch.tensor(mlp_rows, device=x.device)
+        corr = (off[rows].T @ self.delta(rows).reshape(len(rows), -1)).reshape(n_cols, *shape)
+        parts = [corr]
+        for layer in range(graph.layers):
+            first = graph.head_node(layer, 0)
+            if first >= upstream:
+                break
+            o = off[first:first + heads]
+            which = o.any(0) if not self.grad else torch.ones(n_cols, dtype=torch.bool, device=x.device)
+            if not bool(which.any()):
+                continue
+            a, post = self.attn[layer]
+            d = self.delta(slice(first, first + heads)).reshape(heads, -1)
+            mix = a.unsqueeze(0) - (o[:, which].T @ d).reshape(int(which.sum()), *shape)
+            norm = self.layout.layers[layer].attn_post_norm
+            change = torch.zeros_like(corr).index_put((which.nonzero()[:, 0],), post.unsqueeze(0) - norm.forward(mix))
+            parts.append(change)
+        return x.unsqueeze(0) - sum(parts)
+
+
+def patched_forward(model, layout: Layout, graph: Graph, clean_ids: torch.Tensor, corrupt: CorruptRun,
+                    weights: torch.Tensor, positions: int) -> torch.Tensor:
+    """The logits ``[B, positions, V]`` of the clean prompts with the edges outside ``weights`` patched."""
+    patch = _Patch(layout, graph, corrupt, weights)
+    with contextlib.ExitStack() as stack:
+        def hook(module, fn, pre=False):
+            handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
+            stack.callback(handle.remove)
+
+        hook(layout.embedding, lambda m, a, out: patch.add_rows((out - corrupt["emb"]).unsqueeze(0)))
+        for layer, parts in enumerate(layout.layers):
+            _patch_layer(patch, stack, hook, layer, parts)
+        final = layout.final_norm
+        final_forward = final.forward
+        swap_forward(final, lambda x: _norm_of(final_forward, x, patch.inputs(x, graph.n_sources,
+                                                                             [graph.logits_input])), stack)
+        return model(input_ids=clean_ids, use_cache=False, logits_to_keep=positions).logits
+
+
+def _norm_of(forward, x: torch.Tensor, inputs: torch.Tensor | None) -> torch.Tensor:
+    return forward(x) if inputs is None else forward(inputs[0])
+
+
+def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
+    layout, graph, corrupt = patch.layout, patch.graph, patch.corrupt
+    norm_forward = parts.input_norm.forward
+    columns = {"q": graph.query_inputs(layer), "k": graph.key_inputs(layer), "v": graph.value_inputs(layer)}
+
+    def input_norm(x):
+        for kind, cols in columns.items():
+            inputs = patch.inputs(x, graph.upstream(layer), cols)
+            patch.stash[kind] = None if inputs is None else layout.project(layer, kind, norm_forward(inputs))
+        return norm_forward(x)
+
+    swap_forward(parts.input_norm, input_norm, stack)
+    for module, kinds in parts.projections:
+        forward = module.forward
+
+        def projection(x, _forward=forward, _kinds=kinds):
+            own = [patch.stash.get(k) for k in _kinds]
+            if all(o is None for o in own):
+                return _forward(x)
+            if len(_kinds) == 1:
+                return own[0]
+            out = _forward(x)     # fused q/k/v (GPT-2): replace the patched parts
+            pieces = out.split([layout.width(k) for k in _kinds], dim=-1)
+            return torch.cat([p if o is None else o for p, o in zip(pieces, own)], dim=-1)
+
+        swap_forward(module, projection, stack)
+
+    z_corrupt = corrupt[("z", layer)]
+    hook(parts.o_proj, lambda m, args: patch.add_rows(layout.head_outputs(layer, args[0] - z_corrupt)), pre=True)
+    if parts.attn_post_norm is not None:
+        hook(parts.attn_post_norm, lambda m, args, out: patch.attn.__setitem__(layer, (args[0], out)))
+    mlp_norm_forward = parts.mlp_norm.forward
+    upstream = graph.upstream(layer) + graph.heads
+    swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x,
+                                                    patch.inputs(x, upstream, [graph.mlp_input(layer)])), stack)
+    mlp_corrupt = corrupt[("mlp", layer)]
+    hook(parts.mlp_out, lambda m, args, out: patch.add_rows((out - mlp_corrupt).unsqueeze(0)))
+
+
+def circuit_metric(model, task: Task, circuits: list[torch.Tensor], *, batch_size: int = 32,
+                   graph: Graph | None = None, progress=None) -> torch.Tensor:
+    """The task's metric per example ``[len(circuits), N]`` with each circuit (a ``[sources, inputs]`` bool matrix)
+    run on every example; the corrupt run of a batch is recorded once for all circuits."""
+    layout = layout_of(model)
+    graph = graph or Graph.from_model(model)
+    device = layout.embedding.weight.device
+    out = torch.zeros(len(circuits), len(task))
+    with torch.no_grad(), frozen_parameters(model), eval_mode(model):
+        for idx in task.batches(batch_size):
+            clean_ids, corrupt_ids, targets = task.batch(idx, device)
+            corrupt = CorruptRun.of(model, layout, corrupt_ids)
+            for c, circuit in enumerate(circuits):
+                logits = patched_forward(model, layout, graph, clean_ids, corrupt, circuit.to(device),
+                                         task.metric.positions)
+                out[c, idx] = task.metric(logits, targets).float().cpu()
+                if progress is not None:
+                    progress(1)
+    return out
+
+
+def run_circuit(model, task: Task, circuit: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+    """The metric per example ``[N]`` with ``circuit`` (every other edge patched)."""
+    return circuit_metric(model, task, [circuit], batch_size=batch_size)[0]
+
+
+def edge_effects(model, task: Task, edges: torch.Tensor | None = None, *, batch_size: int = 32,
+                 graph: Graph | None = None, progress=None) -> torch.Tensor:
+    """The exact effect of patching each edge alone, ``m(full) − m(every edge but this one)``, mean over the
+    examples: one forward pass per edge and batch. ``edges``: ``[K, 2]`` (source, input) rows of
+    ``graph.edge_index()`` (default: every edge)."""
+    from .tasks import task_metric
+
+    graph = graph or Graph.from_model(model)
+    edges = graph.edge_index() if edges is None else edges
+    if len(edges) and not bool(graph.real[edges[:, 0], edges[:, 1]].all()):
+        raise ValueError("edges must be (source, input) pairs of the graph's edges")
+    circuits = []
+    for s, i in edges.tolist():
+        circuit = graph.full()
+        circuit[s, i] = False
+        circuits.append(circuit)
+    patched = circuit_metric(model, task, circuits, batch_size=batch_size, graph=graph, progress=progress)
+    full = task_metric(model, task, "clean", batch_size=batch_size)
+    return full.mean() - patched.mean(1)
