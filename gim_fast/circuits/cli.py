@@ -13,6 +13,8 @@ from ..cli_args import DTYPES, UsageError, positive_int, positive_number
 
 __all__ = ["add_subparser", "run"]
 
+_RANKINGS = {"signed": ("signed",), "absolute": ("absolute",), "both": ("signed", "absolute")}
+
 
 def _methods(text: str) -> list[str]:
     from .attribution import METHODS
@@ -75,8 +77,11 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="circuit levels: edge, node or edge,node (default)")
     p.add_argument("--n", type=positive_int(1), default=32, metavar="N", help="examples (default 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--absolute", action="store_true",
-                   help="rank edges by |score| (MIB's choice for CMD) instead of by score (for CPR)")
+    p.add_argument("--ranking", choices=("signed", "absolute", "both"), default="signed",
+                   help="rank edges (nodes) by score (signed, default), by |score| (absolute) or evaluate both; the "
+                        "MIB benchmark reports CPR with the signed ranking and CMD with the absolute one")
+    p.add_argument("--absolute", dest="ranking", action="store_const", const="absolute",
+                   help="the same as --ranking absolute")
     p.add_argument("--no-prune", dest="prune", action="store_false",
                    help="keep circuits as selected (default: prune nodes without incoming or outgoing edges, as MIB)")
     p.add_argument("--percentages", type=_percent, nargs="+", default=list(PERCENTAGES), metavar="P",
@@ -88,7 +93,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "with these exact effects (default 0: skip; one forward pass per edge and batch)")
     p.add_argument("--batch-size", type=positive_int(1), default=16, metavar="B", help="prompts per forward pass (default 16)")
     p.add_argument("--min-accuracy", type=_fraction, default=0.6, metavar="A",
-                   help="refuse a task the model answers right less often than this (default 0.6; chance is 0.5)")
+                   help="refuse a task the model answers right less often than this, or whose corrupt prompts do "
+                        "not lower the metric (default 0.6; chance is 0.5; 0: no check)")
     p.add_argument("--seed", type=int, default=0, help="task generation, edge sampling, the random method")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="model dtype (default float32)")
@@ -126,7 +132,7 @@ def run(args) -> int:
     try:
         result = discover(model, tokenizer, args.task, model_name=args.model, methods=args.methods,
                           levels=args.levels, n=args.n, seed=args.seed, ig_steps=args.ig_steps,
-                          batch_size=args.batch_size, absolute=args.absolute, prune=args.prune,
+                          batch_size=args.batch_size, rankings=_RANKINGS[args.ranking], prune=args.prune,
                           percentages=args.percentages, exact_edges=args.exact_edges,
                           min_accuracy=args.min_accuracy, bar=bar)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, InsufficientMemoryError) as e:
@@ -144,8 +150,8 @@ def _command(args) -> str:
     parts = ["gim-fast", "circuit", "--task", args.task, "--model", args.model, "--methods", ",".join(args.methods),
              "--levels", ",".join(args.levels), "--n", str(args.n), "--seed", str(args.seed),
              "--batch-size", str(args.batch_size), "--out", args.out]
-    if args.absolute:
-        parts.append("--absolute")
+    if args.ranking != "signed":
+        parts += ["--ranking", args.ranking]
     if not args.prune:
         parts.append("--no-prune")
     if args.exact_edges:

@@ -275,10 +275,11 @@ def greater_than(tokenizer, n: int = 32, *, seed: int = 0) -> Task:
 def capitals(model, tokenizer, n: int | None = 32, *, seed: int = 0) -> Task:
     """Pairs of countries whose capital the model predicts (its first token is the top prediction after "The
     capital of {country} is"), with prompts of equal token length and different answer tokens: clean = one,
-    corrupt = the other."""
+    corrupt = the other. Countries are taken in a seeded random order, up to 4·n known ones."""
     from ..evaluate.run import capital_examples
 
-    known = capital_examples(model, tokenizer, None, seed=seed).examples
+    # four times as many known countries as pairs wanted leaves enough partners of each prompt length
+    known = capital_examples(model, tokenizer, None if n is None else 4 * n, seed=seed).examples
     by_len = defaultdict(list)
     for ex in known:
         by_len[ex.input_ids.numel()].append(ex)
@@ -371,8 +372,8 @@ class TaskPerformance:
 
     def check(self, task: str, model: str, min_accuracy: float = 0.6) -> None:
         """Raise ``TaskNotPerformedError`` when the model does not do the task: accuracy below ``min_accuracy``
-        or no difference between clean and corrupt runs to explain."""
-        if self.accuracy < min_accuracy or self.clean_metric <= self.corrupt_metric:
+        or no difference between clean and corrupt runs to explain. ``min_accuracy=0`` checks nothing."""
+        if min_accuracy > 0 and (self.accuracy < min_accuracy or self.clean_metric <= self.corrupt_metric):
             raise TaskNotPerformedError(
                 f"{model} does not perform {task}: clean accuracy {self.accuracy:.0%} (chance {self.chance:.0%}, "
                 f"required {min_accuracy:.0%}), mean metric {self.clean_metric:.3g} clean vs "
