@@ -327,9 +327,10 @@ def test_faithfulness_curves(models, family):
     task = toy_task(n=4)
     graph = Graph.from_model(model)
     scores = [attribute(model, task, m) for m in ("gim", "random")]
-    result = faithfulness(model, task, scores, levels=("edge", "node"), percentages=(5, 50, 100), batch_size=2)
-    assert [(c.method, c.level) for c in result.curves] == [("gim", "edge"), ("gim", "node"),
-                                                            ("random", "edge"), ("random", "node")]
+    result = faithfulness(model, task, scores, levels=("edge", "node"), rankings=("signed", "absolute"),
+                          percentages=(5, 50, 100), batch_size=2)
+    assert [(c.method, c.level, c.ranking) for c in result.curves] == [
+        (m, lvl, r) for m in ("gim", "random") for lvl in ("edge", "node") for r in ("signed", "absolute")]
     clean = task_metric(model, task, "clean").mean().item()
     corrupt = task_metric(model, task, "corrupt").mean().item()
     assert result.full_metric == pytest.approx(clean, abs=1e-12)
@@ -338,9 +339,10 @@ def test_faithfulness_curves(models, family):
         assert curve.faithfulness[-1] == 1.0 and curve.edges[-1] == graph.n_edges    # f(100%) = 1 exactly
         assert curve.cpr == pytest.approx(area(curve.percentages, curve.faithfulness))
     # a point of a curve is the circuit's metric, normalised
-    circuit = graph.top_edges(scores[0].edges, int(0.05 * graph.n_edges))
-    m = run_circuit(model, task, circuit, batch_size=3).mean().item()
-    assert result.curves[0].faithfulness[0] == pytest.approx((m - corrupt) / (clean - corrupt), rel=1e-6, abs=1e-9)
+    for curve, absolute in zip(result.curves[:2], (False, True)):
+        circuit = graph.top_edges(scores[0].edges, int(0.05 * graph.n_edges), absolute=absolute)
+        m = run_circuit(model, task, circuit, batch_size=3).mean().item()
+        assert curve.faithfulness[0] == pytest.approx((m - corrupt) / (clean - corrupt), rel=1e-6, abs=1e-9)
 
 
 def test_exact_edge_effects_and_their_correlation(models):

@@ -1,7 +1,7 @@
 """Faithfulness of circuits, as the MIB benchmark's circuit track defines it (Mueller et al. 2025).
 
-For each circuit size k (percent of the scored edges, or nodes), the circuit C keeps the top k% by score (by
-|score| with ``absolute``), pruned, and the model runs with every other edge patched (``patching``). With m the
+For each circuit size k (percent of the scored edges, or nodes), the circuit C keeps the top k% by score (the
+``signed`` ranking; by |score| with the ``absolute`` one), pruned, and the model runs with every other edge patched (``patching``). With m the
 task's metric averaged over the examples, M the full model and ∅ the empty circuit (every edge patched):
 
     f(k) = (m(C) − m(∅)) / (m(M) − m(∅))          CPR = ∫ f,    CMD = ∫ |1 − f|
@@ -9,8 +9,9 @@ task's metric averaged over the examples, M the full model and ∅ the empty cir
 over the fraction of edges, by the trapezoid rule on the points k ∈ {0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100}%
 (so from 0.001 to 1, as MIB computes it: CPR is at most 0.999 for f ≡ 1). m(M) is a plain clean forward pass and
 m(∅) the patching machinery with no edge (equal to the corrupt run's up to rounding), as in MIB; f(100%) = 1
-exactly. Higher CPR is better, lower CMD is better. Node-level circuits keep the top k% nodes (heads, MLPs and the
-embedding) with every edge between kept nodes.
+exactly. Higher CPR is better, lower CMD is better; MIB reports CPR with the signed ranking and CMD with the
+absolute one (``rankings=RANKINGS``). Node-level circuits keep the top k% nodes (heads, MLPs and the embedding)
+with every edge between kept nodes.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from .graph import PERCENTAGES, Graph
 from .patching import circuit_metric
 from .tasks import Task, task_metric
 
-__all__ = ["Curve", "Faithfulness", "faithfulness", "area", "circuits_for", "spearman", "LEVELS"]
+__all__ = ["Curve", "Faithfulness", "faithfulness", "area", "circuits_for", "spearman", "LEVELS", "RANKINGS"]
 
 LEVELS = ("edge", "node")
+RANKINGS = ("signed", "absolute")
 
 
 def area(percentages, values, *, distance_from_one: bool = False) -> float:
@@ -39,6 +41,7 @@ def area(percentages, values, *, distance_from_one: bool = False) -> float:
 class Curve:
     method: str
     level: str
+    ranking: str                     # "signed" (by score) or "absolute" (by |score|)
     percentages: tuple[float, ...]
     faithfulness: list[float]
     edges: list[int]                 # edges kept in each circuit, after pruning
@@ -74,8 +77,8 @@ def circuits_for(graph: Graph, scores: Scores, level: str, percentages=PERCENTAG
     raise ValueError(f"unknown level {level!r}; expected one of {', '.join(LEVELS)}")
 
 
-def faithfulness(model, task: Task, scores: list[Scores], *, levels=("edge",), percentages=PERCENTAGES,
-                 absolute: bool = False, prune: bool = True, batch_size: int = 32, progress=None) -> Faithfulness:
+def faithfulness(model, task: Task, scores: list[Scores], *, levels=("edge",), rankings=("signed",),
+                 percentages=PERCENTAGES, prune: bool = True, batch_size: int = 32, progress=None) -> Faithfulness:
     """Faithfulness curves of every method's circuits at every level (see the module docstring).
 
     Each distinct circuit runs once per batch (the full circuit, shared by all methods, and identical circuits
@@ -86,24 +89,29 @@ def faithfulness(model, task: Task, scores: list[Scores], *, levels=("edge",), p
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"unknown level {level!r}; expected one of {', '.join(LEVELS)}")
+    for ranking in rankings:
+        if ranking not in RANKINGS:
+            raise ValueError(f"unknown ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
     percentages = tuple(sorted(float(p) for p in percentages))
     if not percentages or percentages[0] <= 0 or percentages[-1] > 100:
         raise ValueError(f"percentages must lie in (0, 100], got {percentages}")
     graph = scores[0].graph
     unique: dict[bytes, int] = {}
     circuits: list[torch.Tensor] = [graph.empty()]
-    plan = []    # (method, level, [circuit index per percentage], [edges kept])
+    plan = []    # (scores, level, ranking, [circuit index per percentage], [edges kept])
     for s in scores:
         for level in levels:
-            indices, counts = [], []
-            for circuit in circuits_for(graph, s, level, percentages, absolute=absolute, prune=prune):
-                key = circuit.numpy().tobytes()
-                if key not in unique:
-                    unique[key] = len(circuits)
-                    circuits.append(circuit)
-                indices.append(unique[key])
-                counts.append(int(circuit.sum()))
-            plan.append((s, level, indices, counts))
+            for ranking in rankings:
+                indices, counts = [], []
+                for circuit in circuits_for(graph, s, level, percentages, absolute=ranking == "absolute",
+                                            prune=prune):
+                    key = circuit.numpy().tobytes()
+                    if key not in unique:
+                        unique[key] = len(circuits)
+                        circuits.append(circuit)
+                    indices.append(unique[key])
+                    counts.append(int(circuit.sum()))
+                plan.append((s, level, ranking, indices, counts))
     # The full circuit is the clean run itself: a plain forward pass (patching nothing is bit for bit the same).
     full_key = graph.full().numpy().tobytes()
     patched = [i for i, c in enumerate(circuits) if c.numpy().tobytes() != full_key]
@@ -118,8 +126,8 @@ def faithfulness(model, task: Task, scores: list[Scores], *, levels=("edge",), p
     if denominator == 0:
         raise ValueError("the corrupt prompts do not change the metric (m(full) = m(empty)): faithfulness is "
                          "undefined; use corrupt prompts that change the answer")
-    curves = [Curve(s.method, level, percentages, [(mean[i] - m_empty) / denominator for i in indices], counts,
-                    s.seconds) for s, level, indices, counts in plan]
+    curves = [Curve(s.method, level, ranking, percentages, [(mean[i] - m_empty) / denominator for i in indices],
+                    counts, s.seconds) for s, level, ranking, indices, counts in plan]
     return Faithfulness(curves, m_full, m_empty, per_full, metrics[0])
 
 

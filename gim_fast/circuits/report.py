@@ -21,7 +21,7 @@ def summary_rows(result: CircuitResult) -> list[dict]:
     rows = []
     for curve in result.faithfulness.curves:
         row = dict(task=result.task.name, model=result.model, method=curve.method, level=curve.level,
-                   cpr=round(curve.cpr, 4), cmd=round(curve.cmd, 4), seconds=round(curve.seconds, 3),
+                   ranking=curve.ranking, cpr=round(curve.cpr, 4), cmd=round(curve.cmd, 4), seconds=round(curve.seconds, 3),
                    seconds_per_example=round(curve.seconds / n, 4), examples=n)
         if result.exact is not None:
             row["spearman_exact"] = round(result.exact.correlations.get(curve.method, float("nan")), 4)
@@ -33,11 +33,11 @@ def markdown_summary(result: CircuitResult) -> str:
     p = result.performance
     lines = [f"{result.model}, {result.task.name} ({len(result.task)} examples; {result.graph}): clean accuracy "
              f"{p.accuracy:.0%}, metric {p.clean_metric:.3f} clean vs {p.corrupt_metric:.3f} corrupt",
-             "", "| method | level | CPR ↑ | CMD ↓ | s/example |" + (" ρ exact |" if result.exact else ""),
-             "|---|---|---:|---:|---:|" + ("---:|" if result.exact else "")]
+             "", "| method | level | ranking | CPR ↑ | CMD ↓ | s/example |" + (" ρ exact |" if result.exact else ""),
+             "|---|---|---|---:|---:|---:|" + ("---:|" if result.exact else "")]
     for row in summary_rows(result):
         extra = f" {row['spearman_exact']:.3f} |" if result.exact else ""
-        lines.append(f"| {row['method']} | {row['level']} | {row['cpr']:.3f} | {row['cmd']:.3f} | "
+        lines.append(f"| {row['method']} | {row['level']} | {row['ranking']} | {row['cpr']:.3f} | {row['cmd']:.3f} | "
                      f"{row['seconds_per_example']:.3f} |{extra}")
     return "\n".join(lines)
 
@@ -59,7 +59,7 @@ def write_results(result: CircuitResult, out, *, command: str = "", environment:
     files = {}
     files["summary"] = out / "summary.csv"
     _write_csv(files["summary"], summary_rows(result))
-    curve_rows = [dict(method=c.method, level=c.level, percent=p, faithfulness=round(f, 6), edges=e)
+    curve_rows = [dict(method=c.method, level=c.level, ranking=c.ranking, percent=p, faithfulness=round(f, 6), edges=e)
                   for c in result.faithfulness.curves for p, f, e in zip(c.percentages, c.faithfulness, c.edges)]
     files["curve"] = out / "curve.csv"
     _write_csv(files["curve"], curve_rows)
@@ -106,11 +106,11 @@ def _plot(result: CircuitResult, path: Path):
     except ModuleNotFoundError:
         log.warning("matplotlib is not installed: no faithfulness.png (pip install matplotlib)")
         return None
-    levels = sorted({c.level for c in result.faithfulness.curves}, key=["edge", "node"].index)
-    fig, axes = plt.subplots(1, len(levels), figsize=(5.5 * len(levels), 4), squeeze=False)
-    for ax, level in zip(axes[0], levels):
+    panels = list(dict.fromkeys((c.level, c.ranking) for c in result.faithfulness.curves))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (level, ranking) in zip(axes[0], panels):
         for c in result.faithfulness.curves:
-            if c.level == level:
+            if (c.level, c.ranking) == (level, ranking):
                 ax.plot(c.percentages, c.faithfulness, marker="o", ms=3,
                         label=f"{c.method} (CPR {c.cpr:.2f}, CMD {c.cmd:.2f})")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -118,7 +118,7 @@ def _plot(result: CircuitResult, path: Path):
         ax.set_xscale("log")
         ax.set_xlabel(f"{level}s kept (%)")
         ax.set_ylabel("faithfulness f(k)")
-        ax.set_title(f"{result.model}, {result.task.name}: {level} circuits")
+        ax.set_title(f"{result.model}, {result.task.name}: {level}s, {ranking} ranking", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -41,7 +41,7 @@ class CircuitResult:
 
 def discover(model, tokenizer, task: str | Task, *, model_name: str = "", methods=("gim", "eap", "eap-ig", "random"),
              levels=("edge", "node"), n: int | None = 32, seed: int = 0, ig_steps: int = DEFAULT_IG_STEPS,
-             batch_size: int = 16, absolute: bool = False, prune: bool = True, percentages=PERCENTAGES,
+             batch_size: int = 16, rankings=("signed",), prune: bool = True, percentages=PERCENTAGES,
              exact_edges: int = 0, min_accuracy: float = 0.6, bar=None) -> CircuitResult:
     """Run the experiment (see the module docstring). ``bar(total, desc)`` makes a progress callback (or None)."""
     for m in methods:
@@ -66,7 +66,7 @@ def discover(model, tokenizer, task: str | Task, *, model_name: str = "", method
                                    seed=seed, progress=update)
     t0 = time.perf_counter()
     faith = faithfulness(model, task, list(scores.values()), levels=levels, percentages=percentages,
-                         absolute=absolute, prune=prune, batch_size=batch_size,
+                         rankings=rankings, prune=prune, batch_size=batch_size,
                          progress=(lambda total: bar(total, "circuit runs")) if bar else None)
     seconds["faithfulness"] = time.perf_counter() - t0
 
