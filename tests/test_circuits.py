@@ -390,11 +390,41 @@ def test_memory_estimate_for_llama_3_8b_fits_80_gb():
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8)
     est = estimate_circuit_memory(cfg, 32, 64, dtype=torch.bfloat16)
-    delta = 1057 * 64 * 32 * 4096 * 2
-    assert est.scoring["node differences Δ (1057 nodes)"] == delta == est.patching["node differences Δ (1057 nodes)"]
+    delta = 1057 * 64 * 32 * 4096 * 2          # every node's output difference, bf16
+    key = "node differences Δ, 32 layers expanded"
+    assert est.scoring[key] == delta == est.patching[key]
     weights = 8.03e9 * 2
     assert est.total + weights < 80e9 and est.total > delta
     assert "total (the larger phase)" in str(est)
+    compact = estimate_circuit_memory(cfg, 32, 64, dtype=torch.bfloat16, expanded_layers=0)
+    # compact: the embedding's row, then per layer one attention output (32 heads × 128) and one MLP output
+    assert compact.scoring["node differences Δ, 32 layers compact"] == 32 * (4096 + 4096) * 64 * 32 * 2
+    assert compact.total < est.total - delta / 2
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_compact_deltas_and_small_chunks_give_the_same_results(models, family, monkeypatch):
+    """Every layer's Δ expanded or none (each use expands it again), and inputs built 4 at a time instead of 8."""
+    import gim_fast.circuits.attribution as attribution_module
+    import gim_fast.circuits.patching as patching_module
+
+    model = models[family]
+    task = toy_task()
+    graph = Graph.from_model(model)
+    expanded = attribute(model, task, "gim", expanded_layers=2)
+    circuit = graph.top_edges(expanded.edges, 40)
+    metric = circuit_metric(model, task, [circuit], graph=graph)
+    monkeypatch.setattr(attribution_module, "INPUT_CHUNK", 4)
+    monkeypatch.setattr(patching_module, "INPUT_CHUNK", 4)
+    for layers in (0, 1):
+        compact = attribute(model, task, "gim", expanded_layers=layers)
+        torch.testing.assert_close(compact.edges, expanded.edges, rtol=1e-12, atol=1e-14)
+        layout = layout_of(model)
+        clean, corrupt, targets = task.batch([0, 1, 2], "cpu")
+        with torch.no_grad():
+            logits = patched_forward(model, layout, graph, clean, CorruptRun.of(model, layout, corrupt), circuit, 1,
+                                     expanded_layers=layers)
+        torch.testing.assert_close(task.metric(logits, targets).float(), metric[0], rtol=1e-6, atol=1e-6)
 
 
 def test_memory_check_refuses_before_running(models, monkeypatch):

@@ -34,8 +34,10 @@ import torch
 from ..engine import frozen_parameters
 from ..integration import GIM, eval_mode, family_of
 from ..settings import GIMSettings
+from .deltas import NodeDeltas
 from .graph import Graph
 from .layout import Layout, layout_of
+from .memory import INPUT_CHUNK, delta_layers
 from .tasks import Task
 
 __all__ = ["Scores", "attribute", "METHODS", "DEFAULT_IG_STEPS"]
@@ -107,19 +109,23 @@ def norm_jvp(model, norm: torch.nn.Module, x: torch.Tensor, v: torch.Tensor, *, 
 
 
 def node_deltas(model, layout: Layout, graph: Graph, clean: dict, corrupt: dict, *, frozen_post_norm: bool,
-                dtype: torch.dtype) -> torch.Tensor:
-    """``Δ [nodes, B, S, H]`` = clean − corrupt outputs, heads expanded through their output-projection slice."""
-    emb = clean["emb"]
-    delta = torch.empty((graph.n_sources, *emb.shape), dtype=dtype, device=emb.device)
-    delta[0] = emb - corrupt["emb"]
-    for layer, parts in enumerate(layout.layers):
-        first = graph.head_node(layer, 0)
-        heads = layout.head_outputs(layer, clean[("z", layer)] - corrupt[("z", layer)])
-        if parts.attn_post_norm is not None:
-            heads = norm_jvp(model, parts.attn_post_norm, clean[("A", layer)], heads, frozen=frozen_post_norm)
-        delta[first:first + graph.heads] = heads
-        delta[graph.mlp_node(layer)] = clean[("mlp", layer)] - corrupt[("mlp", layer)]
-    return delta
+                expanded_layers: int) -> NodeDeltas:
+    """Δ = clean − corrupt outputs; a head's row is its output-projection slice of its z difference, through the
+    attention post-norm's linearisation for Gemma (frozen under GIM)."""
+    post = {layer: clean[("A", layer)] for layer, parts in enumerate(layout.layers) if parts.attn_post_norm is not None}
+
+    def expand(layer, z_delta):
+        heads = layout.head_outputs(layer, z_delta)
+        if layer in post:
+            heads = norm_jvp(model, layout.layers[layer].attn_post_norm, post[layer], heads, frozen=frozen_post_norm)
+        return heads.to(z_delta.dtype)
+
+    deltas = NodeDeltas(graph, expand, expanded_layers)
+    deltas.set_embedding(clean["emb"] - corrupt["emb"])
+    for layer in range(len(layout.layers)):
+        deltas.set_heads(layer, clean[("z", layer)] - corrupt[("z", layer)])
+        deltas.set_mlp(layer, clean[("mlp", layer)] - corrupt[("mlp", layer)])
+    return deltas
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -177,11 +183,12 @@ class _Scorer:
             g = grad[..., start:start + width]
             start += width
             weight, _ = layout.projection_weight(layer, kind)
-            n = weight.shape[0]
-            g = g.reshape(*g.shape[:2], n, layout.head_dim)
-            u = torch.einsum("bsnd,ndh->nbsh", g, weight.to(g.dtype))    # head n's input gradient after the norm
+            g = g.reshape(*g.shape[:2], weight.shape[0], layout.head_dim)
             cols = {"q": graph.query_inputs, "k": graph.key_inputs, "v": graph.value_inputs}[kind](layer)
-            self._contract(graph.upstream(layer), list(cols), self._through_norm(layer, u))
+            for first in range(0, len(cols), INPUT_CHUNK):   # a few inputs at a time bounds the transient memory
+                heads = slice(first, first + INPUT_CHUNK)
+                u = torch.einsum("bsnd,ndh->nbsh", g[:, :, heads], weight[heads].to(g.dtype))  # after the norm
+                self._contract(graph.upstream(layer), list(cols[heads]), self._through_norm(layer, u))
 
     def _through_norm(self, layer: int, u: torch.Tensor) -> torch.Tensor:
         """Push the stacked cotangents ``u [n, B, S, H]`` back through the layer's input norm at its clean input:
@@ -195,21 +202,22 @@ class _Scorer:
         return gx
 
     def _contract(self, rows: int, cols: list[int], g: torch.Tensor) -> None:
-        """scores[:rows, cols] += Σ_{b,s,h} Δ[:rows] · g  (g ``[len(cols), B, S, H]``)."""
+        """scores[:rows, cols] += Σ_{b,s,h} Δ[:rows] · g  (g ``[len(cols), B, S, H]``), a block of Δ at a time."""
         acc = self.scores.dtype
-        delta = self.delta[:rows]
         cols_t = torch.tensor(cols, device=self.scores.device)
-        if self.per_position is not None:
-            pos = torch.einsum("rbsh,cbsh->rcs", delta.to(acc), g.to(acc))
-            self.per_position[:rows, cols_t] += pos.to(self.per_position.device)
-            self.scores[:rows, cols_t] += pos.sum(-1).to(self.scores.device)
-            return
         flat_g = g.reshape(len(cols), -1).to(acc)
-        if delta.dtype == acc:
-            block = delta.reshape(rows, -1) @ flat_g.T
-        else:   # low-precision Δ: upcast a slice of rows at a time
-            block = torch.cat([d.reshape(len(d), -1).to(acc) @ flat_g.T for d in delta.split(16)])
-        self.scores[:rows, cols_t] += block.to(self.scores.device)
+        for first, delta in self.delta.pieces(rows):
+            n = len(delta)
+            if self.per_position is not None:
+                pos = torch.einsum("rbsh,cbsh->rcs", delta.to(acc), g.to(acc))
+                self.per_position[first:first + n, cols_t] += pos
+                self.scores[first:first + n, cols_t] += pos.sum(-1)
+                continue
+            if delta.dtype == acc:
+                block = delta.reshape(n, -1) @ flat_g.T
+            else:   # low-precision Δ: upcast a few rows at a time
+                block = torch.cat([d.reshape(len(d), -1).to(acc) @ flat_g.T for d in delta.split(16)])
+            self.scores[first:first + n, cols_t] += block
 
 
 @contextlib.contextmanager
@@ -228,7 +236,7 @@ def _forward(model, ids: torch.Tensor, positions: int) -> torch.Tensor:
 
 def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int], method: str,
                  settings: GIMSettings, ig_steps: int, scores: torch.Tensor, per_position: torch.Tensor | None,
-                 dtype: torch.dtype) -> None:
+                 expanded_layers: int | None) -> None:
     device = layout.embedding.weight.device
     clean_ids, corrupt_ids, targets = task.batch(idx, device)
     positions = task.metric.positions
@@ -237,6 +245,8 @@ def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int]
         record_outputs(layout, corrupt, stack)
         _forward(model, corrupt_ids, positions)
     corrupt = {k: v.detach() for k, v in corrupt.items()}
+    if expanded_layers is None:
+        expanded_layers = delta_layers(model, graph, clean_ids.numel(), positions=positions)
 
     gim = method == "gim"
     frozen_post = gim and settings.freeze_norm
@@ -248,7 +258,8 @@ def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int]
                 record_outputs(layout, clean, rec)
                 _forward(model, clean_ids, positions)
             clean = {k: v.detach() for k, v in clean.items()}
-            delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=False, dtype=dtype)
+            delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=False,
+                                expanded_layers=expanded_layers)
             scorer = _Scorer(layout, graph, delta, scores, per_position)
             scorer.install(stack)
             e_clean, e_corrupt = clean["emb"], corrupt["emb"]
@@ -273,19 +284,22 @@ def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int]
         with _embedding_override(layout, lambda out: out.detach().requires_grad_(True)):
             m = task.metric(_forward(model, clean_ids, positions), targets).sum()
         clean = {k: v.detach() for k, v in clean.items()}
-        scorer.delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=frozen_post, dtype=dtype)
+        scorer.delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=frozen_post,
+                                   expanded_layers=expanded_layers)
         del clean, corrupt
         m.backward()
 
 
 def attribute(model, task: Task, method: str = "gim", *, graph: Graph | None = None, batch_size: int = 32,
               ig_steps: int = DEFAULT_IG_STEPS, settings: GIMSettings | None = None, per_position: bool = False,
-              seed: int = 0, progress=None) -> Scores:
+              seed: int = 0, expanded_layers: int | None = None, progress=None) -> Scores:
     """Score every edge of ``model``'s graph on ``task`` with ``method`` ∈ gim, eap, eap-ig, random.
 
     ``settings``: GIM's (default: the paper's); ``ig_steps``: EAP-IG's interpolation steps (5, as the MIB
     benchmark); ``per_position``: also keep the score of every position (all prompts must have one length);
-    ``progress``: a callable taking the number of examples just done. The model is left exactly as it was.
+    ``expanded_layers``: how many layers keep their heads' Δ expanded (default: as many as the free memory holds;
+    see ``gim_fast.circuits.deltas``); ``progress``: a callable taking the number of examples just done. The
+    model is left exactly as it was.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -298,8 +312,7 @@ def attribute(model, task: Task, method: str = "gim", *, graph: Graph | None = N
     lengths = {ids.numel() for ids in task.clean}
     if per_position and len(lengths) != 1:
         raise ValueError(f"per-position scores need prompts of one length; this task has lengths {sorted(lengths)}")
-    dtype = layout.embedding.weight.dtype
-    acc = torch.promote_types(dtype, torch.float32)
+    acc = torch.promote_types(layout.embedding.weight.dtype, torch.float32)
     scores = torch.zeros(graph.n_sources, graph.n_inputs, dtype=acc)
     pos = torch.zeros(graph.n_sources, graph.n_inputs, lengths.pop(), dtype=acc) if per_position else None
     started = time.perf_counter()
@@ -312,7 +325,7 @@ def attribute(model, task: Task, method: str = "gim", *, graph: Graph | None = N
     scores, pos = scores.to(device), (None if pos is None else pos.to(device))
     with frozen_parameters(model), eval_mode(model):
         for idx in task.batches(batch_size):
-            _score_batch(model, layout, graph, task, idx, method, settings, ig_steps, scores, pos, dtype)
+            _score_batch(model, layout, graph, task, idx, method, settings, ig_steps, scores, pos, expanded_layers)
             if progress is not None:
                 progress(len(idx))
     scores = (scores / len(task)).cpu() * graph.real

@@ -76,12 +76,13 @@ class Layout:
                 return module, kinds
         raise KeyError(kind)
 
-    def project(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        """Each head's projection of its own input: ``x [n, B, S, H]`` (input n for head n) → ``[B, S, n·D]``."""
+    def project(self, layer: int, kind: str, x: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """Each head's projection of its own input: ``x [n, B, S, H]`` (input n for the n-th head of ``heads``)
+        → ``[B, S, n·D]``."""
         weight, bias = self.projection_weight(layer, kind)
-        out = torch.einsum("nbsh,ndh->bsnd", x, weight.to(x.dtype))
+        out = torch.einsum("nbsh,ndh->bsnd", x, weight[heads].to(x.dtype))
         if bias is not None:
-            out = out + bias.to(out.dtype)
+            out = out + bias[heads].to(out.dtype)
         return out.reshape(*out.shape[:2], -1)
 
     def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:

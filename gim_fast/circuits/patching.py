@@ -29,8 +29,10 @@ from ..engine import frozen_parameters
 from ..integration import eval_mode
 from ..integration.gim import _swap_forward as swap_forward
 from .attribution import record_outputs
+from .deltas import NodeDeltas
 from .graph import Graph
 from .layout import Layout, layout_of
+from .memory import INPUT_CHUNK, delta_layers
 from .tasks import Task
 
 __all__ = ["CorruptRun", "run_circuit", "circuit_metric", "patched_forward", "edge_effects"]
@@ -52,33 +54,15 @@ class CorruptRun(dict):
 class _Patch:
     """The state of one patched forward pass."""
 
-    def __init__(self, layout: Layout, graph: Graph, corrupt: CorruptRun, weights: torch.Tensor):
+    def __init__(self, layout: Layout, graph: Graph, corrupt: CorruptRun, weights: torch.Tensor,
+                 expanded_layers: int):
         self.layout, self.graph, self.corrupt = layout, graph, corrupt
         self.grad = weights.requires_grad
         self.off = 1 - weights.to(corrupt["emb"].dtype)      # 1 where the edge is patched
-        self.rows: list[torch.Tensor] = []                   # Δ blocks in source order (differentiable runs)
-        self.buffer: torch.Tensor | None = None              # Δ rows, filled in place (runs without gradient)
-        self.filled = 0
+        self.deltas = NodeDeltas(graph, layout.head_outputs, expanded_layers, differentiable=self.grad)
         self.stash: dict[str, torch.Tensor | None] = {}
         self.attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # post-norm layers: (A, post_norm(A))
 
-    # -------------------------------------------------------------------------------------------- Δ rows
-    def add_rows(self, block: torch.Tensor) -> None:
-        """Append Δ rows ``[n, B, S, H]`` (this run's output minus the corrupt one) for the next n sources."""
-        if self.grad:
-            self.rows.append(block)
-        else:
-            if self.buffer is None:
-                self.buffer = block.new_empty((self.graph.n_sources, *block.shape[1:]))
-            self.buffer[self.filled:self.filled + len(block)] = block
-        self.filled += len(block)
-
-    def delta(self, rows) -> torch.Tensor:
-        if self.grad:
-            return torch.cat(self.rows)[rows]
-        return self.buffer[rows]
-
-    # -------------------------------------------------------------------------------------------- inputs
     def inputs(self, x: torch.Tensor, upstream: int, cols) -> torch.Tensor | None:
         """Each input of ``cols``'s residual read ``[len(cols), B, S, H]``, or None when none of them has a
         patched edge (then they all read ``x``; only in runs without gradient)."""
@@ -87,13 +71,12 @@ class _Patch:
             return None
         n_cols, shape = off.shape[1], x.shape
         if not self.layout.post_norms:
-            corr = (off.T @ self.delta(slice(0, upstream)).reshape(upstream, -1)).reshape(n_cols, *shape)
-            return x.unsqueeze(0) - corr
+            corr = sum(off[first:first + len(d)].T @ d.reshape(len(d), -1)
+                       for first, d in self.deltas.pieces(upstream))
+            return x.unsqueeze(0) - corr.reshape(n_cols, *shape)
         graph, heads = self.graph, self.graph.heads
-        mlp_rows = [r for r in range(upstream) if r == 0 or (r - 1) % (heads + 1) == heads]
-        rows = torch.tensor(mlp_rows, device=x.device)
-        corr = (off[rows].T @ self.delta(rows).reshape(len(rows), -1)).reshape(n_cols, *shape)
-        parts = [corr]
+        index, rows = self.deltas.non_head_rows(upstream)
+        parts = [(off[index].T @ rows.reshape(len(index), -1)).reshape(n_cols, *shape)]
         for layer in range(graph.layers):
             first = graph.head_node(layer, 0)
             if first >= upstream:
@@ -103,24 +86,28 @@ class _Patch:
             if not bool(which.any()):
                 continue
             a, post = self.attn[layer]
-            d = self.delta(slice(first, first + heads)).reshape(heads, -1)
+            d = self.deltas.heads(layer).reshape(heads, -1)
             mix = a.unsqueeze(0) - (o[:, which].T @ d).reshape(int(which.sum()), *shape)
             norm = self.layout.layers[layer].attn_post_norm
-            change = torch.zeros_like(corr).index_put((which.nonzero()[:, 0],), post.unsqueeze(0) - norm.forward(mix))
+            change = torch.zeros_like(parts[0]).index_put((which.nonzero()[:, 0],),
+                                                          post.unsqueeze(0) - norm.forward(mix))
             parts.append(change)
         return x.unsqueeze(0) - sum(parts)
 
 
 def patched_forward(model, layout: Layout, graph: Graph, clean_ids: torch.Tensor, corrupt: CorruptRun,
-                    weights: torch.Tensor, positions: int) -> torch.Tensor:
-    """The logits ``[B, positions, V]`` of the clean prompts with the edges outside ``weights`` patched."""
-    patch = _Patch(layout, graph, corrupt, weights)
+                    weights: torch.Tensor, positions: int, *, expanded_layers: int | None = None) -> torch.Tensor:
+    """The logits ``[B, positions, V]`` of the clean prompts with the edges outside ``weights`` patched.
+    ``expanded_layers``: see ``gim_fast.circuits.deltas`` (default: as many as the free memory holds)."""
+    if expanded_layers is None:
+        expanded_layers = delta_layers(model, graph, clean_ids.numel(), positions=positions)
+    patch = _Patch(layout, graph, corrupt, weights, expanded_layers)
     with contextlib.ExitStack() as stack:
         def hook(module, fn, pre=False):
             handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
             stack.callback(handle.remove)
 
-        hook(layout.embedding, lambda m, a, out: patch.add_rows((out - corrupt["emb"]).unsqueeze(0)))
+        hook(layout.embedding, lambda m, a, out: patch.deltas.set_embedding(out - corrupt["emb"]))
         for layer, parts in enumerate(layout.layers):
             _patch_layer(patch, stack, hook, layer, parts)
         final = layout.final_norm
@@ -139,10 +126,21 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
     norm_forward = parts.input_norm.forward
     columns = {"q": graph.query_inputs(layer), "k": graph.key_inputs(layer), "v": graph.value_inputs(layer)}
 
+    def project(kind, x):
+        """The kind's projection with each head reading its own residual; None when no head has a patched edge.
+        A few heads at a time bound the transient memory."""
+        cols, out, patched = columns[kind], [], False
+        for first in range(0, len(cols), INPUT_CHUNK):
+            inputs = patch.inputs(x, graph.upstream(layer), cols[first:first + INPUT_CHUNK])
+            patched = patched or inputs is not None
+            n = len(cols[first:first + INPUT_CHUNK])
+            normed = norm_forward(x).expand(n, *x.shape) if inputs is None else norm_forward(inputs)
+            out.append(layout.project(layer, kind, normed, heads=slice(first, first + n)))
+        return torch.cat(out, dim=-1) if patched else None
+
     def input_norm(x):
-        for kind, cols in columns.items():
-            inputs = patch.inputs(x, graph.upstream(layer), cols)
-            patch.stash[kind] = None if inputs is None else layout.project(layer, kind, norm_forward(inputs))
+        for kind in columns:
+            patch.stash[kind] = project(kind, x)
         return norm_forward(x)
 
     swap_forward(parts.input_norm, input_norm, stack)
@@ -162,7 +160,7 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
         swap_forward(module, projection, stack)
 
     z_corrupt = corrupt[("z", layer)]
-    hook(parts.o_proj, lambda m, args: patch.add_rows(layout.head_outputs(layer, args[0] - z_corrupt)), pre=True)
+    hook(parts.o_proj, lambda m, args: patch.deltas.set_heads(layer, args[0] - z_corrupt), pre=True)
     if parts.attn_post_norm is not None:
         hook(parts.attn_post_norm, lambda m, args, out: patch.attn.__setitem__(layer, (args[0], out)))
     mlp_norm_forward = parts.mlp_norm.forward
@@ -170,7 +168,7 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
     swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x,
                                                     patch.inputs(x, upstream, [graph.mlp_input(layer)])), stack)
     mlp_corrupt = corrupt[("mlp", layer)]
-    hook(parts.mlp_out, lambda m, args, out: patch.add_rows((out - mlp_corrupt).unsqueeze(0)))
+    hook(parts.mlp_out, lambda m, args, out: patch.deltas.set_mlp(layer, out - mlp_corrupt))
 
 
 def circuit_metric(model, task: Task, circuits: list[torch.Tensor], *, batch_size: int = 32,
