@@ -134,9 +134,9 @@ def node_deltas(model, layout: Layout, graph: Graph, clean: dict, corrupt: dict,
 class _Scorer:
     """Hooks for one backward: contract each input's gradient with the upstream Δ into ``scores``."""
 
-    def __init__(self, layout: Layout, graph: Graph, delta: torch.Tensor, scores: torch.Tensor,
-                 per_position: torch.Tensor | None):
-        self.layout, self.graph, self.delta = layout, graph, delta
+    def __init__(self, layout: Layout, graph: Graph, scores: torch.Tensor, per_position: torch.Tensor | None):
+        self.layout, self.graph = layout, graph
+        self.delta: NodeDeltas | None = None      # set before the backward
         self.scores, self.per_position = scores, per_position
         self.norm_inputs: dict[int, torch.Tensor] = {}
 
@@ -234,57 +234,50 @@ def _forward(model, ids: torch.Tensor, positions: int) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits
 
 
+def _record(model, layout: Layout, ids: torch.Tensor, positions: int) -> dict:
+    """Every node's output for ``ids`` (no gradient)."""
+    store = {}
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        record_outputs(layout, store, stack)
+        _forward(model, ids, positions)
+    return store
+
+
 def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int], method: str,
                  settings: GIMSettings, ig_steps: int, scores: torch.Tensor, per_position: torch.Tensor | None,
                  expanded_layers: int | None) -> None:
-    device = layout.embedding.weight.device
-    clean_ids, corrupt_ids, targets = task.batch(idx, device)
+    """Add the batch's scores, summed over its examples (and over the EAP-IG steps), into ``scores``."""
+    clean_ids, corrupt_ids, targets = task.batch(idx, layout.embedding.weight.device)
     positions = task.metric.positions
-    corrupt, clean = {}, {}
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        record_outputs(layout, corrupt, stack)
-        _forward(model, corrupt_ids, positions)
-    corrupt = {k: v.detach() for k, v in corrupt.items()}
     if expanded_layers is None:
         expanded_layers = delta_layers(model, graph, clean_ids.numel(), positions=positions)
-
-    gim = method == "gim"
-    frozen_post = gim and settings.freeze_norm
+    corrupt = _record(model, layout, corrupt_ids, positions)
     with contextlib.ExitStack() as stack:
-        if gim:
+        if method == "gim":
             stack.enter_context(GIM.from_settings(model, settings))
-        if method == "eap-ig":
-            with torch.no_grad(), contextlib.ExitStack() as rec:
-                record_outputs(layout, clean, rec)
-                _forward(model, clean_ids, positions)
-            clean = {k: v.detach() for k, v in clean.items()}
-            delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=False,
-                                expanded_layers=expanded_layers)
-            scorer = _Scorer(layout, graph, delta, scores, per_position)
-            scorer.install(stack)
+        scorer = _Scorer(layout, graph, scores, per_position)
+        scorer.install(stack)
+        if method == "eap-ig":   # Δ from plain clean and corrupt runs; gradients at k/steps of the way
+            clean = _record(model, layout, clean_ids, positions)
+            scorer.delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=False,
+                                       expanded_layers=expanded_layers)
             e_clean, e_corrupt = clean["emb"], corrupt["emb"]
-            step_scores = torch.zeros_like(scores)
-            scorer.scores = step_scores
-            if per_position is not None:
-                scorer.per_position = torch.zeros_like(per_position)
+            del clean, corrupt
             for k in range(ig_steps):
                 mix = (e_corrupt + (k / ig_steps) * (e_clean - e_corrupt)).requires_grad_(True)
                 with _embedding_override(layout, lambda out, _mix=mix: _mix):
                     m = task.metric(_forward(model, clean_ids, positions), targets).sum()
                 m.backward()
-            scores += step_scores / ig_steps
-            if per_position is not None:
-                per_position += scorer.per_position / ig_steps
             return
-
         # gim / eap: one clean forward (recording, with gradient), Δ, one backward
-        record_outputs(layout, clean, stack)
-        scorer = _Scorer(layout, graph, None, scores, per_position)
-        scorer.install(stack)
-        with _embedding_override(layout, lambda out: out.detach().requires_grad_(True)):
-            m = task.metric(_forward(model, clean_ids, positions), targets).sum()
+        clean = {}
+        with contextlib.ExitStack() as rec:
+            record_outputs(layout, clean, rec)
+            with _embedding_override(layout, lambda out: out.detach().requires_grad_(True)):
+                m = task.metric(_forward(model, clean_ids, positions), targets).sum()
         clean = {k: v.detach() for k, v in clean.items()}
-        scorer.delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=frozen_post,
+        scorer.delta = node_deltas(model, layout, graph, clean, corrupt,
+                                   frozen_post_norm=method == "gim" and settings.freeze_norm,
                                    expanded_layers=expanded_layers)
         del clean, corrupt
         m.backward()
@@ -328,7 +321,8 @@ def attribute(model, task: Task, method: str = "gim", *, graph: Graph | None = N
             _score_batch(model, layout, graph, task, idx, method, settings, ig_steps, scores, pos, expanded_layers)
             if progress is not None:
                 progress(len(idx))
-    scores = (scores / len(task)).cpu() * graph.real
+    count = len(task) * (ig_steps if method == "eap-ig" else 1)
+    scores = (scores / count).cpu() * graph.real
     if pos is not None:
-        pos = (pos / len(task)).cpu() * graph.real[..., None]
+        pos = (pos / count).cpu() * graph.real[..., None]
     return Scores(method, graph, scores, time.perf_counter() - started, len(task), pos)

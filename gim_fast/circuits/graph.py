@@ -148,7 +148,8 @@ class Graph:
         return [f"{self.sources[s]}->{self.inputs[i]}" for s, i in self.edge_index().tolist()]
 
     def __str__(self) -> str:
-        kv = f", {self.kv_heads} key/value heads" if self.kv_heads != self.heads else ""
+        kv = (f", {self.kv_heads} key/value head{'s' if self.kv_heads > 1 else ''}"
+              if self.kv_heads != self.heads else "")
         return (f"{self.n_sources} nodes (the embedding, {self.layers}×{self.heads} heads{kv}, {self.layers} MLPs) "
                 f"+ the logits; {self.n_inputs} inputs ({self.layers}×({self.heads} q + {self.kv_heads} k + "
                 f"{self.kv_heads} v + 1 MLP) + the logits); {self.n_edges:,} edges")
