@@ -59,7 +59,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         "circuit", help="circuit discovery (edge attribution patching with GIM, EAP, EAP-IG) and its faithfulness",
         description="Score every edge of the model's graph (embedding, attention heads with their q/k/v inputs, "
                     "MLPs, logits) by attribution patching on a task of clean/corrupt prompt pairs, then measure "
-                    "the faithfulness of the top-k%% circuits as the MIB benchmark's circuit track does: f(k) = "
+                    "the faithfulness of the top-k% circuits as the MIB benchmark's circuit track does: f(k) = "
                     "(m(C) - m(empty)) / (m(full) - m(empty)), CPR = area under f (higher is better), CMD = area "
                     "under |1 - f| (lower is better). Writes OUT/summary.csv, OUT/curve.csv, OUT/edges.parquet, "
                     "OUT/faithfulness.png and OUT/run.json.",
