@@ -138,7 +138,7 @@ def test_full_circuit_is_the_clean_run_and_empty_the_corrupt_one(models, family)
         full = patched_forward(model, layout, graph, clean, run, graph.full(), 1)
         empty = patched_forward(model, layout, graph, clean, run, graph.empty(), 1)
     assert torch.equal(full, plain_clean)
-    torch.testing.assert_close(empty, plain_corrupt, rtol=0, atol=1e-6)   # float64 model, float32 norms inside
+    assert torch.equal(empty, plain_corrupt)     # every input reads the corrupt residual: the corrupt run itself
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,6 +153,26 @@ def test_head_outputs_sum_to_the_output_projection(models, family):
     alone = torch.zeros_like(z)
     alone[..., 2 * layout.head_dim:3 * layout.head_dim] = z[..., 2 * layout.head_dim:3 * layout.head_dim]
     torch.testing.assert_close(heads[2], o_proj(alone) - bias)          # head 2 is its own slice of z
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_circuit_runs_read_from_either_side_alike(models, family):
+    """A small circuit's inputs are built from the corrupt residual plus the kept edges, a large one's from this
+    run's residual minus the patched edges, with shortcuts for inputs that read one residual; a run with float
+    edge weights that require grad always takes the second way with no shortcut. Both give the same metric."""
+    model = models[family]
+    task = toy_task()
+    layout, graph = layout_of(model), Graph.from_model(model)
+    clean, corrupt, targets = task.batch([0, 1, 2], "cpu")
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(graph.real.shape, generator=g) * graph.real
+    for share in (0.03, 0.6):
+        circuit = graph.top_edges(scores, int(share * graph.n_edges), prune=False)
+        with torch.no_grad():
+            run = CorruptRun.of(model, layout, corrupt)
+            fast = patched_forward(model, layout, graph, clean, run, circuit, 1)
+        slow = patched_forward(model, layout, graph, clean, run, circuit.double().requires_grad_(True), 1)
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-9, atol=1e-9)
 
 
 def _projection(layout, layer, kind, normed):

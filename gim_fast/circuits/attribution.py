@@ -70,10 +70,11 @@ class Scores:
 # ------------------------------------------------------------------------------------------------------ recording
 
 
-def record_outputs(layout: Layout, store: dict, stack: contextlib.ExitStack) -> None:
+def record_outputs(layout: Layout, store: dict, stack: contextlib.ExitStack, *, reads: bool = False) -> None:
     """Hooks that put each node's output into ``store`` during a forward pass: ``"emb"``, ``("z", l)`` (the output
     projection's input), ``("mlp", l)``; with post-norms also ``("A", l)``/``("P", l)``, the attention norm's input
-    and output."""
+    and output. With ``reads``, also the residual stream where the inputs read it: ``("x", l)`` (the input norm's
+    input), ``("xm", l)`` (the MLP norm's) and ``"xf"`` (the final norm's)."""
     def keep_output(key):
         return lambda module, args, out: store.__setitem__(key, out)
 
@@ -87,6 +88,11 @@ def record_outputs(layout: Layout, store: dict, stack: contextlib.ExitStack) -> 
         if parts.attn_post_norm is not None:
             handles.append(parts.attn_post_norm.register_forward_pre_hook(keep_input(("A", i))))
             handles.append(parts.attn_post_norm.register_forward_hook(keep_output(("P", i))))
+        if reads:
+            handles.append(parts.input_norm.register_forward_pre_hook(keep_input(("x", i))))
+            handles.append(parts.mlp_norm.register_forward_pre_hook(keep_input(("xm", i))))
+    if reads:
+        handles.append(layout.final_norm.register_forward_pre_hook(keep_input("xf")))
     for handle in handles:
         stack.callback(handle.remove)
 

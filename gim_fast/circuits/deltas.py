@@ -88,13 +88,20 @@ class NodeDeltas:
             return self.prefix[first:first + self.graph.heads]
         return self.expand(layer, self.compact[layer])
 
-    def non_head_rows(self, rows: int) -> tuple[list[int], torch.Tensor]:
-        """The embedding's and the MLPs' rows below ``rows``: their indices and ``[n, B, S, H]``."""
-        graph = self.graph
-        mlps = [layer for layer in range(graph.layers) if graph.mlp_node(layer) < rows]
-        index = [0] + [graph.mlp_node(layer) for layer in mlps]
+    def gather(self, index: list[int]) -> torch.Tensor:
+        """Rows ``index`` (ascending), ``[len(index), B, S, H]``."""
         if self.differentiable:
-            return index, torch.cat(self.blocks)[index]
-        blocks = [self.prefix[:1]] + [self.prefix[graph.mlp_node(layer)].unsqueeze(0) if layer < self.expanded_layers
-                                      else self.mlp[layer].unsqueeze(0) for layer in mlps]
-        return index, torch.cat(blocks)
+            return torch.cat(self.blocks)[index]
+        graph, cut = self.graph, self.prefix_rows
+        parts = []
+        inside = [r for r in index if r < cut]
+        if inside:
+            parts.append(self.prefix[inside])
+        for layer in range(self.expanded_layers, graph.layers):
+            first = graph.head_node(layer, 0)
+            heads = [r - first for r in index if first <= r < first + graph.heads]
+            if heads:
+                parts.append(self.expand(layer, self.compact[layer])[heads])
+            if graph.mlp_node(layer) in index:
+                parts.append(self.mlp[layer].unsqueeze(0))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -121,6 +121,9 @@ class Graph:
     def mlp_node(self, layer: int) -> int:
         return self.upstream(layer) + self.heads
 
+    def is_head(self, node: int) -> bool:
+        return node > 0 and (node - 1) % (self.heads + 1) != self.heads
+
     def query_inputs(self, layer: int) -> range:
         start = layer * self.inputs_per_layer
         return range(start, start + self.heads)

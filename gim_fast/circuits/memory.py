@@ -35,7 +35,7 @@ from .graph import Graph
 __all__ = ["CircuitMemoryEstimate", "estimate_circuit_memory", "check_circuit_memory", "delta_layers", "INPUT_CHUNK"]
 
 _HEADROOM = 0.9   # use at most this share of the free memory
-INPUT_CHUNK = 8   # a layer's query (key, value) inputs are built, normed and contracted this many at a time
+INPUT_CHUNK = 16  # a layer's query (key, value) inputs are built, normed and contracted this many at a time
 
 
 @dataclass

@@ -22,6 +22,7 @@ is then differentiable in it, and ∂m/∂w(u → v) at w = 1 is exactly the att
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -46,9 +47,16 @@ class CorruptRun(dict):
     def of(cls, model, layout: Layout, corrupt_ids: torch.Tensor) -> "CorruptRun":
         run = cls()
         with torch.no_grad(), contextlib.ExitStack() as stack:
-            record_outputs(layout, run, stack)
+            record_outputs(layout, run, stack, reads=True)
             model(input_ids=corrupt_ids, use_cache=False, logits_to_keep=1)
         return run
+
+
+@dataclass(frozen=True)
+class CorruptRead:
+    """Every input of a group reads the corrupt run's residual ``value`` (no kept edge)."""
+
+    value: torch.Tensor
 
 
 class _Patch:
@@ -58,41 +66,69 @@ class _Patch:
                  expanded_layers: int):
         self.layout, self.graph, self.corrupt = layout, graph, corrupt
         self.grad = weights.requires_grad
-        self.off = 1 - weights.to(corrupt["emb"].dtype)      # 1 where the edge is patched
+        self.keep = weights.to(corrupt["emb"].dtype)         # 1 where the edge is kept, 0 where it is patched
         self.deltas = NodeDeltas(graph, layout.head_outputs, expanded_layers, differentiable=self.grad)
         self.stash: dict[str, torch.Tensor | None] = {}
         self.attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # post-norm layers: (A, post_norm(A))
 
-    def inputs(self, x: torch.Tensor, upstream: int, cols) -> torch.Tensor | None:
-        """Each input of ``cols``'s residual read ``[len(cols), B, S, H]``, or None when none of them has a
-        patched edge (then they all read ``x``; only in runs without gradient)."""
-        off = self.off[:upstream, cols]
-        if not self.grad and not bool(off.any()):
+    def inputs(self, x: torch.Tensor, upstream: int, cols, read) -> torch.Tensor | None:
+        """Each input of ``cols``'s residual read ``[len(cols), B, S, H]``; None when none of them has a patched
+        edge (they all read ``x``), or ``CorruptRead`` when none has a kept one (they all read the corrupt run's
+        residual, exactly); the last two only in runs without gradient. ``read``: the corrupt run's key of this
+        read point.
+
+        Two equal ways: from this run's residual ``x`` minus the patched parents' Δ, or from the corrupt run's
+        residual at the same point plus the kept parents' Δ; the one with fewer Δ rows to read is taken (a small
+        circuit reads few)."""
+        keep = self.keep[:upstream, cols]
+        patched = 1 - keep
+        if self.grad:
+            return self._read(x, patched, -1)
+        rows_patched, rows_kept = int(patched.any(1).sum()), int(keep.any(1).sum())
+        if rows_patched == 0:
             return None
-        n_cols, shape = off.shape[1], x.shape
-        if not self.layout.post_norms:
-            corr = sum(off[first:first + len(d)].T @ d.reshape(len(d), -1)
-                       for first, d in self.deltas.pieces(upstream))
-            return x.unsqueeze(0) - corr.reshape(n_cols, *shape)
+        if rows_kept == 0:
+            return CorruptRead(self.corrupt[read])
+        if rows_kept < rows_patched:
+            return self._read(self.corrupt[read], keep, +1, corrupt_base=True)
+        return self._read(x, patched, -1)
+
+    def _read(self, base: torch.Tensor, weight: torch.Tensor, sign: int, corrupt_base: bool = False) -> torch.Tensor:
+        """``base + sign · Σ_u weight[u, c] · Δ_u`` for every column c of ``weight`` ``[upstream, n]``; for
+        post-normed heads, each layer's term goes through the norm (this run's or the corrupt run's sum)."""
         graph, heads = self.graph, self.graph.heads
-        index, rows = self.deltas.non_head_rows(upstream)
-        parts = [(off[index].T @ rows.reshape(len(index), -1)).reshape(n_cols, *shape)]
+        n_cols, shape = weight.shape[1], base.shape
+        post = self.layout.post_norms
+        upstream = weight.shape[0]
+        direct = weight
+        if post:   # heads go through their layer's norm below
+            heads_mask = torch.tensor([graph.is_head(r) for r in range(upstream)], device=weight.device)
+            direct = weight * ~heads_mask[:, None]
+        rows = list(range(upstream)) if self.grad else direct.any(1).nonzero()[:, 0].tolist()
+        out = base.unsqueeze(0).expand(n_cols, *shape)
+        if rows and 3 * len(rows) < upstream:     # few rows: gather them
+            d = self.deltas.gather(rows)
+            out = out + sign * (direct[rows].T @ d.reshape(len(rows), -1)).reshape(n_cols, *shape)
+        elif rows:                                # many: read Δ in place, the unused rows with weight 0
+            total = sum(direct[first:first + len(d)].T @ d.reshape(len(d), -1)
+                        for first, d in self.deltas.pieces(upstream))
+            out = out + sign * total.reshape(n_cols, *shape)
+        if not post:
+            return out
         for layer in range(graph.layers):
             first = graph.head_node(layer, 0)
-            if first >= upstream:
+            if first >= weight.shape[0]:
                 break
-            o = off[first:first + heads]
-            which = o.any(0) if not self.grad else torch.ones(n_cols, dtype=torch.bool, device=x.device)
+            w = weight[first:first + heads]
+            which = w.any(0) if not self.grad else torch.ones(n_cols, dtype=torch.bool, device=base.device)
             if not bool(which.any()):
                 continue
-            a, post = self.attn[layer]
+            a, normed = (self.corrupt[("A", layer)], self.corrupt[("P", layer)]) if corrupt_base else self.attn[layer]
             d = self.deltas.heads(layer).reshape(heads, -1)
-            mix = a.unsqueeze(0) - (o[:, which].T @ d).reshape(int(which.sum()), *shape)
-            norm = self.layout.layers[layer].attn_post_norm
-            change = torch.zeros_like(parts[0]).index_put((which.nonzero()[:, 0],),
-                                                          post.unsqueeze(0) - norm.forward(mix))
-            parts.append(change)
-        return x.unsqueeze(0) - sum(parts)
+            mix = a.unsqueeze(0) + sign * (w[:, which].T @ d).reshape(int(which.sum()), *shape)
+            change = self.layout.layers[layer].attn_post_norm.forward(mix) - normed.unsqueeze(0)
+            out = out.index_put((which.nonzero()[:, 0],), change, accumulate=True) if not self.grad else out + change
+        return out
 
 
 def patched_forward(model, layout: Layout, graph: Graph, clean_ids: torch.Tensor, corrupt: CorruptRun,
@@ -113,12 +149,15 @@ def patched_forward(model, layout: Layout, graph: Graph, clean_ids: torch.Tensor
         final = layout.final_norm
         final_forward = final.forward
         swap_forward(final, lambda x: _norm_of(final_forward, x, patch.inputs(x, graph.n_sources,
-                                                                             [graph.logits_input])), stack)
+                                                                             [graph.logits_input], "xf")), stack)
         return model(input_ids=clean_ids, use_cache=False, logits_to_keep=positions).logits
 
 
-def _norm_of(forward, x: torch.Tensor, inputs: torch.Tensor | None) -> torch.Tensor:
-    return forward(x) if inputs is None else forward(inputs[0])
+def _norm_of(forward, x: torch.Tensor, inputs) -> torch.Tensor:
+    """A single input's norm: of ``x``, of the corrupt read, or of its own read."""
+    if inputs is None:
+        return forward(x)
+    return forward(inputs.value if isinstance(inputs, CorruptRead) else inputs[0])
 
 
 def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
@@ -126,24 +165,48 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
     norm_forward = parts.input_norm.forward
     columns = {"q": graph.query_inputs(layer), "k": graph.key_inputs(layer), "v": graph.value_inputs(layer)}
 
-    def project(kind, x):
-        """The kind's projection with each head reading its own residual; None when no head has a patched edge.
-        A few heads at a time bound the transient memory."""
-        cols, out, patched = columns[kind], [], False
-        for first in range(0, len(cols), INPUT_CHUNK):
-            inputs = patch.inputs(x, graph.upstream(layer), cols[first:first + INPUT_CHUNK])
-            patched = patched or inputs is not None
-            n = len(cols[first:first + INPUT_CHUNK])
-            normed = norm_forward(x).expand(n, *x.shape) if inputs is None else norm_forward(inputs)
-            out.append(layout.project(layer, kind, normed, heads=slice(first, first + n)))
-        return torch.cat(out, dim=-1) if patched else None
+    def own_projection(kind, normed):
+        """The kind's part of the layer's own projection of ``normed`` (every head reading the same input)."""
+        module, kinds = layout._projection_of(layer, kind)
+        offset = sum(layout.width(k) for k in kinds[:kinds.index(kind)])
+        return originals[module](normed)[..., offset:offset + layout.width(kind)]
+
+    # the layer's attention inputs in graph order: (kind, head) for each query, key and value input
+    inputs_of_layer = [(kind, h) for kind, cols in columns.items() for h in range(len(cols))]
+    first_col = columns["q"].start
 
     def input_norm(x):
+        """Build every query/key/value input's read, a few at a time (bounded transient memory), and stash each
+        kind's projection: per head where the heads read their own residual, else the layer's own projection of
+        the shared read (this run's or the corrupt run's residual), bit for bit; None for a kind none of whose
+        heads has a patched edge."""
+        pieces = {kind: [] for kind in columns}
+        patched = dict.fromkeys(columns, False)
+        shared = {}
+        for start in range(0, len(inputs_of_layer), INPUT_CHUNK):
+            chunk = inputs_of_layer[start:start + INPUT_CHUNK]
+            reads = patch.inputs(x, graph.upstream(layer), range(first_col + start, first_col + start + len(chunk)),
+                                 ("x", layer))
+            normed = norm_forward(reads) if isinstance(reads, torch.Tensor) else None
+            for kind in columns:                  # the chunk's heads of each kind are contiguous
+                where = [i for i, (k, _) in enumerate(chunk) if k == kind]
+                if not where:
+                    continue
+                heads = slice(chunk[where[0]][1], chunk[where[-1]][1] + 1)
+                patched[kind] = patched[kind] or reads is not None
+                if normed is not None:
+                    pieces[kind].append(layout.project(layer, kind, normed[where[0]:where[-1] + 1], heads=heads))
+                    continue
+                key = (kind, "x" if reads is None else "corrupt")
+                if key not in shared:
+                    shared[key] = own_projection(kind, norm_forward(x if reads is None else reads.value))
+                pieces[kind].append(shared[key][..., heads.start * layout.head_dim:heads.stop * layout.head_dim])
         for kind in columns:
-            patch.stash[kind] = project(kind, x)
+            patch.stash[kind] = torch.cat(pieces[kind], dim=-1) if patched[kind] else None
         return norm_forward(x)
 
     swap_forward(parts.input_norm, input_norm, stack)
+    originals = {module: module.forward for module, _ in parts.projections}
     for module, kinds in parts.projections:
         forward = module.forward
 
@@ -165,8 +228,8 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
         hook(parts.attn_post_norm, lambda m, args, out: patch.attn.__setitem__(layer, (args[0], out)))
     mlp_norm_forward = parts.mlp_norm.forward
     upstream = graph.upstream(layer) + graph.heads
-    swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x,
-                                                    patch.inputs(x, upstream, [graph.mlp_input(layer)])), stack)
+    swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x, patch.inputs(
+        x, upstream, [graph.mlp_input(layer)], ("xm", layer))), stack)
     mlp_corrupt = corrupt[("mlp", layer)]
     hook(parts.mlp_out, lambda m, args, out: patch.deltas.set_mlp(layer, out - mlp_corrupt))
 
