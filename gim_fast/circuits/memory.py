@@ -10,13 +10,13 @@ scoring (one batch of ``attribute``):
     the layers' input-norm inputs                         b · T · L · H
     node differences Δ                                    b · T · H · (1 + E·(heads + 1)) + b · T · (L − E)·(heads·D + H)
                                                           (+ one layer expanded on demand: b · heads · T · H)
-    input gradients, 8 inputs at a time (transient)       4 · 4 · 8 · T · H (the cotangents through the input norm, in
+    input gradients, 16 inputs at a time (transient)      4 · 4 · 16 · T · H (the cotangents through the input norm, in
                                                           float32) + a 16-row float32 slice of Δ
     the scores                                            4 · N · inputs (· S per position)
 patching (one circuit run, no gradient):
     the corrupt run's node outputs                        b · T · (H + L·(heads·D + H))
     this run's node differences Δ                         as above
-    residual reads, 8 inputs at a time (transient)        4 · 8 · b · T · H (reads, corrections, their norms)
+    residual reads, 16 inputs at a time (transient)       4 · 16 · b · T · H (reads, corrections, their norms)
     the forward working set (one layer, no gradient)      as one layer of ``estimate_memory``
 
 ``delta_layers`` picks E: every layer when it fits the free memory, fewer otherwise (each compact layer costs one
