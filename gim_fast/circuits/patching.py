@@ -5,17 +5,19 @@ in this (patched) run plus the corrupt outputs of its other parents:
 
     in_v = x − Σ_{u → v not in the circuit} (a_u(this run) − a_u(corrupt))
 
-x the residual stream where v reads it (the sum of every upstream output in this run, plus the biases). With every
-edge kept nothing is patched and the run is the clean one, bit for bit; with none every input reads the corrupt
-run's values, so the logits are the corrupt run's up to rounding. For Gemma 2/3 the heads of a layer reach the
-residual stream through the attention's post-norm, which is not additive: an input that reads some heads of layer
-l from the corrupt run gets that layer's contribution recomputed, ``post_norm(A − Σ_{patched heads} Δa_h)``, A the
-layer's attention output in this run (as the EAP-IG code does for Gemma).
+x the residual stream where v reads it (the sum of every upstream output in this run, plus the biases), or,
+equally, the corrupt run's residual at that point plus the kept parents' differences: each group of inputs is
+built from the side with fewer differences to read. With every edge kept nothing is patched and the run is the
+clean one, bit for bit; with none every input reads the corrupt run's residual and the run is the corrupt one, bit
+for bit. For Gemma 2/3 the heads of a layer reach the residual stream through the attention's post-norm, which is
+not additive: an input that reads some heads of layer l from the corrupt run gets that layer's contribution
+recomputed, ``post_norm(A − Σ_{patched heads} Δa_h)``, A the layer's attention output in this run (as the EAP-IG
+code does for Gemma).
 
 How: per instance and restored on exit, the layer's input norm is swapped for one that builds each query, key and
 value input's own residual read and projects it with that head's weight slice (the projections' forwards return
-these), the MLP's norm and the final norm for ones that subtract their input's patched edges, and hooks record
-each node's output as the run goes (``Δ`` rows are filled layer by layer, so an input's correction costs one
+these), the MLP's norm and the final norm for ones that build their input's read, and hooks record each node's
+output as the run goes (Δ rows are filled layer by layer, ``gim_fast.circuits.deltas``; a group of inputs costs one
 matrix product over its upstream nodes). ``weights`` may be a float matrix that requires grad (1 = kept): the run
 is then differentiable in it, and ∂m/∂w(u → v) at w = 1 is exactly the attribution-patching score of the edge.
 """
@@ -34,7 +36,7 @@ from .deltas import NodeDeltas
 from .graph import Graph
 from .layout import Layout, layout_of
 from .memory import INPUT_CHUNK, delta_layers
-from .tasks import Task
+from .tasks import Task, task_metric
 
 __all__ = ["CorruptRun", "run_circuit", "circuit_metric", "patched_forward", "edge_effects"]
 
@@ -234,10 +236,10 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
     hook(parts.mlp_out, lambda m, args, out: patch.deltas.set_mlp(layer, out - mlp_corrupt))
 
 
-def circuit_metric(model, task: Task, circuits: list[torch.Tensor], *, batch_size: int = 32,
+def circuit_metric(model, task: Task, circuits, *, batch_size: int = 32,
                    graph: Graph | None = None, progress=None) -> torch.Tensor:
-    """The task's metric per example ``[len(circuits), N]`` with each circuit (a ``[sources, inputs]`` bool matrix)
-    run on every example; the corrupt run of a batch is recorded once for all circuits."""
+    """The task's metric per example ``[len(circuits), N]`` with each circuit (a ``[sources, inputs]`` bool matrix;
+    ``circuits`` a sequence) run on every example; the corrupt run of a batch is recorded once for all circuits."""
     layout = layout_of(model)
     graph = graph or Graph.from_model(model)
     device = layout.embedding.weight.device
@@ -265,17 +267,26 @@ def edge_effects(model, task: Task, edges: torch.Tensor | None = None, *, batch_
     """The exact effect of patching each edge alone, ``m(full) − m(every edge but this one)``, mean over the
     examples: one forward pass per edge and batch. ``edges``: ``[K, 2]`` (source, input) rows of
     ``graph.edge_index()`` (default: every edge)."""
-    from .tasks import task_metric
-
     graph = graph or Graph.from_model(model)
     edges = graph.edge_index() if edges is None else edges
     if len(edges) and not bool(graph.real[edges[:, 0], edges[:, 1]].all()):
         raise ValueError("edges must be (source, input) pairs of the graph's edges")
-    circuits = []
-    for s, i in edges.tolist():
-        circuit = graph.full()
-        circuit[s, i] = False
-        circuits.append(circuit)
-    patched = circuit_metric(model, task, circuits, batch_size=batch_size, graph=graph, progress=progress)
+    patched = circuit_metric(model, task, _AllButOne(graph, edges), batch_size=batch_size, graph=graph,
+                             progress=progress)
     full = task_metric(model, task, "clean", batch_size=batch_size)
     return full.mean() - patched.mean(1)
+
+
+class _AllButOne:
+    """The circuits "every edge but edges[k]", made when asked for (a list of them would hold K full matrices)."""
+
+    def __init__(self, graph: Graph, edges: torch.Tensor):
+        self.graph, self.edges = graph, edges.tolist()
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        circuit = self.graph.full()
+        circuit[self.edges[k][0], self.edges[k][1]] = False
+        return circuit
