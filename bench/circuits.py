@@ -1,14 +1,16 @@
-"""The README's circuit table: ``gim-fast circuit`` on every task and model, then one markdown table.
+"""The README's circuit tables: ``gim-fast circuit`` on every task and model, exact patching, one markdown table.
 
-    python bench/circuits.py                 # run what is missing, then print the tables (about an hour on 2 CPU cores)
+    python bench/circuits.py                 # run what is missing, then print the tables (CPU: hours on a shared
+                                             # 2-core machine; see the README for the time each took)
     python bench/circuits.py --table-only    # print the tables from bench/results/circuits/*/summary.csv
     python bench/circuits.py --estimate      # the memory estimate for the Llama-3.1-8B config (no model built)
+    python bench/circuits.py --tiny          # scores vs exact per-edge patching on tiny random models, 7 families
 
-Each run is ``gim-fast circuit --task T --model M --n 32 --out bench/results/circuits/T-M`` (plus
-``--exact-edges 200`` for IOI on SmolLM2: the rank correlation of each method with exact patching of 200 random
-edges). The tables show, per method, CPR and CMD of the circuits ranked by score (the issue's definition; MIB
-ranks by |score| for CMD: ``--ranking both`` measures that too, at twice the circuit runs), for edge and for node
-circuits, and the scoring time per example.
+Each table run is ``gim-fast circuit --task T --model M --n 16 --out bench/results/circuits/T-M``: CPR and CMD of
+the circuits ranked by score (the issue's definition; MIB ranks by |score| for CMD: ``--ranking both`` measures
+that too, at twice the circuit runs), for edge and node circuits, and the scoring time per example. The exact run
+patches 150 random edges of SmolLM2 one at a time on 8 IOI prompts and correlates each method's scores with
+these effects (``bench/results/circuits/exact-ioi-smollm2-135m``).
 """
 from __future__ import annotations
 
@@ -24,21 +26,54 @@ OUT = ROOT / "bench" / "results" / "circuits"
 MODELS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("ioi", "greater-than", "capitals")
 METHODS = ("gim", "eap", "eap-ig", "random")
-EXACT = {("ioi", "smollm2-135m"): 200}
+EXACT = ["--task", "ioi", "--model", "smollm2-135m", "--n", "8", "--levels", "edge", "--percentages", "100",
+         "--exact-edges", "150"]
 
 
-def run(task: str, model: str, n: int, threads: int | None) -> None:
-    out = OUT / f"{task}-{model}"
+def run(name: str, args: list[str], threads: int | None) -> None:
+    out = OUT / name
     if (out / "summary.csv").exists():
         return
-    command = [str(Path(sys.executable).parent / "gim-fast"), "circuit", "--task", task, "--model", model,
-               "--n", str(n), "--out", str(out.relative_to(ROOT))]
-    if (task, model) in EXACT:
-        command += ["--exact-edges", str(EXACT[task, model])]
+    command = [str(Path(sys.executable).parent / "gim-fast"), "circuit", *args, "--out", str(out.relative_to(ROOT)),
+               "--quiet"]
     if threads:
         command += ["--threads", str(threads)]
     print(" ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
+
+
+def exact_table() -> str:
+    path = OUT / "exact-ioi-smollm2-135m" / "run.json"
+    if not path.exists():
+        return "(no exact run yet)"
+    import json
+
+    exact = json.loads(path.read_text())["exact"]
+    lines = [f"{exact['edges']} random edges of SmolLM2-135M, 8 IOI prompts, {exact['seconds']:.0f} s", "",
+             "| method | Spearman ρ with exact patching |", "|---|---:|"]
+    lines += [f"| `{m}` | {rho:.3f} |" for m, rho in exact["correlations"].items()]
+    return "\n".join(lines)
+
+
+def tiny() -> str:
+    """Every edge of a tiny random model of each family (float64), 3 random prompts of 7 tokens."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_circuits import toy_task
+    from tiny_models import FAMILIES, tiny_model
+
+    from gim_fast.circuits import Graph, attribute, edge_effects, spearman
+
+    lines = ["| family | edges | " + " | ".join(f"`{m}`" for m in METHODS[:3]) + " |", "|---|---:|---:|---:|---:|"]
+    for family in FAMILIES:
+        model = tiny_model(family, dtype=torch.float64).eval()
+        task, graph = toy_task(), Graph.from_model(model)
+        edges = graph.edge_index()
+        effects = edge_effects(model, task, edges, graph=graph)
+        rho = [spearman(attribute(model, task, m).edges[edges[:, 0], edges[:, 1]], effects) for m in METHODS[:3]]
+        lines.append(f"| {family} | {len(edges)} | " + " | ".join(f"{r:.3f}" for r in rho) + " |")
+    return "\n".join(lines)
 
 
 def table(level: str) -> str:
@@ -98,19 +133,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--estimate", action="store_true")
-    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.estimate:
         estimate()
         return 0
+    if args.tiny:
+        print(tiny())
+        return 0
     if not args.table_only:
         for model in MODELS:
             for task in TASKS:
-                run(task, model, args.n, args.threads)
+                run(f"{task}-{model}", ["--task", task, "--model", model, "--n", str(args.n)], args.threads)
+        run("exact-ioi-smollm2-135m", EXACT, args.threads)
     for level in ("edge", "node"):
         print(f"\n{level} circuits\n")
         print(table(level))
+    print("\nexact patching\n")
+    print(exact_table())
     return 0
 
 
