@@ -8,6 +8,7 @@ activations would not fit — or refused before anything runs when even that wou
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,30 @@ def frozen_parameters(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def _check_not_inference(model) -> None:
+    """Inference tensors can never take part in autograd: a model loaded or built under ``torch.inference_mode()``
+    cannot be attributed (its weights would have to be copied)."""
+    if any(p.is_inference() for p in model.parameters()):
+        raise ValueError("the model's weights are inference tensors (the model was loaded or built inside "
+                         "torch.inference_mode()), which autograd can never use, so no gradient-based attribution "
+                         "can run on them; load the model outside torch.inference_mode() (torch.no_grad() is fine)")
+
+
+def _with_autograd(fn):
+    """Run ``fn`` with gradients on, whatever the caller's grad mode: attribution needs them, under
+    ``torch.no_grad()`` and inside ``torch.inference_mode()`` alike. Tensors made under inference mode (the ids,
+    the mask, ...) are copied to normal tensors first, since autograd cannot save inference tensors; the results
+    are normal tensors too."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        _check_not_inference(model)
+        with torch.inference_mode(False), torch.enable_grad():
+            args = [a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args]
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@_with_autograd
 def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_positions: torch.Tensor,
               target_ids: torch.Tensor | None, baseline_token_id: int, settings: GIMSettings | None,
               *, checkpointing: bool | str = "auto") -> Attribution:
@@ -51,7 +76,8 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
     input_ids, attention_mask: ``[B, S]`` on the embedding's device; target_positions: ``[B]`` absolute positions
     of real tokens; target_ids: ``[B]`` or None for each row's top prediction. ``settings=None`` computes the
     plain gradient through the model's own attention (the cost floor of any gradient method).
-    ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False.
+    ``checkpointing``: ``"auto"`` (when the estimate says it is needed), True or False. Gradients are enabled
+    inside, whatever the caller's grad mode (``torch.no_grad()``, ``torch.inference_mode()``).
     """
     io = model_io(model)
     embed = io.embed

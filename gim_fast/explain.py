@@ -45,12 +45,12 @@ def _as_id_tensor(input_ids) -> torch.Tensor:
             raise TypeError(f"input_ids must be integer token ids (a tensor, a list, or a list of lists): {err}") from None
     else:
         raise TypeError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
+    if ids.numel() == 0:   # before the dtype: torch.tensor([]) is float32
+        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)}); give at least one token")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() not in (1, 2):
         raise ValueError(f"input_ids must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)}); give at least one token")
     return ids.long()
 
 

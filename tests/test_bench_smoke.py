@@ -22,7 +22,8 @@ def _run(args, tmp_path):
 def test_attention_benchmark_quick(tmp_path):
     rows = _run(["bench/attention.py", "--quick", "--seqlens", "33", "--repeats", "1"], tmp_path)
     assert {r["provider"] for r in rows} == {"gim-torch", "gim-eager", "sdpa"}
-    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd-nograd", "bwd", "fwd+bwd"}
+    assert all(float(r["vs_sdpa"]) > 0 for r in rows)
     assert all(float(r["p50_ms"]) > 0 for r in rows)
 
 
