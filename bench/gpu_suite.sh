@@ -9,6 +9,7 @@
 #   bench/gpu_suite.sh explain      bench/explain.py: Llama-3.1-8B config, bf16, up to 128k tokens + longest
 #   bench/gpu_suite.sh explain-more bench/explain.py: Qwen2.5-7B and Gemma-2-9B configs
 #   bench/gpu_suite.sh throughput   bench/throughput.py --gpu: dataset jobs, 512-token prompts
+#   bench/gpu_suite.sh answers      bench/answers.py --gpu: explain_answer, Llama-3.1-8B config, 8k prompt + 64 tokens
 #   bench/gpu_suite.sh all          every stage in turn (about 20 minutes on an H100)
 #
 # Results go to $OUT (the device tool's fetch folder) or bench/results/gpu-<date>/; commit them under
@@ -29,7 +30,8 @@ stage() {
       timeout 560 $PY bench/compile_report.py --jobs 8 --out "$OUT" 2>&1 | tee "$OUT/compile_report.log" | tail -12 ;;
     tests)
       timeout 560 $PY -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_norm.py \
-        tests/test_ops.py tests/test_model_gim.py tests/test_engine.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
+        tests/test_ops.py tests/test_model_gim.py tests/test_engine.py tests/test_answers.py \
+        tests/test_cotangents.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
     attention)
       timeout 560 $PY bench/attention.py --seqlens 1024 2048 4096 8192 16384 32768 --head-dims 64 128 \
         --out "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -40 ;;
@@ -46,10 +48,12 @@ stage() {
       done ;;
     throughput)
       timeout 560 $PY bench/throughput.py --gpu --out "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -20 ;;
+    answers)
+      timeout 560 $PY bench/answers.py --gpu --out "$OUT" 2>&1 | tee "$OUT/answers.log" | tail -20 ;;
     all)
-      for s in install compile tests attention explain explain-more throughput; do echo "== $s"; stage "$s"; done ;;
+      for s in install compile tests attention explain explain-more throughput answers; do echo "== $s"; stage "$s"; done ;;
     *)
-      echo "usage: $0 install|compile|tests|attention|explain|explain-more|throughput|all" >&2; return 2 ;;
+      echo "usage: $0 install|compile|tests|attention|explain|explain-more|throughput|answers|all" >&2; return 2 ;;
   esac
 }
 
