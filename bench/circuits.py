@@ -1,21 +1,25 @@
-"""The README's circuit tables: ``gim-fast circuit`` on every task and model, exact patching, one markdown table.
+"""The README's circuit tables: ``gim-fast circuit`` on every task and model, exact patching, tiny models, the 8B
+memory estimate, all written to ``bench/results/circuits/`` (one folder per run and ``tables.md``).
 
-    python bench/circuits.py                 # run what is missing, then print the tables (CPU: hours on a shared
-                                             # 2-core machine; see the README for the time each took)
-    python bench/circuits.py --table-only    # print the tables from bench/results/circuits/*/summary.csv
-    python bench/circuits.py --estimate      # the memory estimate for the Llama-3.1-8B config (no model built)
-    python bench/circuits.py --tiny          # scores vs exact per-edge patching on tiny random models, 7 families
+    python bench/circuits.py                 # run what is missing, write and print bench/results/circuits/tables.md
+    python bench/circuits.py --table-only    # tables.md from the runs already there
+    python bench/circuits.py --n 32 --redo   # the issue's size, every run again (a quiet machine: about 4x longer)
 
-Each table run is ``gim-fast circuit --task T --model M --n 16 --out bench/results/circuits/T-M``: CPR and CMD of
-the circuits ranked by score (the issue's definition; MIB ranks by |score| for CMD: ``--ranking both`` measures
-that too, at twice the circuit runs), for edge and node circuits, and the scoring time per example. The exact run
-patches 150 random edges of SmolLM2 one at a time on 8 IOI prompts and correlates each method's scores with
-these effects (``bench/results/circuits/exact-ioi-smollm2-135m``).
+Each run is ``gim-fast circuit --task T --model M --n N --threads T --quiet --out bench/results/circuits/T-M`` (N = 8
+by default, one CPU thread): CPR and CMD of the edge and node circuits ranked by score (the MIB circuit track's CPR
+ranking; ``--ranking both`` in ``gim-fast circuit`` adds the |score| ranking MIB uses for CMD), the scoring time
+per example and the scoring's peak memory, per method (gim, eap, eap-ig, random). A task a model does not do is
+recorded as refused (``T-M/refused.txt``) and left out of the tables. The exact run patches 150 random edges of
+SmolLM2-135M one at a time on the IOI prompts and correlates each method's scores with these effects
+(``exact-ioi-smollm2-135m``); the tiny run does the same for every edge of a tiny random model of each supported
+family (float64); the estimate is ``estimate_circuit_memory`` for the Llama-3.1-8B config (no model built).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,31 +30,59 @@ OUT = ROOT / "bench" / "results" / "circuits"
 MODELS = ("smollm2-135m", "gemma3-270m")
 TASKS = ("ioi", "greater-than", "capitals")
 METHODS = ("gim", "eap", "eap-ig", "random")
-EXACT = ["--task", "ioi", "--model", "smollm2-135m", "--n", "8", "--levels", "edge", "--percentages", "100",
+EXACT = ["--task", "ioi", "--model", "smollm2-135m", "--levels", "edge", "--percentages", "100",
          "--exact-edges", "150"]
+SHORT = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 
 
-def run(name: str, args: list[str], threads: int | None) -> None:
+def run(name: str, args: list[str], threads: int, redo: bool) -> None:
     out = OUT / name
-    if (out / "summary.csv").exists():
+    if redo and out.exists():
+        shutil.rmtree(out)
+    if (out / "summary.csv").exists() or (out / "refused.txt").exists():
         return
     command = [str(Path(sys.executable).parent / "gim-fast"), "circuit", *args, "--out", str(out.relative_to(ROOT)),
-               "--quiet"]
-    if threads:
-        command += ["--threads", str(threads)]
+               "--threads", str(threads), "--quiet"]
     print(" ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 2 and "does not perform" in proc.stderr:   # the task check refused it: a result too
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "refused.txt").write_text(proc.stderr.strip() + "\n", encoding="utf-8")
+        print(proc.stderr.strip(), flush=True)
+        return
+    if proc.returncode:
+        sys.exit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr}")
+
+
+def _run_json(name: str) -> dict | None:
+    path = OUT / name / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def performance_table() -> str:
+    """Each model's clean accuracy and metric per task (or its refusal)."""
+    lines = ["| task | model | examples | clean accuracy | m clean | m corrupt | graph |", "|---|---|---:|---:|---:|---:|---|"]
+    for task in TASKS:
+        for model in MODELS:
+            run = _run_json(f"{task}-{model}")
+            refused = OUT / f"{task}-{model}" / "refused.txt"
+            if run is not None:
+                p = run["performance"]
+                lines.append(f"| {task} | {SHORT[model]} | {run['examples']} | {p['accuracy']:.0%} (chance "
+                             f"{p['chance']:.0%}) | {p['clean_metric']:.2f} | {p['corrupt_metric']:.2f} | "
+                             f"{run['graph'].split(';')[-1].strip()} |")
+            elif refused.exists():
+                lines.append(f"| {task} | {SHORT[model]} | | refused: {refused.read_text().strip()[:160]} | | | |")
+    return "\n".join(lines)
 
 
 def exact_table() -> str:
-    path = OUT / "exact-ioi-smollm2-135m" / "run.json"
-    if not path.exists():
+    run = _run_json("exact-ioi-smollm2-135m")
+    if run is None:
         return "(no exact run yet)"
-    import json
-
-    exact = json.loads(path.read_text())["exact"]
-    lines = [f"{exact['edges']} random edges of SmolLM2-135M, 8 IOI prompts, {exact['seconds']:.0f} s", "",
-             "| method | Spearman ρ with exact patching |", "|---|---:|"]
+    exact = run["exact"]
+    lines = [f"{exact['edges']} random edges of SmolLM2-135M, {run['examples']} IOI prompts, {exact['seconds']:.0f} s",
+             "", "| method | Spearman ρ with exact patching |", "|---|---:|"]
     lines += [f"| `{m}` | {rho:.3f} |" for m, rho in exact["correlations"].items()]
     return "\n".join(lines)
 
@@ -77,38 +109,29 @@ def tiny() -> str:
 
 
 def table(level: str) -> str:
-    rows = {}
+    """One row per task, model and method: CPR, CMD (best in bold), scoring seconds per example, peak MB."""
+    lines = ["| task | model | method | CPR ↑ | CMD ↓ | scoring s/example | scoring peak MB |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for task in TASKS:
         for model in MODELS:
             path = OUT / f"{task}-{model}" / "summary.csv"
             if not path.exists():
                 continue
             with open(path) as f:
-                for r in csv.DictReader(f):
-                    if r["level"] == level:
-                        rows[task, model, r["method"], r["ranking"]] = r
-    columns = [(t, m) for t in TASKS for m in MODELS if (t, m, "gim", "signed") in rows]
-    short = {"smollm2-135m": "SmolLM2", "gemma3-270m": "Gemma-3"}
-    head = "| method | " + " | ".join(f"{t}, {short[m]}: CPR ↑ | CMD ↓ | s/ex." for t, m in columns) + " |"
-    lines = [head, "|---|" + "---:|---:|---:|" * len(columns)]
-    for method in METHODS:
-        cells = []
-        for t, m in columns:
-            row = rows.get((t, m, method, "signed"))
-            best_cpr = max(float(rows[t, m, x, "signed"]["cpr"]) for x in METHODS if (t, m, x, "signed") in rows)
-            best_cmd = min(float(rows[t, m, x, "signed"]["cmd"]) for x in METHODS if (t, m, x, "signed") in rows)
-            if row is None:
-                cells += ["–", "–", "–"]
-                continue
-            cpr, cmd = f"{float(row['cpr']):.2f}", f"{float(row['cmd']):.2f}"
-            cells += [f"**{cpr}**" if float(row["cpr"]) == best_cpr else cpr,
-                      f"**{cmd}**" if float(row["cmd"]) == best_cmd else cmd,
-                      f"{float(row['seconds_per_example']):.2f}"]
-        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+                rows = [r for r in csv.DictReader(f) if r["level"] == level and r["ranking"] == "signed"]
+            best_cpr = max(float(r["cpr"]) for r in rows)
+            best_cmd = min(float(r["cmd"]) for r in rows)
+            for r in rows:
+                cpr, cmd = f"{float(r['cpr']):.2f}", f"{float(r['cmd']):.2f}"
+                cpr = f"**{cpr}**" if float(r["cpr"]) == best_cpr else cpr
+                cmd = f"**{cmd}**" if float(r["cmd"]) == best_cmd else cmd
+                peak = r.get("peak_mb") or "–"
+                lines.append(f"| {task} | {SHORT[model]} | `{r['method']}` | {cpr} | {cmd} | "
+                             f"{float(r['seconds_per_example']):.2f} | {peak} |")
     return "\n".join(lines)
 
 
-def estimate() -> None:
+def estimate() -> str:
     """Llama-3.1-8B (bench/configs.py), bf16: 64 prompts × 32 tokens, and 16 prompts × 512 tokens with every
     layer's Δ expanded and with none."""
     import torch
@@ -120,39 +143,47 @@ def estimate() -> None:
     model_type, kwargs = CONFIGS["llama-3.1-8b"]
     cfg = AutoConfig.for_model(model_type, **kwargs)
     weights = 8.03e9 * 2
-    print(f"Llama-3.1-8B: {Graph.from_config(cfg)}; weights {weights / 1e9:.1f} GB in bf16")
+    lines = [f"Llama-3.1-8B: {Graph.from_config(cfg)}; weights {weights / 1e9:.1f} GB in bf16"]
     for prompts, tokens, layers in ((64, 32, None), (16, 512, None), (16, 512, 0)):
         est = estimate_circuit_memory(cfg, tokens, prompts, dtype=torch.bfloat16, expanded_layers=layers)
         total = (est.total + weights) / 1e9
-        print(f"\n{prompts} prompts × {tokens} tokens, bf16, Δ of {'every' if layers is None else 'no'} layer "
-              f"expanded: {total:.1f} GB with the weights ({'fits' if total < 80 else 'does not fit'} 80 GB)")
-        print(est)
+        lines += ["", f"{prompts} prompts × {tokens} tokens, bf16, Δ of {'every' if layers is None else 'no'} "
+                  f"layer expanded: {total:.1f} GB with the weights ({'fits' if total < 80 else 'does not fit'} "
+                  "80 GB)", str(est)]
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--estimate", action="store_true")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--table-only", action="store_true", help="only write tables.md from the runs there")
+    parser.add_argument("--redo", action="store_true", help="delete and redo every run (default: only missing ones)")
+    parser.add_argument("--n", type=int, default=8, help="examples per task and model (default 8)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     args = parser.parse_args()
-    if args.estimate:
-        estimate()
-        return 0
-    if args.tiny:
-        print(tiny())
-        return 0
     if not args.table_only:
         for model in MODELS:
             for task in TASKS:
-                run(f"{task}-{model}", ["--task", task, "--model", model, "--n", str(args.n)], args.threads)
-        run("exact-ioi-smollm2-135m", EXACT, args.threads)
-    for level in ("edge", "node"):
-        print(f"\n{level} circuits\n")
-        print(table(level))
-    print("\nexact patching\n")
-    print(exact_table())
+                run(f"{task}-{model}", ["--task", task, "--model", model, "--n", str(args.n)], args.threads,
+                    args.redo)
+        run("exact-ioi-smollm2-135m", [*EXACT, "--n", str(args.n)], args.threads, args.redo)
+    sections = [("Task performance", performance_table()), ("Edge circuits", table("edge")),
+                ("Node circuits", table("node")), ("Exact patching, SmolLM2-135M", exact_table())]
+    if not args.table_only or (OUT / "tiny.md").exists():
+        if not args.table_only:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            (OUT / "tiny.md").write_text(tiny() + "\n", encoding="utf-8")
+            (OUT / "estimate.md").write_text(estimate() + "\n", encoding="utf-8")
+        sections += [("Exact patching, every edge of tiny random models (float64, 3 prompts of 7 tokens)",
+                      (OUT / "tiny.md").read_text().strip()),
+                     ("Memory estimate, Llama-3.1-8B config", "```\n" + (OUT / "estimate.md").read_text().strip()
+                      + "\n```")]
+    text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "tables.md").write_text(f"# Circuit results ({' '.join(['python bench/circuits.py', *sys.argv[1:]])})"
+                                   f"\n\n{text}", encoding="utf-8")
+    print(text)
     return 0
 
 

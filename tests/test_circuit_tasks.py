@@ -149,7 +149,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
         summary = list(csv.DictReader(f))
     assert [(r["method"], r["level"], r["ranking"]) for r in summary] == [
         (m, lvl, r) for m in methods for lvl in ("edge", "node") for r in ("signed", "absolute")]
-    assert {"method", "level", "cpr", "cmd", "seconds", "spearman_exact"} <= set(summary[0])
+    assert {"method", "level", "cpr", "cmd", "seconds", "peak_mb", "spearman_exact"} <= set(summary[0])
     with open(out / "curve.csv") as f:
         curve = list(csv.DictReader(f))
     assert len(curve) == 3 * 2 * 2 * 3

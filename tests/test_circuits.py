@@ -3,6 +3,7 @@ GIM / EAP / EAP-IG against independent references, faithfulness and its areas, t
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -445,6 +446,19 @@ def test_compact_deltas_and_small_chunks_give_the_same_results(models, family, m
             logits = patched_forward(model, layout, graph, clean, CorruptRun.of(model, layout, corrupt), circuit, 1,
                                      expanded_layers=layers)
         torch.testing.assert_close(task.metric(logits, targets).float(), metric[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident-set peak is read on Linux")
+def test_peak_memory_of_a_block_on_the_cpu():
+    """A block that holds 256 MiB at once peaks at about that above its start, even after an earlier, larger peak."""
+    from gim_fast.circuits.run import peak_memory
+
+    big = torch.ones(96 * 2**20)        # 384 MiB, freed before the measured block
+    del big
+    with peak_memory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 2**20)       # 256 MiB, touched
+        del x
+    assert 200 * 2**20 < peak["bytes"] < 330 * 2**20
 
 
 def test_memory_check_refuses_before_running(models, monkeypatch):

@@ -16,29 +16,35 @@ log = logging.getLogger(__name__)
 
 
 def summary_rows(result: CircuitResult) -> list[dict]:
-    """One row per method and level: CPR, CMD, the scoring time, and the exact-patching correlation."""
+    """One row per method and level: CPR, CMD, the scoring time and peak memory (MB above the start of the
+    scoring: CUDA allocations, or the CPU process's resident set), and the exact-patching correlation."""
     n = len(result.task)
     rows = []
     for curve in result.faithfulness.curves:
         row = dict(task=result.task.name, model=result.model, method=curve.method, level=curve.level,
                    ranking=curve.ranking, cpr=round(curve.cpr, 4), cmd=round(curve.cmd, 4), seconds=round(curve.seconds, 3),
-                   seconds_per_example=round(curve.seconds / n, 4), examples=n)
+                   seconds_per_example=round(curve.seconds / n, 4), examples=n,
+                   peak_mb=_megabytes(result.peak_bytes.get(curve.method)))
         if result.exact is not None:
             row["spearman_exact"] = round(result.exact.correlations.get(curve.method, float("nan")), 4)
         rows.append(row)
     return rows
 
 
+def _megabytes(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
 def markdown_summary(result: CircuitResult) -> str:
     p = result.performance
     lines = [f"{result.model}, {result.task.name} ({len(result.task)} examples; {result.graph}): clean accuracy "
              f"{p.accuracy:.0%}, metric {p.clean_metric:.3f} clean vs {p.corrupt_metric:.3f} corrupt",
-             "", "| method | level | ranking | CPR ↑ | CMD ↓ | s/example |" + (" ρ exact |" if result.exact else ""),
-             "|---|---|---|---:|---:|---:|" + ("---:|" if result.exact else "")]
+             "", "| method | level | ranking | CPR ↑ | CMD ↓ | s/example | peak MB |" + (" ρ exact |" if result.exact else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|" if result.exact else "")]
     for row in summary_rows(result):
         extra = f" {row['spearman_exact']:.3f} |" if result.exact else ""
         lines.append(f"| {row['method']} | {row['level']} | {row['ranking']} | {row['cpr']:.3f} | {row['cmd']:.3f} | "
-                     f"{row['seconds_per_example']:.3f} |{extra}")
+                     f"{row['seconds_per_example']:.3f} | {row['peak_mb']} |{extra}")
     return "\n".join(lines)
 
 

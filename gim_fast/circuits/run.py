@@ -2,7 +2,10 @@
 method, measure the faithfulness of the circuits, and optionally compare scores with exact per-edge patching."""
 from __future__ import annotations
 
+import ctypes
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +40,46 @@ class CircuitResult:
     faithfulness: Faithfulness
     exact: ExactComparison | None = None
     seconds: dict = field(default_factory=dict)
+    peak_bytes: dict = field(default_factory=dict)   # method → peak memory of its scoring (None: not measurable)
+
+
+def _resident_peak() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Measure the peak memory of the block above what it started with, into the yielded dict's ``bytes``: on CUDA
+    ``max_memory_allocated``; on the CPU the process's peak resident set (Linux: VmHWM, reset through
+    /proc/self/clear_refs after glibc's ``malloc_trim`` returns freed memory); ``None`` where neither can be
+    read."""
+    out = {"bytes": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out["bytes"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)   # hand memory freed earlier back, so the resident set is live memory
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")   # reset VmHWM to the current resident set
+        base = _resident_peak()
+    except OSError:
+        base = None
+    yield out
+    peak = _resident_peak()
+    if base is not None and peak is not None:
+        out["bytes"] = peak - base
 
 
 def discover(model, tokenizer, task: str | Task, *, model_name: str = "", methods=("gim", "eap", "eap-ig", "random"),
@@ -59,11 +102,14 @@ def discover(model, tokenizer, task: str | Task, *, model_name: str = "", method
     longest = max(ids.numel() for ids in task.clean)
     check_circuit_memory(model, longest, min(batch_size, len(task)), positions=task.metric.positions)
 
-    scores = {}
+    scores, peaks = {}, {}
+    device = next(model.parameters()).device
     for method in methods:
         update = bar(len(task), f"scoring: {method}") if bar else None
-        scores[method] = attribute(model, task, method, graph=graph, batch_size=batch_size, ig_steps=ig_steps,
-                                   seed=seed, progress=update)
+        with peak_memory(device) as peak:
+            scores[method] = attribute(model, task, method, graph=graph, batch_size=batch_size, ig_steps=ig_steps,
+                                       seed=seed, progress=update)
+        peaks[method] = peak["bytes"]
     t0 = time.perf_counter()
     faith = faithfulness(model, task, list(scores.values()), levels=levels, percentages=percentages,
                          rankings=rankings, prune=prune, batch_size=batch_size,
@@ -82,4 +128,4 @@ def discover(model, tokenizer, task: str | Task, *, model_name: str = "", method
         correlations = {name: spearman(s.edges[edges[:, 0], edges[:, 1]], effects) for name, s in scores.items()}
         exact = ExactComparison(edges, effects, correlations, time.perf_counter() - t0)
     seconds["total"] = time.perf_counter() - started
-    return CircuitResult(model_name, task, graph, perf, scores, faith, exact, seconds)
+    return CircuitResult(model_name, task, graph, perf, scores, faith, exact, seconds, peaks)
