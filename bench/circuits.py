@@ -4,6 +4,7 @@ memory estimate, all written to ``bench/results/circuits/`` (one folder per run 
     python bench/circuits.py                 # run what is missing, write and print bench/results/circuits/tables.md
     python bench/circuits.py --table-only    # tables.md from the runs already there
     python bench/circuits.py --n 32 --redo   # the issue's size, every run again (a quiet machine: about 4x longer)
+    python bench/circuits.py --estimate      # only print the Llama-3.1-8B memory estimate (seconds)
 
 Each run is ``gim-fast circuit --task T --model M --n N --threads T --quiet --out bench/results/circuits/T-M`` (N = 8
 by default, one CPU thread): CPR and CMD of the edge and node circuits ranked by score (the MIB circuit track's CPR
@@ -159,13 +160,19 @@ def main() -> int:
     parser.add_argument("--redo", action="store_true", help="delete and redo every run (default: only missing ones)")
     parser.add_argument("--n", type=int, default=8, help="examples per task and model (default 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    parser.add_argument("--estimate", action="store_true", help="only print the Llama-3.1-8B memory estimate")
+    parser.add_argument("--tiny", action="store_true", help="only print the tiny models' exact-patching table")
     args = parser.parse_args()
+    if args.estimate or args.tiny:
+        print(estimate() if args.estimate else tiny())
+        return 0
     if not args.table_only:
-        for model in MODELS:
-            for task in TASKS:
+        for task in TASKS:
+            for model in MODELS:
                 run(f"{task}-{model}", ["--task", task, "--model", model, "--n", str(args.n)], args.threads,
                     args.redo)
-        run("exact-ioi-smollm2-135m", [*EXACT, "--n", str(args.n)], args.threads, args.redo)
+            if task == "ioi":
+                run("exact-ioi-smollm2-135m", [*EXACT, "--n", str(args.n)], args.threads, args.redo)
     sections = [("Task performance", performance_table()), ("Edge circuits", table("edge")),
                 ("Node circuits", table("node")), ("Exact patching, SmolLM2-135M", exact_table())]
     if not args.table_only or (OUT / "tiny.md").exists():

@@ -21,7 +21,7 @@ patching (one circuit run, no gradient):
 
 ``delta_layers`` picks E: every layer when it fits the free memory, fewer otherwise (each compact layer costs one
 output-projection product per use). For Llama-3.1-8B in bf16, 64 prompts × 32 tokens, every layer expanded: Δ =
-16.5 GiB, 30 GiB in all, 45 GiB with the weights — one 80 GB GPU (``python bench/circuits.py --estimate``).
+16.5 GiB, 28.1 GiB in all, 46.3 GB with the weights: one 80 GB GPU (``python bench/circuits.py --estimate``).
 """
 from __future__ import annotations
 
