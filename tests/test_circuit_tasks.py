@@ -171,8 +171,18 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     (["--task", "ioi", "--methods", "gim,exact"], "expected methods among"),
     (["--task", "ioi", "--percentages", "0"], "number > 0"),
     (["--task", "ioi", "--model", "no-such-model"], "unknown model"),
+    (["--task", "ioi", "--out", "{tmp}/afile/x"], "is a file, not a directory"),
 ])
-def test_cli_usage_errors(tiny_dir, tmp_path, capsys, extra, message):
+def test_cli_usage_errors(tiny_dir, tmp_path, capsys, monkeypatch, extra, message):
+    """Each refused before the model loads."""
+    import gim_fast.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(gim_fast.models, "load_pretrained", no_load)
+    (tmp_path / "afile").write_text("")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     args = ["circuit", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--quiet", *extra]
     try:
         code = main(args)

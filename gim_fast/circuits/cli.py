@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from ..cli_args import DTYPES, UsageError, positive_int, positive_number
 
@@ -112,10 +113,22 @@ def run(args) -> int:
 
     from ..memory import InsufficientMemoryError
     from ..evaluate.cli import _environment   # the same record of the machine as gim-fast evaluate
-    from ..models import load_pretrained
+    from ..models import check_model_name, load_pretrained
+    from ..outputs import check_output_dir
     from .report import markdown_summary, write_results
     from .run import discover
+    from .tasks import TASKS
 
+    # every argument is checked before the model loads
+    if args.task not in TASKS and not Path(args.task).is_file():
+        raise UsageError(f"--task: unknown task {args.task!r}; expected one of {', '.join(TASKS)} or a .jsonl file"
+                         if not args.task.endswith((".jsonl", ".json", ".ndjson")) else
+                         f"--task: no such task file: {args.task!r}")
+    try:
+        check_output_dir(args.out)
+        check_model_name(args.model, cache_dir=args.cache_dir)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise UsageError(str(e)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
