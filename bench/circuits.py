@@ -13,7 +13,8 @@ per example and the scoring's peak memory, per method (gim, eap, eap-ig, random)
 recorded as refused (``T-M/refused.txt``) and left out of the tables. The exact run patches 150 random edges of
 SmolLM2-135M one at a time on the IOI prompts and correlates each method's scores with these effects
 (``exact-ioi-smollm2-135m``); the tiny run does the same for every edge of a tiny random model of each supported
-family (float64); the estimate is ``estimate_circuit_memory`` for the Llama-3.1-8B config (no model built).
+family (float64); ``ioi-n32-smollm2-135m`` is IOI at 32 prompts with both rankings (MIB's CPR with the signed
+ranking, CMD with the |score| one); the estimate is ``estimate_circuit_memory`` for the Llama-3.1-8B config (no model built).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ METHODS = ("gim", "eap", "eap-ig", "random")
 EXACT = ["--task", "ioi", "--model", "smollm2-135m", "--levels", "edge", "--percentages", "100",
          "--exact-edges", "150"]
 SHORT = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
+# the issue's size on the CPU, with MIB's two rankings (CPR signed, CMD |score|)
+SCALE = ("ioi-n32-smollm2-135m", ["--task", "ioi", "--model", "smollm2-135m", "--n", "32", "--ranking", "both"])
 
 
 def run(name: str, args: list[str], threads: int, redo: bool) -> None:
@@ -132,6 +135,29 @@ def table(level: str) -> str:
     return "\n".join(lines)
 
 
+def scale_table() -> str:
+    """The 32-prompt IOI run on SmolLM2: both rankings, the whole run's time."""
+    name = SCALE[0]
+    run = _run_json(name)
+    if run is None:
+        return "(no 32-prompt run yet)"
+    with open(OUT / name / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    lines = [f"SmolLM2-135M, IOI, {run['examples']} prompts, `{run['command']}`: {run['seconds']['total']:.0f} s in "
+             f"all ({run['seconds']['faithfulness']:.0f} s of circuit runs)", "",
+             "| method | level | CPR ↑ (signed ranking) | CMD ↓ (|score| ranking) | scoring s/example | peak MB |",
+             "|---|---|---:|---:|---:|---:|"]
+    by = {(r["method"], r["level"], r["ranking"]): r for r in rows}
+    for method in METHODS:
+        for level in ("edge", "node"):
+            signed, absolute = by.get((method, level, "signed")), by.get((method, level, "absolute"))
+            if signed is None or absolute is None:
+                continue
+            lines.append(f"| `{method}` | {level} | {float(signed['cpr']):.2f} | {float(absolute['cmd']):.2f} | "
+                         f"{float(signed['seconds_per_example']):.2f} | {signed.get('peak_mb') or '–'} |")
+    return "\n".join(lines)
+
+
 def estimate() -> str:
     """Llama-3.1-8B (bench/configs.py), bf16: 64 prompts × 32 tokens, and 16 prompts × 512 tokens with every
     layer's Δ expanded and with none."""
@@ -173,8 +199,10 @@ def main() -> int:
                     args.redo)
             if task == "ioi":
                 run("exact-ioi-smollm2-135m", [*EXACT, "--n", str(args.n)], args.threads, args.redo)
+        run(*SCALE, args.threads, args.redo)
     sections = [("Task performance", performance_table()), ("Edge circuits", table("edge")),
-                ("Node circuits", table("node")), ("Exact patching, SmolLM2-135M", exact_table())]
+                ("Node circuits", table("node")), ("Exact patching, SmolLM2-135M", exact_table()),
+                ("32 prompts, both rankings", scale_table())]
     if not args.table_only or (OUT / "tiny.md").exists():
         if not args.table_only:
             import torch
