@@ -3,6 +3,8 @@
     gim-fast explain "The capital of France is"
     gim-fast explain "The capital of France is" --target " Paris" --temperature none --model gemma3-270m
     gim-fast explain "The capital of France is" --html paris.html
+    gim-fast explain "The capital of France is" --answer " Paris, on the Seine"   # every answer token's sources
+    gim-fast explain "The capital of France is" --generate 8 --html answer.html
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
     gim-fast circuit --task ioi --model smollm2-135m --out runs/ioi      # circuits: GIM vs EAP vs EAP-IG (MIB metrics)
@@ -53,6 +55,15 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend (default auto)")
 
 
+def _add_generate_args(group, exclusive, what: str) -> None:
+    """--generate (beside the option that gives the answer) and --answer-target."""
+    exclusive.add_argument("--generate", type=positive_int(1), default=None, metavar="N",
+                           help=f"the same for the model's own greedy continuation of {what}: at most N tokens, "
+                                "stopping at the end-of-sequence token")
+    group.add_argument("--answer-target", choices=("logit", "logprob"), default="logit",
+                       help="what is explained for each answer token: its raw logit (default) or its log-probability")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Fast, faithful GIM attributions for Hugging Face language models.")
@@ -67,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", default=None, metavar="TOKEN|ID",
                     help="the token to explain: a string that is one token (e.g. ' Paris') or an integer token id; "
                          "default: the model's own top prediction")
+    answer = ex.add_argument_group("a whole answer (gim_fast.explain_answer)")
+    given = answer.add_mutually_exclusive_group()
+    given.add_argument("--answer", default=None, metavar="ANSWER",
+                       help="attribute every token of ANSWER (the text that follows TEXT, tokenized alone, e.g. "
+                            "' Paris is the capital') to the tokens before it, and print each answer token with its "
+                            "top source tokens")
+    _add_generate_args(answer, given, "TEXT")
+    answer.add_argument("--top", type=positive_int(1), default=3, metavar="K",
+                        help="source tokens shown per answer token (default 3)")
     _add_model_args(ex)
     _add_settings_args(ex)
     ex.add_argument("--html", default=None, metavar="FILE",
@@ -90,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Inputs: JSON Lines (.jsonl/.json/.ndjson: an object per line, or a JSON string), CSV (.csv), TSV "
                "(.tsv), Parquet (.parquet/.pq) or plain text (.txt: one prompt per line). Output columns: id, "
                "line, text, token_ids, tokens, scores (float32), target_id, target, target_logit, target_position, "
-               "target_given. Example: gim-fast attribute --data prompts.jsonl --out runs/x --target-field target")
+               "target_given; with --answer-field/--generate: id, line, text, token_ids, tokens, answer, answer_ids, "
+               "answer_tokens, answer_given, scores (list<list<float32>>), answer_logits, answer_logprobs. Example: "
+               "gim-fast attribute --data prompts.jsonl --out runs/x --target-field target")
     io = at.add_argument_group("input and output")
     io.add_argument("--data", required=True, metavar="FILE", help="the input file")
     io.add_argument("--out", required=True, metavar="DIR", help="the output directory (created; resumed if it "
@@ -107,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--id-field", default=None, metavar="NAME",
                     help="a column holding each row's id (default: the row's 'id' field when it has one, else its "
                          "line number)")
+    answers = at.add_argument_group("whole answers instead of one next token (gim_fast.explain_answer)")
+    source = answers.add_mutually_exclusive_group()
+    source.add_argument("--answer-field", default=None, metavar="NAME",
+                        help="a column holding each row's answer (the text that follows it, tokenized alone): every "
+                             "answer token is attributed to the row's and the answer's earlier tokens; the output "
+                             "gets answer, answer_ids, answer_tokens, answer_given, answer_logits, answer_logprobs "
+                             "and scores as a matrix (list<list<float32>>: one row per answer token)")
+    _add_generate_args(answers, source, "each row")
     io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
     io.add_argument("--strict", action="store_true",
@@ -236,6 +266,11 @@ def _check_explain_args(args) -> None:
 
     if args.text == "":
         raise UsageError("TEXT is empty; give the text to explain")
+    if (args.answer is not None or args.generate is not None) and args.target is not None:
+        raise UsageError("--target names the one next token to explain; --answer/--generate explain a whole answer: "
+                         "give one or the other")
+    if args.answer is not None and not args.answer.strip():
+        raise UsageError("--answer is empty: give the answer's text (e.g. ' Paris'), or --generate N")
     target = (args.target or "").strip()
     if target == args.target and target.startswith("-") and target[1:].isdigit():
         raise UsageError(f"--target {args.target}: a token id is >= 0")
@@ -257,6 +292,8 @@ def _cmd_explain(args) -> int:
     input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
     if input_ids.numel() == 0:
         raise UsageError("TEXT is empty after tokenization")
+    if args.answer is not None or args.generate is not None:
+        return _explain_answer(args, model, tokenizer, input_ids)
     logits = _last_logits(model, input_ids)
     target_id, how = _resolve_target(args.target, tokenizer, logits)
     rank = int((logits > logits[target_id]).sum()) + 1
@@ -291,6 +328,55 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _explain_answer(args, model, tokenizer, input_ids) -> int:
+    """``gim-fast explain TEXT --answer A`` / ``--generate N``: every answer token's top source tokens."""
+    import torch
+
+    import gim_fast
+
+    from .display import format_answer, plural
+
+    kwargs = _settings_kwargs(args)
+    try:
+        if args.answer is not None:
+            answer_ids = tokenizer.encode(args.answer, add_special_tokens=False)
+            if not answer_ids:
+                raise UsageError(f"--answer {args.answer!r} encodes to no token")
+            how = "given"
+            result = gim_fast.explain_answer(model, input_ids, torch.tensor(answer_ids), tokenizer=tokenizer,
+                                             target=args.answer_target, **kwargs)
+        else:      # explain_generation tokenizes TEXT as above
+            result = gim_fast.explain_generation(model, tokenizer, args.text, max_new_tokens=args.generate,
+                                                 target=args.answer_target, **kwargs)
+            answer_ids = result.target_ids.tolist()
+            how = f"generated, greedy, at most {args.generate} tokens"
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    values = result.target_logits if args.answer_target == "logit" else result.target_logprobs
+    shown = _settings_line(gim_fast.explain_answer, kwargs)
+    print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), prompt {plural(input_ids.numel(), 'token')}, "
+          f"answer {plural(len(answer_ids), 'token')} ({how}): {tokenizer.decode(answer_ids)!r}")
+    print(f"explained: each answer token's {args.answer_target}; ← its {args.top} highest-scored source tokens "
+          "(position in the prompt, or in the answer)")
+    if shown:
+        print(f"settings: {shown}")
+    color = {"auto": None, "always": True, "never": False}[args.color]
+    answer_tokens = result.tokens[input_ids.numel():]
+    print(format_answer(result.tokens, answer_tokens, result.scores, values, top=args.top, color=color))
+    if args.html:
+        from .html import AnswerView, write_answer_html
+
+        view = AnswerView(sources=result.tokens, answer_tokens=answer_tokens, scores=result.scores, label=args.text,
+                          joiner="", special=_special_mask(tokenizer, [*input_ids.tolist(), *answer_ids]))
+        try:
+            path = write_answer_html(args.html, [view], title=f"GIM attributions of an answer: {args.model}",
+                                     subtitle=f"each answer token's {args.answer_target}; {shown}")
+        except OSError as e:
+            raise UsageError(f"--html {args.html}: cannot write it ({e.strerror or e})") from None
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _special_mask(tokenizer, token_ids: list[int]) -> list[bool]:
     """Which tokens are the tokenizer's special tokens (<bos>, <eos>, ...): shown, but not on the display scale."""
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
@@ -312,6 +398,7 @@ def _cmd_attribute(args) -> int:
             batch_size=args.batch_size, max_length=args.max_length, strict=args.strict,
             baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
             cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
+            answer_field=args.answer_field, generate=args.generate, answer_target=args.answer_target,
             **{k: v for k, v in optional.items() if v is not None}, **kwargs)
         with _model_log():
             summary = run.run()

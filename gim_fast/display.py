@@ -7,7 +7,7 @@ import os
 import sys
 import unicodedata
 
-__all__ = ["format_attributions", "plural", "display_peak"]
+__all__ = ["format_attributions", "format_answer", "plural", "display_peak"]
 
 _FULL = "█"
 _PARTIAL = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")   # 0/8 .. 7/8 of a cell
@@ -152,4 +152,49 @@ def format_attributions(tokens: list[str], scores, *, color: bool | None = None,
             bar = (_GREEN if value > 0 else _RED) + bar + _RESET
         line = f"{i:>{index_cells}}  {_fit(token, token_cells)}  {text:>{score_cells}}  {bar}"
         lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def format_answer(tokens: list[str], answer_tokens: list[str], scores, values, *, top: int = 3,
+                  color: bool | None = None) -> str:
+    """One line per answer token: ``position  token  value  top sources``, the sources being the ``top``
+    highest-scored of ``tokens`` (the prompt's tokens, then the answer's own, which later answer tokens may
+    depend on) with their position and score, e.g. ``·France (3) +1.07``.
+
+    ``scores``: ``[M, len(tokens)]`` (``explain_answer``'s ``.scores``); ``values``: the M explained values (each
+    answer token's logit or log-probability). Positions counted from 0 over ``tokens``; an answer token's own and
+    later positions (score 0) are never listed. With ``color`` a score is green when positive, red when negative.
+    """
+    if hasattr(scores, "detach"):
+        scores = scores.detach().float().cpu()
+    rows = [_as_floats(row) for row in scores]
+    values = _as_floats(values)
+    answer_tokens = list(answer_tokens)
+    if len(rows) != len(answer_tokens) or len(values) != len(answer_tokens):
+        raise ValueError(f"got {len(answer_tokens)} answer tokens, {len(rows)} score rows and {len(values)} values")
+    if any(len(r) != len(tokens) for r in rows):
+        raise ValueError(f"every score row needs one score per token ({len(tokens)})")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    if color is None:
+        color = _auto_color()
+    prompt = len(tokens) - len(answer_tokens)
+    shown = [_visible(str(t)) for t in answer_tokens]
+    token_cells = min(max((_cells(s) for s in shown), default=1), _MAX_TOKEN_CELLS)
+    index_cells = len(str(max(len(answer_tokens) - 1, 0)))
+    texts = [f"{v:.4g}" for v in values]
+    value_cells = max((len(t) for t in texts), default=1)
+    lines = []
+    for m, (token, text, row) in enumerate(zip(shown, texts, rows)):
+        visible = row[:prompt + m]                          # what answer token m can depend on
+        order = sorted(range(len(visible)), key=lambda j: (-visible[j], j))[:top]
+        parts = []
+        for j in order:
+            score = f"{visible[j]:+.3g}"
+            if color:
+                score = (_GREEN if visible[j] > 0 else _RED) + score + _RESET
+            where = f"{j}" if j < prompt else f"answer {j - prompt}"
+            parts.append(f"{_visible(str(tokens[j]))} ({where}) {score}")
+        lines.append(f"{m:>{index_cells}}  {_fit(token, token_cells)}  {text:>{value_cells}}  ← "
+                     + ", ".join(parts))
     return "\n".join(lines)

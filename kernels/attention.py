@@ -73,6 +73,7 @@ import triton.language as tl
 __all__ = ["attention_forward", "attention_backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET_C = tl.constexpr(_INTERPRET)
 
 _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): exp(x) = exp2(x·log2 e)
 
@@ -82,23 +83,31 @@ _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): exp(x) = exp2(x·log2 e)
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tanh(x):
-    """tanh(x) = sign(x)·(1 − e)/(1 + e) with e = exp(−2|x|) ∈ (0, 1]: no overflow for any x, no tl tanh needed."""
-    e = tl.exp2(tl.abs(x) * (-2.0 * _LOG2E))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+def _rcp(x):
+    """1/x: one MUFU.RCP (rcp.approx.ftz, ≤ 1 ulp) on a GPU; a plain division under the interpreter."""
+    if _INTERPRET_C:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
-def _in_band(ok, i, j, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """``ok`` and (key j in query i's causal/window band: j ≤ i, j > i − w); i and j broadcast against each other
-    ([M,1]×[1,N] in the row-major kernels, [1,M]×[N,1] in the dK/dV kernel). Query rows past the end need no
-    check: they load as zeros and are never stored (or, in dK/dV, have LSE = +inf)."""
-    if CAUSAL:
-        ok = ok & (j <= i)
+def _tanh(x):
+    """tanh(x) = 1 − 2/(1 + e^{2x}): an EX2, an RCP and three FMA-class instructions; ±1 for large |x| (e → ∞
+    or 0), absolute error ~1e-7 (what the scores need: they enter exponentials and 1 − tanh², both absolute)."""
+    return 1.0 - 2.0 * _rcp(1.0 + tl.exp2(x * (2.0 * _LOG2E)))
+
+
+@triton.jit
+def _in_band(rel, cols, window, HAS_WINDOW: tl.constexpr):
+    """Key j = j0 + cols is in query i's causal band (j ≤ i) or window band (0 ≤ i − j < w; a window is always
+    causal), given rel = i − j0 per row and the tile's column numbers cols = arange: per-row values against
+    per-column constants, so the compare needs no per-column index registers. rel and cols broadcast ([M,1]×[1,N])."""
     if HAS_WINDOW:
-        ok = ok & (j > i - window)
-    return ok
+        return (rel - cols).to(tl.uint32, bitcast=True) < window.to(tl.uint32)
+    else:
+        return cols <= rel
 
 
 @triton.jit
@@ -208,8 +217,7 @@ def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_k
     (k, v, x, tanh): x the scores — raw q·k, or soft-capped in log2 units — masked to −inf where a query of
     ``offs_m`` may not attend (in the masked stage only), tanh for the soft-cap derivative 1 − tanh²."""
     off = tl.cast(start_n, tl.int64)
-    offs_n = start_n + offs_n0
-    col_ok = offs_n < seq_len
+    col_ok = offs_n0 < seq_len - start_n
     k, v = _load_pair(k_tile + off * stride_ks, v_tile + off * stride_vs, col_ok, d_ok, MASKED, MASK_D, FAST_MMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:   # x = cap·tanh(scale·qk/cap) in the kernel's log2 units (cap_out = cap·log2e·unit)
@@ -221,8 +229,10 @@ def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_k
     if MASKED:
         key_ok = col_ok             # keys past the end and padded keys are out of every row's softmax
         if HAS_PAD:
-            key_ok = tl.load(kpm_b + offs_n * stride_ms, mask=col_ok, other=0) != 0
-        ok = _in_band(key_ok[None, :], offs_m[:, None], offs_n[None, :], window, CAUSAL, HAS_WINDOW)
+            key_ok = tl.load(kpm_b + (start_n + offs_n0) * stride_ms, mask=col_ok, other=0) != 0
+        ok = key_ok[None, :]
+        if CAUSAL:
+            ok = ok & _in_band((offs_m - start_n)[:, None], offs_n0[None, :], window, HAS_WINDOW)
         x = tl.where(ok, x, float("-inf"))
     return k, v, x, tanh
 
@@ -232,16 +242,47 @@ def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_k
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, MASKED: tl.constexpr, TEMP_MODE: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, MASKED: tl.constexpr,
+              TEMP_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key tile of the online softmax. The exponent of a score is x·c in the kernel's log2 units (S·log2e,
-    or S·log2e/2 for T = 2), and x·ct that of S/T (TEMP_MODE 1: ct = c/T); x = −inf where masked. m is the running max
-    in those units (shared by S and S/T: max(S/T) = max(S)/T)."""
+    or S·log2e/2 for T = 2), and x·ct that of S/T (TEMP_MODE 1: ct = c/T); x = −inf where masked. m is the
+    reference the accumulators are taken against (shared by S and S/T: max(S/T) = max(S)/T).
+
+    Unmasked stage (every x finite), lazily: m moves, and the accumulators are rescaled, only on the tiles where
+    some row's max exceeds m by more than ``rescale_at`` (one block-wide decision, so the branch is uniform);
+    otherwise the tile's exponentials are taken against the stale m and stay ≤ 2^rescale_at. Exact: only the
+    reference changes (O = acc / l, LSE = m + log2 l either way). The first tile always moves m off −inf.
+    Masked stage: m follows the running max and the accumulators are rescaled on every tile (FlashAttention-2)."""
     m_new = tl.maximum(m_i, tl.max(x, 1) * c)
-    if MASKED:   # a row that has seen no allowed key yet keeps m = −inf: subtract 0 instead (exp2 gives 0, not NaN)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
+    if not MASKED:
+        if tl.max(m_new - m_i, 0) > rescale_at:   # block-uniform: the whole tile moves to its rows' maxima
+            if TEMP_MODE == 2:
+                alpha_t = tl.exp2(m_i - m_new)
+                alpha = alpha_t * alpha_t
+            else:
+                alpha = tl.exp2(m_i - m_new)
+                alpha_t = tl.exp2((m_i - m_new) * inv_temp)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            if TEMP_MODE != 0:
+                acc_t = acc_t * alpha_t[:, None]
+                l_t = l_t * alpha_t
+            m_i = m_new
+        if TEMP_MODE == 2:
+            u = tl.exp2(x * c - m_i[:, None])
+            p = u * u
+        else:
+            p = tl.exp2(x * c - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if TEMP_MODE == 1:
+            u = tl.exp2(x * ct - (m_i * inv_temp)[:, None])
+        if TEMP_MODE != 0:
+            l_t = l_t + tl.sum(u, 1)
+            acc_t = tl.dot(u.to(v.dtype), v, acc_t, input_precision=DOT_PRECISION)
+        return m_i, l_i, acc, l_t, acc_t
+    # A row that has seen no allowed key yet keeps m = −inf: subtract 0 instead (exp2 gives 0, not NaN).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     if TEMP_MODE == 2:
         u = tl.exp2(x * c - m_use[:, None])
         alpha_t = tl.exp2(m_i - m_use)
@@ -328,6 +369,8 @@ def _attn_fwd_kernel(
         cap_in = 1.0
         cap_out = 1.0
     ct = c * inv_temp
+    # Lazy rescaling bound, in m's units: every P (and P_T, for T < 1) of a tile stays ≤ 2^8 (fp16-safe).
+    rescale_at = 8.0 * unit / tl.maximum(inv_temp, 1.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -345,15 +388,15 @@ def _attn_fwd_kernel(
         k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                stride_ms, seq_len, window, cap_in, cap_out, False, MASK_D, CAUSAL, HAS_WINDOW,
                                HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
-        m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, False, TEMP_MODE,
-                                              DOT_PRECISION)
+        m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, False,
+                                              TEMP_MODE, DOT_PRECISION)
     for it in tl.range(0, n_masked):                         # masked stage
         start_n = tl.where(it < n_left, lo + it * BLOCK_N, u_hi + (it - n_left) * BLOCK_N)
         k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                stride_ms, seq_len, window, cap_in, cap_out, True, MASK_D, CAUSAL, HAS_WINDOW,
                                HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
-        m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, True, TEMP_MODE,
-                                              DOT_PRECISION)
+        m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, True,
+                                              TEMP_MODE, DOT_PRECISION)
 
     empty = l_i == 0.0          # no allowed key: output 0, LSE = +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -383,10 +426,10 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_delta_kernel(
     OT,                  # O_T = P_T V [B,Hq,S,D] (O itself when the temperature is off); any strides
-    DO,                  # grad of the output [M,B,Hq,S,D]; any strides
+    DO,                  # grad of the output [M,B,Hq,S,D]; strides (stride_gm, q's strides)
     DELTA,               # out: fp32 [M,B,Hq,S] contiguous
     stride_ob, stride_oh, stride_os, stride_od,
-    stride_gm, stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_gm, stride_qb, stride_qh, stride_qs, stride_qd,
     n_q_heads, n_bh, seq_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -403,33 +446,63 @@ def _attn_bwd_delta_kernel(
     mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
     ot = tl.load(OT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                 + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                 + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + z.to(tl.int64) * seq_len + offs_m, tl.sum(ot * do, 1), mask=offs_m < seq_len)
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, do_off, stat_off, p0, pos_r, row_used,
-               offs_n, offs_d, d_ok, stride_qs, stride_qd, stride_gs, stride_gd, seq_len, window, c, ct,
+def _dkdv_probs(qk, stat, lset2, rel, cols, window, c, ct, cap_in, cap_out, MASKED: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr):
+    """(P, P_T, tanh) of a dK/dV score tile, in either orientation: qk the raw scores, stat / lset2 / rel / cols
+    the per-row statistics (LSE·log2e, or R for T = 2; LSE_T·log2e), row positions less the key block's start and
+    column numbers, each already broadcast to the tile's orientation. x = cap·tanh(qk·cap_in) in log2 units (or
+    qk), −inf outside the causal/window band in the masked stage only (rows past the end have P = P_T = 0 already:
+    LSE = +inf, R = 0; a padded key, or one past the end, only touches its own dK/dV row, zeroed or not stored at
+    the end); P = exp2(x·c − stat) (T = 2: P_T²·R, one exponential per score), P_T = exp2(x·ct − lset2)."""
+    if HAS_SOFTCAP:
+        tanh = _tanh(qk * cap_in)
+        x = tanh * cap_out
+    else:
+        tanh = qk
+        x = qk
+    if MASKED and CAUSAL:
+        x = tl.where(_in_band(rel, cols, window, HAS_WINDOW), x, float("-inf"))
+    if TEMP_MODE == 0:
+        p = tl.exp2(x * c - stat)
+        pt = p
+    else:
+        pt = tl.exp2(x * ct - lset2)
+        if TEMP_MODE == 2:
+            p = pt * pt * stat
+        else:
+            p = tl.exp2(x * c - stat)
+    return p, pt, tanh
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off, p0, pos_r, row_used,
+               start_n, cols, offs_d, d_ok, stride_qs, stride_qd, seq_len, window, c, ct,
                cap_in, cap_out,
                MASKED: tl.constexpr, FULL: tl.constexpr, MASK_D: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr,
-               FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS_MAJOR: tl.constexpr):
     """One stacked query tile (positions p0 + pos_r of the heads the rows stand for) against the program's key
-    block, on transposed tiles (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·log2e − LSE·log2e) (T = 2: P_Tᵀ²·R),
-    P_Tᵀ = exp2(Sᵀ·log2e/T − LSE_T·log2e), dPᵀ = V dOᵀ, dSᵀ = P_Tᵀ ⊙ (dPᵀ − Δ_T) (⊙ (1 − tanh²)),
-    dV += Pᵀ dO, dK += dSᵀ Q. Rows that stand for no (head, position) — and, in the masked stage, positions past
-    the end — load as q = dO = 0 with LSE = +inf (R = 0), so they contribute exactly 0. Addresses: a scalar base
-    per head chunk (q_c, do_c, lse_c, lset_c, delta_c: 64-bit) plus small per-row offsets (32-bit: fewer live
-    registers)."""
+    block: P = exp2(S·log2e − LSE·log2e) (T = 2: P_T²·R), P_T = exp2(S·log2e/T − LSE_T·log2e),
+    dS = P_T ⊙ (dP − Δ_T) (⊙ (1 − tanh²)), dV += Pᵀ dO, dK += dSᵀ Q. ROWS_MAJOR: S = Q Kᵀ and dP = dO Vᵀ with
+    query rows along rows, accumulating dVᵀ += dOᵀ P and dKᵀ += Qᵀ dS (the S/dP GEMMs BLOCK_M × BLOCK_N);
+    otherwise transposed tiles, keys along rows: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO, dK += dSᵀ Q. Rows that
+    stand for no (head, position) — and, in the masked stage, positions past the end — load as q = dO = 0 with
+    LSE = +inf (R = 0), so they contribute exactly 0. Addresses: a scalar base per head chunk (q_c, do_c, lse_c,
+    lset_c, delta_c: 64-bit) plus small per-row offsets (32-bit: fewer live registers)."""
     MASK_ROWS: tl.constexpr = MASKED or not FULL
     i = p0 + pos_r
     row_ok = row_used
     if MASKED:
         row_ok = row_ok & (i < seq_len)
     off = tl.cast(p0, tl.int64)
-    q, do = _load_pair(q_c + off * stride_qs + (q_off[:, None] + offs_d[None, :] * stride_qd),
-                       do_c + off * stride_gs + (do_off[:, None] + offs_d[None, :] * stride_gd),
+    tile_off = q_off[:, None] + offs_d[None, :] * stride_qd    # 32-bit, the same for q and dO (q's layout)
+    q, do = _load_pair((q_c + off * stride_qs) + tile_off, (do_c + off * stride_qs) + tile_off,
                        row_ok, d_ok, MASK_ROWS, MASK_D, FAST_MMA)
     rows = p0 + stat_off
     # The LSE slot holds LSE (T off, any T), or R = exp(2·LSE_T − LSE) for T = 2: P = P_T²·R, one exp per score.
@@ -449,45 +522,41 @@ def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, do_off, s
     else:
         delta = tl.load(delta_c + rows)
 
-    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)          # [BLOCK_N, BLOCK_M]
-    if HAS_SOFTCAP:
-        tanh_t = _tanh(qk_t * cap_in)
-        x = tanh_t * cap_out
-    else:
-        tanh_t = qk_t
-        x = qk_t
-    if MASKED:
-        # Only the band: a row past the end has P = 0 already, and a padded key (or one past the end) only
-        # touches its own dK/dV row, zeroed (or not stored) at the end.
-        ok = _in_band(row_ok[None, :], i[None, :], offs_n[:, None], window, CAUSAL, HAS_WINDOW)
-        x = tl.where(ok, x, float("-inf"))
     if TEMP_MODE == 0:
-        p_t = tl.exp2(x * c - stat[None, :])
-        pt_t = p_t
+        lset2 = stat            # (unused: P_T = P)
+    elif MASK_ROWS:
+        lset2 = tl.load(lset_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
     else:
-        if MASK_ROWS:
-            lset2 = tl.load(lset_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
-        else:
-            lset2 = tl.load(lset_c + rows) * _LOG2E
-        pt_t = tl.exp2(x * ct - lset2[None, :])
-        if TEMP_MODE == 2:
-            p_t = pt_t * pt_t * stat[None, :]
-        else:
-            p_t = tl.exp2(x * c - stat[None, :])
+        lset2 = tl.load(lset_c + rows) * _LOG2E
 
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO (true P)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
-    ds_t = pt_t * (dp_t - delta[None, :])
-    if HAS_SOFTCAP:
-        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)    # dK += dSᵀ Q
+    if ROWS_MAJOR:   # S = Q Kᵀ [BLOCK_M, BLOCK_N]: row statistics per row; Pᵀ, dSᵀ go through shared memory
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p, pt, tanh = _dkdv_probs(qk, stat[:, None], lset2[:, None], (i - start_n)[:, None], cols[None, :], window,
+                                  c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE)
+        if HAS_SOFTCAP:   # fold the soft-cap derivative in now: one tile live across the dP GEMM, not two
+            pt = pt * (1.0 - tanh * tanh)
+        dv = tl.dot(tl.trans(do), p.to(do.dtype), dv, input_precision=DOT_PRECISION)     # dVᵀ += dOᵀ P
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = pt * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(q), ds.to(q.dtype), dk, input_precision=DOT_PRECISION)       # dKᵀ += Qᵀ dS
+    else:            # Sᵀ = K Qᵀ [BLOCK_N, BLOCK_M]: keys along rows, row statistics per column
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t, pt_t, tanh_t = _dkdv_probs(qk_t, stat[None, :], lset2[None, :], (i - start_n)[None, :], cols[:, None],
+                                        window, c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                        TEMP_MODE)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO (true P)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
+        ds_t = pt_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)    # dK += dSᵀ Q
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,             # q [B,Hq,S,D]; k, v [B,Hkv,S,D]; any strides
-    DO,                  # grad of the output [M,B,Hq,S,D]; any strides
+    DO,                  # grad of the output [M,B,Hq,S,D]; strides (stride_gm, q's strides)
     KPM,                 # uint8 [B,S] key padding mask (read only when HAS_PAD)
     KVR,                 # int32 [B,4] padding spans (read only when HAS_PAD)
     LSE,                 # fp32 [B,Hq,S] contiguous, natural-log LSE of S; for T = 2: R = exp(2·LSE_T − LSE)
@@ -497,7 +566,7 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_gm, stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_gm,           # dO's cotangent stride (its other strides are q's)
     stride_mb, stride_ms,
     n_kv_heads, n_bkv, seq_len,
     scale, softcap, inv_temp, window,
@@ -508,6 +577,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
     TEMP_MODE: tl.constexpr, FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROWS_MAJOR: tl.constexpr,    # the tiling (a configuration choice): see the docstring
 ):
     """dK, dV of one key block of one KV head (and cotangent), one program per (cotangent·batch·KV head, key
     block): the sums over the G query heads of the group and every query position that sees these keys, done
@@ -533,14 +603,14 @@ def _attn_bwd_dkdv_kernel(
     n_q_heads = n_kv_heads * GROUP
     start_n = pid_n * BLOCK_N
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    col_ok = offs_n < seq_len
-    k, v = _load_pair(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-                      + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                      V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-                      + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, col_ok, d_ok, True, MASK_D, FAST_MMA)
+    k, v = _load_pair(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + start_n.to(tl.int64) * stride_ks
+                      + (cols[:, None] * stride_ks + offs_d[None, :] * stride_kd),
+                      V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + start_n.to(tl.int64) * stride_vs
+                      + (cols[:, None] * stride_vs + offs_d[None, :] * stride_vd), cols < seq_len - start_n, d_ok,
+                      True, MASK_D, FAST_MMA)
 
     # Exponent factors: x·c = S·log2e, x·ct = S·log2e/T (x = raw q·k, or the soft-capped score in log2 units).
     if HAS_SOFTCAP:
@@ -553,42 +623,50 @@ def _attn_bwd_dkdv_kernel(
         cap_out = 1.0
     ct = c * inv_temp
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if ROWS_MAJOR:
+        dk = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, u_lo, u_hi, n_left, n_masked = _query_stages(start_n, seq_len, window, KVR + b * 4, BLOCK_N, POS,
                                                      CAUSAL, HAS_WINDOW, HAS_PAD)
     r = tl.arange(0, BLOCK_M)
     pos_r = r // HEADS
     head_r = r % HEADS
     q_off = head_r * stride_qh + pos_r * stride_qs         # row r's offset from its chunk's first head, position 0
-    do_off = head_r * stride_gh + pos_r * stride_gs
     stat_off = head_r * seq_len + pos_r                     # the same into the contiguous [.., Hq, S] statistics
     for chunk in tl.static_range(CHUNKS):
         h0 = hkv * GROUP + chunk * HEADS                    # the chunk's first query head
         row_used = (r < POS * HEADS) & (chunk * HEADS + head_r < GROUP)
         q_c = Q + b.to(tl.int64) * stride_qb + h0.to(tl.int64) * stride_qh
-        do_c = DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_gb + h0.to(tl.int64) * stride_gh
+        do_c = DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_qb + h0.to(tl.int64) * stride_qh
         stat_c = (b * n_q_heads + h0).to(tl.int64) * seq_len                      # into [B,Hq,S]
         delta_c = DELTA + stat_c + cot.to(tl.int64) * n_bkv * GROUP * seq_len     # into [M,B,Hq,S]
         for p0 in tl.range(u_lo, u_hi, POS):                                   # unmasked stage
-            dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off, do_off,
-                                stat_off, p0, pos_r, row_used, offs_n, offs_d, d_ok, stride_qs, stride_qd,
-                                stride_gs, stride_gd, seq_len, window, c, ct, cap_in, cap_out, False, FULL, MASK_D,
-                                CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION)
+            dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off,
+                                stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd,
+                                seq_len, window, c, ct, cap_in, cap_out, False, FULL, MASK_D, CAUSAL, HAS_WINDOW,
+                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
         for it in tl.range(0, n_masked):                                       # masked stage
             p0 = tl.where(it < n_left, lo + it * POS, u_hi + (it - n_left) * POS)
-            dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off, do_off,
-                                stat_off, p0, pos_r, row_used, offs_n, offs_d, d_ok, stride_qs, stride_qd,
-                                stride_gs, stride_gd, seq_len, window, c, ct, cap_in, cap_out, True, FULL, MASK_D,
-                                CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION)
+            dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off,
+                                stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd,
+                                seq_len, window, c, ct, cap_in, cap_out, True, FULL, MASK_D, CAUSAL, HAS_WINDOW,
+                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
 
-    out_off = (z.to(tl.int64) * seq_len + start_n) * HEAD_DIM + (tl.arange(0, BLOCK_N)[:, None] * HEAD_DIM
-                                                                 + offs_d[None, :])
+    # Everything the stores need is recomputed here from scalars: nothing vector-valued lives across the loops.
+    out_off = (z.to(tl.int64) * seq_len + start_n) * HEAD_DIM + (cols[:, None] * HEAD_DIM + offs_d[None, :])
+    col_ok = start_n + cols < seq_len      # (not the pre-loop expression: CSE would keep that one live throughout)
     kv_mask = col_ok[:, None] & d_ok[None, :]
+    if ROWS_MAJOR:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
     dk = dk * dk_factor
     dv = dv * dv_factor
     if HAS_PAD:   # padded keys get no gradient (the loops left them unmasked: they touch only these rows)
-        key_ok = tl.load(KPM + b.to(tl.int64) * stride_mb + offs_n * stride_ms, mask=col_ok, other=0) != 0
+        # 32-bit offset (a [B, S] byte mask under 2^31 entries): no 64-bit value lives across the loops for it
+        key_ok = tl.load(KPM + (b * stride_mb + (start_n + cols) * stride_ms), mask=col_ok, other=0) != 0
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -610,7 +688,7 @@ def _dq_tile(q, do, k, v, x, tanh, lset2, delta, dq, ct, HAS_SOFTCAP: tl.constex
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V,             # q [B,Hq,S,D]; k, v [B,Hkv,S,D]; any strides
-    DO,                  # grad of the output [M,B,Hq,S,D]; any strides
+    DO,                  # grad of the output [M,B,Hq,S,D]; strides (stride_gm, q's strides)
     KPM,                 # uint8 [B,S] key padding mask (read only when HAS_PAD)
     KVR,                 # int32 [B,4] padding spans (read only when HAS_PAD)
     LSE_T,               # fp32 [B,Hq,S] contiguous: LSE of S/T (LSE itself when the temperature is off)
@@ -619,7 +697,7 @@ def _attn_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_gm, stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_gm,           # dO's cotangent stride (its other strides are q's)
     stride_mb, stride_ms,
     n_q_heads, n_bh, group, seq_len,
     scale, softcap, inv_temp, window,
@@ -652,8 +730,8 @@ def _attn_bwd_dq_kernel(
 
     q, do = _load_pair(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                        + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                       DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                       + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, row_ok, d_ok, True, MASK_D,
+                       DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                       + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, row_ok, d_ok, True, MASK_D,
                        FAST_MMA)
     lset2 = tl.load(LSE_T + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + z.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
@@ -703,41 +781,46 @@ def _attn_bwd_dq_kernel(
 # dK/dV: BLOCK_M is the stacked tile (BLOCK_M // G positions of all G heads).
 _INTERPRET_CONFIGS = {
     "fwd": dict(BLOCK_M=32, BLOCK_N=16),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=32, ROWS_MAJOR=True),
     "dq": dict(BLOCK_M=32, BLOCK_N=16),
 }
 
 
-# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *only) per operand type, padded head dim
-# (≤ 64, 128, 256) and kernel; ``only`` restricts an entry to "T off" / "T on" / "T = 2" (the temperature
-# statistics: none, any T, the one-exp T = 2 path) and/or "no softcap". dK/dV: BLOCK_M = stacked query rows, BLOCK_N = keys (the rows of its accumulators).
+# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *tags) per operand type, padded head dim
+# (≤ 64, 128, 256) and kernel. Tags restrict an entry to "T off" / "T on" / "T = 2" (the temperature statistics:
+# none, any T, the one-exp T = 2 path), to causal attention ("causal") and/or to "no softcap"; "rows" picks the
+# dK/dV kernel's S = Q Kᵀ tiling (ROWS_MAJOR), else it runs Sᵀ = K Qᵀ. dK/dV: BLOCK_M = stacked query rows,
+# BLOCK_N = keys.
 #
 # Screened without a GPU by ``bench/compile_report.py`` (sm_90a; bench/results/compile_report.md): every entry
 # compiles with no register spill and no ptxas serialisation warning for every feature combination it serves.
 # A warpgroup (4 warps) gets 64 accumulator rows of its own; no entry lays 8 warps over 64 rows (both warpgroups
 # would compute the same S tile and its exponentials) except at head dim 256, where it is the only spill-free
-# layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill — the forward's
-# 128×128 with two accumulators, dK/dV with 64 stacked rows at head dim 128 — are left out: a spilling config
-# cannot win on the device and fails the report. At head dim 256 the dK/dV tiles (and some dQ tiles) are under 64
-# rows, so ptxas uses Ampere-style mma.sync there, not warpgroup MMAs: register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a
-# correctness path, not a fast one) and need small tiles.
+# layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill are left out (a
+# spilling config cannot win on the device and fails the report): the forward's 128×128 with two accumulators
+# (T = 2 at head dim 64 spills 16 B), the head-dim-256 forward on one warpgroup (44 B with T off) and 64×32 with
+# soft-capping at T ≠ 2 (8 B). At head dim 256 no S/dP tile 64 keys wide fits in 255 registers a thread (dQ
+# 128×64: 296–572 B of spills, dK/dV 64 or 128 stacked rows × 64 keys, either tiling: 844–6740 B), so the dQ
+# tile is 32 keys wide and the dK/dV tiles 16 keys (rows) or 32 stacked rows (keys, Ampere-style mma.sync):
+# register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a correctness path,
+# not a fast one) and need small tiles.
 _HOPPER_CONFIGS = {
     64: {
-        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap"),
-                (128, 128, 8, 2, "T = 2", "no softcap")],
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap")],
         "dkdv": [(64, 128, 8, 2), (64, 64, 4, 2, "no softcap")],
         "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "no softcap")],
     },
     128: {
         "fwd": [(128, 64, 8, 2, "T off"), (128, 64, 8, 3, "T off"), (64, 64, 4, 2, "T off"), (64, 64, 4, 3, "T off"),
-                (128, 64, 8, 2, "T = 2", "no softcap"), (128, 32, 8, 2, "T on"), (64, 32, 4, 2, "T on")],
-        "dkdv": [(32, 128, 8, 2)],
+                (128, 64, 8, 2, "T = 2"), (128, 32, 8, 2, "T on"), (64, 32, 4, 2, "T on")],
+        "dkdv": [(128, 64, 8, 2, "rows"), (64, 128, 8, 2, "causal", "no softcap")],
         "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, "no softcap")],
     },
     256: {
-        "fwd": [(64, 32, 8, 2), (64, 32, 4, 2, "T off"), (64, 64, 8, 2, "T off")],
-        "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2)],
-        "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+        "fwd": [(64, 32, 8, 2, "T off"), (64, 64, 8, 2, "T off"), (64, 32, 8, 2, "T on", "no softcap"),
+                (64, 16, 8, 2, "T on")],
+        "dkdv": [(64, 16, 4, 2, "rows"), (32, 32, 8, 2)],
+        "dq": [(128, 32, 8, 2)],
     },
 }
 _FP32_CONFIGS = {
@@ -748,14 +831,17 @@ _FP32_CONFIGS = {
 _FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 
 
-def _gpu_configs(kind: str, block_d: int, fp32: bool, temp_mode: int, softcap: bool) -> list:
-    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``); temp_mode as TEMP_MODE."""
+def _gpu_configs(kind: str, block_d: int, fp32: bool, meta: dict) -> list:
+    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``) under the launch flags ``meta``."""
     table = _FP32_CONFIGS if fp32 else _HOPPER_CONFIGS
     entries = table[64 if block_d <= 64 else block_d][kind]
+    temp_mode = meta["TEMP_MODE"]
     skip = ({"T on", "T = 2"} if temp_mode == 0 else {"T off"} | ({"T = 2"} if temp_mode == 1 else set()))
-    skip |= {"no softcap"} if softcap else set()
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-            for m, n, w, s, *only in entries if not skip & set(only)]
+    skip |= {"no softcap"} if meta["HAS_SOFTCAP"] else set()
+    skip |= set() if meta["CAUSAL"] else {"causal"}
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, **({"ROWS_MAJOR": "rows" in tags} if kind == "dkdv" else {})),
+                          num_warps=w, num_stages=s)
+            for m, n, w, s, *tags in entries if not skip & set(tags)]
 
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
@@ -784,8 +870,7 @@ class Launch(NamedTuple):
         """The block configurations this launch may run with on a GPU (the autotuner's candidates)."""
         if self.kind == "delta":
             return [triton.Config(dict(BLOCK_M=_DELTA_BLOCK), num_warps=4, num_stages=1)]
-        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta["TEMP_MODE"],
-                            self.meta["HAS_SOFTCAP"])
+        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta)
 
 
 def _run(launch: Launch) -> None:
@@ -802,7 +887,8 @@ def _run(launch: Launch) -> None:
         cfg = _INTERPRET_CONFIGS[kind]
         _KERNELS[kind][(programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta, **cfg)
         return
-    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"])
+    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"],
+           launch.meta["CAUSAL"])
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(configs=launch.configs(), key=_TUNE_KEY, **_CACHE_RESULTS)(_KERNELS[kind])
@@ -851,6 +937,26 @@ def _padding_spans(real: torch.Tensor) -> torch.Tensor:
     whole = real.sum(1, dtype=torch.int32) == end - first
     spans = (first, end, torch.where(whole, first, seq_len), torch.where(whole, end, 0))
     return torch.stack(spans, 1).to(torch.int32).contiguous()
+
+
+def _shared_layout(q: torch.Tensor, g5: torch.Tensor):
+    """(q, dO) with dO ``[M, B, Hq, S, D]`` laid out like q within each cotangent, so that the backward kernels
+    address both with q's strides (the dK/dV kernel: one set of row offsets for both tiles, fewer registers).
+    Usually free: dO arrives in q's layout (both are views of [B, S, Hq, D] buffers under transformers). Else dO
+    is copied into q's layout, or, when q is not dense (a slice of a fused projection), both are made
+    contiguous."""
+    def same(a, b):
+        return all(a.stride(d) == b.stride(d) or a.shape[d] == 1 for d in range(4))
+
+    if same(g5[0], q):
+        return q, g5
+    order = sorted(range(4), key=lambda d: -q.stride(d))          # q's dims, outermost first
+    buf = torch.empty((g5.shape[0],) + tuple(q.shape[d] for d in order), dtype=g5.dtype, device=g5.device)
+    moved = buf.permute(0, *[1 + order.index(d) for d in range(4)])
+    if same(moved[0], q):
+        return q, moved.copy_(g5)
+    q = q.contiguous()
+    return q, g5.contiguous()
 
 
 def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature):
@@ -981,15 +1087,15 @@ def backward_plan(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, c
         return (dq.zero_(), dk.zero_(), dv.zero_()), []
     group = q_heads // kv_heads
     o_src = o_t if mode else out
-    if g5.device != q.device:
-        g5 = g5.to(q.device)
+    q, g5 = _shared_layout(q, g5.to(q.device))
 
     delta = torch.empty(n_cot, batch, q_heads, seq_len, dtype=torch.float32, device=q.device)
     launches = [Launch("delta", block_d, seq_len, n_cot * batch * q_heads,
-                       (o_src, g5, delta, *o_src.stride(), *g5.stride(), q_heads, batch * q_heads, seq_len),
+                       (o_src, g5, delta, *o_src.stride(), g5.stride(0), *q.stride(), q_heads, batch * q_heads,
+                        seq_len),
                        dict(HEAD_DIM=head_dim, BLOCK_D=block_d))]
     meta = dict(meta, TEMP_MODE=mode)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *g5.stride(), *kpm.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), g5.stride(0), *kpm.stride())
     runtime = (s["scale"], s["softcap"], s["inv_temp"], s["window"])
     lse_t_arg = lse_t if mode else lse
     # T = 2: P = P_T²·R with R = exp(2·LSE_T − LSE) ∈ [1, #keys] per row (0 for a row with no key), computed once

@@ -45,6 +45,25 @@ def test_answers_benchmark_tiny(tmp_path):
     assert float(next(r for r in rows if r["mode"] == "matrix")["ratio_to_explain-calls"]) > 0
 
 
+def test_context_settings_benchmark_tiny(tmp_path):
+    import pytest
+
+    pytest.importorskip("country_capitals")
+    from jobs_support import save_tiny
+
+    from gim_fast.data import context_examples
+
+    tiny = save_tiny(tmp_path / "tiny", family="llama")
+    key = context_examples(3)[0].key
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = _run(["bench/context_settings.py", "--model", str(tiny), "--documents", "3", "--key", key], out)
+    assert [r["settings"] for r in rows][:2] == ["GIM (defaults)", "defaults, softmax temperature 1"]
+    assert len(rows) == 10 and {r["key"] for r in rows} == {key}
+    for r in rows:
+        assert 1 <= float(r["gold_rank"]) <= 3 and 0 <= int(r["top_document"]) < 3 and -1 <= float(r["lds"]) <= 1
+
+
 def test_circuits_benchmark_estimate():
     """bench/circuits.py --estimate: the Llama-3.1-8B graph and its memory estimate, no model built."""
     proc = subprocess.run([sys.executable, "bench/circuits.py", "--estimate"], cwd=ROOT, capture_output=True,

@@ -122,3 +122,65 @@ def test_renders_in_headless_chromium(tmp_path):
     assert green > 200 and red > 20               # the tokens really are painted green and red
     dom = subprocess.run([*cmd, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="tok"') == 15 and "France" in dom
+
+
+# ------------------------------------------------------------------------------------------ answers × sources
+
+from gim_fast.html import AnswerView, render_answer_html, write_answer_html  # noqa: E402
+
+# answer token 0 rests on source 0 (green), answer token 1 pushes against source 1 (red)
+VIEW = AnswerView(sources=["The capital of Peru is Lima.", "Bananas are <yellow> & long."],
+                  answer_tokens=[" Lima", "\n"], scores=[[2.0, 0.0], [0.0, -1.5]], label="Where is Lima?")
+
+
+def test_answer_view_is_well_formed_and_self_contained():
+    page = render_answer_html([VIEW, AnswerView(["a", "b", "c"], ["x"], torch.tensor([[1.0, -1.0, 0.5]]),
+                                                joiner="", heatmap=False)], title="t")
+    root = _parse(page)
+    for pattern in (r"<script", r"<link", r"<img", r"\bsrc=", r"\bhref=", r"url\(", r"@import", r"https?:"):
+        assert not re.search(pattern, page, re.IGNORECASE), pattern
+    sources = [s for s in root.iter("span") if s.get("class") == "src"]
+    answers = [s for s in root.iter("span") if (s.get("class") or "").startswith("ans ")]
+    assert len(sources) == 5 and [a.get("id") for a in answers] == ["v1a0", "v1a1", "v2a0"]
+    assert "".join(sources[1].itertext()) == "Bananas are <yellow> & long."
+    # each source carries its colour for every answer token it matters to, and for the whole answer
+    style = sources[0].get("style")
+    assert "--a0: rgba(22, 163, 74, 0.8)" in style and "--a1" not in style and "--t: rgba(22, 163, 74" in style
+    assert "--a1: rgba(220, 38, 38, 0.8)" in sources[1].get("style")
+    css = root.find("head/style").text
+    for m in (0, 1):   # one rule per answer position, shared by every view
+        assert (f".a{m}:hover ~ .srcs .src, .a{m}:focus ~ .srcs .src, .a{m}:target ~ .srcs .src "
+                f"{{ background-color: var(--a{m}, transparent); }}") in css
+    tables = list(root.iter("table"))
+    assert len(tables) == 1 and len(tables[0].findall("tr")) == 3          # the first view's heatmap only
+    with pytest.raises(ValueError, match=r"scores must be \[answer tokens \(2\), sources \(2\)\]"):
+        render_answer_html([AnswerView(["a", "b"], ["x", "y"], [[1.0, 2.0]])])
+
+
+def _screenshot(page, fragment: str, tmp_path):
+    shot = tmp_path / f"{fragment}.png"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=800,300", "--hide-scrollbars",
+           f"--screenshot={shot}", page.as_uri() + f"#{fragment}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), done.stderr[-2000:]
+    width, height, bpp, rows = _png_pixels(shot.read_bytes())
+    green = red = 0
+    for line in rows:
+        for x in range(0, width * bpp, bpp):
+            r, g, b = line[x], line[x + 1], line[x + 2]
+            green += g > r + 40 and g > b + 40
+            red += r > g + 40 and r > b + 40
+    return green, red
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless chromium installed (apt-get install chromium)")
+def test_pointing_at_an_answer_token_recolours_the_sources_in_headless_chromium(tmp_path):
+    # the URL's #fragment selects an answer token like the pointer does (:target and :hover share the rule)
+    view = AnswerView(VIEW.sources, VIEW.answer_tokens, VIEW.scores, heatmap=False)
+    page = write_answer_html(tmp_path / "answer.html", [view], title="x")
+    green0, red0 = _screenshot(page, "v1a0", tmp_path)
+    green1, red1 = _screenshot(page, "v1a1", tmp_path)
+    assert green0 > 1000 and red1 > 1000                 # token 0: source 0 green; token 1: source 1 red
+    assert green1 < green0 / 10 and red0 < red1 / 10     # and not the other way round

@@ -160,6 +160,11 @@ FP32_CASES = [
 
 @pytest.mark.parametrize("shape,opts", [c[1:] for c in FP32_CASES], ids=[c[0] for c in FP32_CASES])
 def test_fp32_matches_eager_reference(shape, opts):
+    _check_fp32_case(shape, opts)
+
+
+def _check_fp32_case(shape, opts):
+    """One FP32_CASES entry (``pad``: (left, right) padding per batch row) against the eager reference."""
     b, hq, hkv, s, d = shape
     opts = dict(opts)
     pad = opts.pop("pad", None)
@@ -323,6 +328,88 @@ def test_non_contiguous_inputs():
     assert torch.equal(out, out_c)
     for x, y in zip(grads, grads_c):
         assert torch.equal(x, y)
+
+
+def test_grad_out_in_another_layout_than_q():
+    """dO laid out unlike q (contiguous against a transposed q), and q a slice of a fused projection (not dense):
+    the launcher brings dO into q's layout (or both to contiguous) before the kernels; the same bits either way."""
+    b, hq, hkv, s, d = 1, 4, 2, 37, 64
+    q, k, v, do = make_inputs(b, hq, hkv, s, d, torch.float32, seed=13)
+    args = attn_args(d, softcap=3.0)
+    _, ref = run(gim_attention_triton, q, k, v, do, args)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)                      # [B,S,H,D] memory, dO contiguous
+    fused = torch.cat([q, torch.zeros_like(q)], dim=-1)[..., :d]               # a slice: strides with a gap
+    for q_in in (qt, fused):
+        _, grads = run(gim_attention_triton, q_in, k, v, do, args)
+        for x, y in zip(grads, ref):
+            assert torch.equal(x, y)
+
+
+def _lazy_rescale_decisions(q, k, scale):
+    """What the forward's lazy rescale decides on the unmasked tiles after a row block's first, replayed in float64
+    from the definition with the interpreter's blocks (causal, T off, one KV head): {"taken", "skipped"} ⊇."""
+    from gim_fast.kernels.attention import _INTERPRET_CONFIGS as blocks
+
+    bm, bn = blocks["fwd"]["BLOCK_M"], blocks["fwd"]["BLOCK_N"]
+    w = (q[0].double() @ k[0, 0].double().T) * scale * math.log2(math.e)      # [H, S, S] in log2 units
+    seen = set()
+    for start_m in range(0, w.shape[1], bm):
+        m = torch.full(w[:, start_m:start_m + bm].shape[:2], -math.inf, dtype=torch.float64)
+        for n in range(0, start_m + 1 - bn + 1, bn):                         # tiles with n + bn <= start_m + 1
+            new = torch.maximum(m, w[:, start_m:start_m + bm, n:n + bn].amax(-1))
+            if n > 0:
+                seen.add("taken" if (new - m).max() > 8 else "skipped")
+            if n == 0 or (new - m).max() > 8:
+                m = new
+    return seen
+
+
+def test_lazy_rescale_with_growing_scores():
+    """Scores that grow along the keys, so the forward's lazy rescale (unmasked stage: the accumulators move to a
+    new reference only when a row's max grew by more than 2^8 in P) is taken on some tiles and skipped on others
+    (exponentials up to 2^8 against a stale reference): out, LSE, LSE_T, O_T and the gradients against float64,
+    in float32 and, for the overflow bound (P ≤ 2^8, u ≤ 2^4 at T = 2), in float16."""
+    b, hq, hkv, s, d = 1, 2, 1, 130, 64
+    g = torch.Generator().manual_seed(14)
+    q = torch.randn(b, hq, s, d, generator=g) * 0.3
+    k = torch.randn(b, hkv, s, d, generator=g) * 0.3
+    v, do = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hq, s, d, generator=g)
+    q[..., 0] = 4.0
+    # Key j's score with any query grows by 0.25·j·(4 / sqrt(d))·... ≈ 0.125 per key: ~2 nats per 16-key tile,
+    # so the running max outgrows 2^8 (5.5 nats) every few tiles and stays within it in between.
+    k[..., 0] = 0.25 * torch.arange(s, dtype=torch.float32)
+    assert _lazy_rescale_decisions(q, k, 1.0 / math.sqrt(d)) >= {"taken", "skipped"}
+    for dtype in (torch.float32, torch.float16):
+        qq, kk, vv, dd = (x.to(device=DEVICE, dtype=dtype) for x in (q, k, v, do))
+        for opts in (dict(), dict(temperature=1.5), dict(**OFF)):
+            check_against_reference(qq, kk, vv, dd, attn_args(d, **opts), TOL[dtype])
+    scale, t = 1.0 / math.sqrt(d), 2.0
+    qq, kk, vv = (x.to(DEVICE) for x in (q, k, v))
+    out, lse, lse_t, o_t = attention_forward(qq, kk, vv, scale=scale, causal=True, temperature=t,
+                                             need_backward=True)
+    scores = (qq.double() @ kk.double().transpose(-1, -2)) * scale
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    scores = scores.masked_fill(~(j <= i).to(scores.device), float("-inf"))
+    assert rel_err(lse, torch.logsumexp(scores, -1)) < 1e-6
+    assert rel_err(lse_t, torch.logsumexp(scores / t, -1)) < 1e-6
+    assert rel_err(o_t, torch.softmax(scores / t, -1) @ vv.double()) < 1e-5
+
+
+def test_dkdv_keys_major_tiling():
+    """The dK/dV kernel's other tiling (Sᵀ = K Qᵀ, P and dS kept in registers; the interpreter's default is
+    S = Q Kᵀ with dVᵀ/dKᵀ accumulators) against float64 on cases that cross every kind of tile (GQA 4 and 7,
+    window, soft-cap, padding, T = 3 / 2 / off)."""
+    from gim_fast.kernels import attention as kernels
+
+    cases = [FP32_CASES[1], FP32_CASES[2], FP32_CASES[8], FP32_CASES[10]]
+    saved = kernels._INTERPRET_CONFIGS["dkdv"]
+    assert saved["ROWS_MAJOR"]            # the default tiling runs in every other test of this file
+    try:
+        kernels._INTERPRET_CONFIGS["dkdv"] = dict(saved, ROWS_MAJOR=False)
+        for _, shape, opts in cases:
+            _check_fp32_case(shape, opts)
+    finally:
+        kernels._INTERPRET_CONFIGS["dkdv"] = saved
 
 
 def test_padding_with_holes_and_in_the_middle():

@@ -52,7 +52,7 @@ def test_compiles_one_forward_config(tmp_path):
 def _record(**kw):
     base = dict(kernel="fwd", config=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), features="causal",
                 dtype="bf16", head_dim=128, shipped=True, spills=0, ptxas_warnings=[], hgmma_min_n=64, hmma=0,
-                loop_instructions=300)
+                loop_instructions=300, shared_bytes=96 * 1024)
     return {**base, **kw}
 
 
@@ -65,9 +65,10 @@ def test_failures_are_shipped_16_bit_spills_and_serialisation_warnings():
         _record(ptxas_warnings=[c7515]),                        # fails
         _record(ptxas_warnings=[c7515], shipped=False),         # a candidate: reported, never fails the run
         _record(spills=64, dtype="fp32"),                       # the fp32 FMA path is not gated
+        _record(shared_bytes=228 * 1024),                       # fails: more than a block may have on sm_90
     ]
     bad = compile_report.failures(records)
-    assert len(bad) == 2 and "spills 8 B" in bad[0] and "C7515" in bad[1]
+    assert len(bad) == 3 and "spills 8 B" in bad[0] and "C7515" in bad[1] and "233472 B" in bad[2]
 
 
 def test_sass_loop_analysis():
@@ -92,3 +93,26 @@ def test_sass_loop_analysis():
     sync = compile_report.analyse_sass(".L_x_0:\n        /*0000*/    HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n"
                                        "        /*0010*/    @P0 BRA `(.L_x_0) ;")
     assert sync["hmma"] == 1 and sync["hgmma_shapes"] == {} and sync["loops"] == [2]
+
+
+def test_hot_path_leaves_out_conditional_blocks_only():
+    """A predicated forward branch inside a loop jumps over a conditional block (the forward's lazy rescale): the
+    hot path leaves the block out, the whole body keeps it; branches that leave the loop or go back do not count."""
+    sass = "\n".join([
+        ".L_x_0:",
+        "        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;",
+        "        /*0010*/                   FSETP.GT.AND P5, PT, R1, R2, PT ;",
+        "        /*0020*/              @!P5 BRA `(.L_x_1) ;",
+        "        /*0030*/                   FMUL R24, R24, R3 ;",
+        "        /*0040*/                   FMUL R25, R25, R3 ;",
+        "        /*0050*/                   FMUL R26, R26, R3 ;",
+        ".L_x_1:",
+        "        /*0060*/                   MUFU.EX2 R2, R3 ;",
+        "        /*0070*/              @P2 BRA `(.L_x_2) ;",
+        "        /*0080*/              @P1 BRA `(.L_x_0) ;",
+        ".L_x_2:",
+        "        /*0090*/                   EXIT ;",
+    ])
+    a = compile_report.analyse_sass(sass)
+    assert a["loops"] == [9] and a["loop_instructions"] == 9
+    assert a["loops_hot"] == [6] and a["loop_hot_instructions"] == 6

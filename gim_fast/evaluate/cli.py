@@ -2,6 +2,8 @@
 
     gim-fast evaluate                                      # both models, every method, every example
     gim-fast evaluate --models smollm2-135m --methods gim grad_x_input random --n 10 --out /tmp/faith
+    gim-fast evaluate --task context                       # which documents answers came from, against ablation
+    gim-fast evaluate --task context --documents 10 30 --counts 5 --methods gim leave_one_out random
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from ..cli_args import BACKENDS, UsageError, positive_int, positive_number
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
 DEFAULT_OUT = "bench/results/faithfulness"
+DEFAULT_CONTEXT_OUT = "bench/results/context"
+TASKS = ("faithfulness", "context")
 
 
 def _n(text: str):
@@ -54,6 +58,8 @@ def _sweep(temperatures: list) -> list[float]:
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``gim-fast`` sub-command parsers."""
+    from .context_methods import CONTEXT_METHODS
+    from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES
     from .methods import DEFAULT_METHODS, METHODS
     from .run import DEFAULT_BATCH_SIZE, SWEEP_TEMPERATURES
 
@@ -66,20 +72,43 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                     "(method x model table), OUT/temperature_sweep.png/.csv and OUT/run.json.",
         epilog=f"Methods: {', '.join(METHODS)}, and gim_t<T> (GIM at temperature T). Data: 'capitals' (the prompts "
                "'The capital of {country} is' from the country-capitals package, kept when the model predicts the "
-               "capital's first token) or a JSON Lines file with a 'text' and optionally a 'target' per line.")
+               "capital's first token) or a JSON Lines file with a 'text' and optionally a 'target' per line. "
+               "--task context instead asks 'What is the capital of {country}?' over a context of one-sentence "
+               "documents (one states the answer) and scores which documents each method says the model's "
+               "generated answer came from with ContextCite's top-k drop (k = 1, 3, 5) and LDS (32 random "
+               "half-ablations), plus the rank of the gold document; it writes OUT/summary.csv, OUT/examples.csv, "
+               f"OUT/context.md and OUT/run.json (default OUT {DEFAULT_CONTEXT_OUT}). Context methods: "
+               f"{', '.join(CONTEXT_METHODS)}.")
+    p.add_argument("--task", choices=TASKS, default="faithfulness",
+                   help="faithfulness (default: the GIM paper's metrics on next-token prompts) or context (which "
+                        "documents of a context a generated answer came from, against ablation)")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="M",
                    help=f"models to evaluate (default: {' '.join(DEFAULT_MODELS)}); a packaged name, a Hugging Face "
                         "model directory or a .gguf file")
     p.add_argument("--data", default="capitals", metavar="capitals|FILE.jsonl",
                    help="the examples (default: capitals)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help="methods to compare (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"methods to compare (default: all of the task's: {' '.join(DEFAULT_METHODS)}; with --task "
+                        f"context: {' '.join(CONTEXT_METHODS)})")
     p.add_argument("--n", type=_n, default=DEFAULT_N, metavar="N|all",
                    help="examples per model: the first N the model answers right, in a seeded random order "
                         "(default: all of them)")
     p.add_argument("--temperatures", nargs="*", type=_temperature, default=list(SWEEP_TEMPERATURES), metavar="T",
                    help="GIM softmax temperatures of the sweep (default 1 1.5 2 3 5; 'none' or nothing: no sweep)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output folder (default {DEFAULT_OUT}; with --task context {DEFAULT_CONTEXT_OUT})")
+    ctx = p.add_argument_group("--task context")
+    ctx.add_argument("--documents", nargs="+", type=positive_int(1), default=list(DEFAULT_SIZES), metavar="N",
+                     help=f"context sizes in documents (default {' '.join(map(str, DEFAULT_SIZES))}; 2 to 194)")
+    ctx.add_argument("--counts", nargs="+", type=positive_int(1), default=None, metavar="C",
+                     help="examples per context size: one per --documents, or one for all (default "
+                          f"{' '.join(map(str, DEFAULT_COUNTS))} for the default sizes, else 10 each)")
+    ctx.add_argument("--limit", type=positive_int(1), default=None, metavar="Q",
+                     help="ask at most Q questions per size while looking for answers the model gets right "
+                          "(default: all 193)")
+    ctx.add_argument("--keep", choices=("right", "all"), default="right",
+                     help="which answers to evaluate: those that name the capital (default), or all of them "
+                          "(smoke tests on untrained models)")
     p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
     p.add_argument("--batch-size", type=positive_int(1), default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"examples per attribution batch (default {DEFAULT_BATCH_SIZE})")
@@ -95,31 +124,22 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    if args.task == "context":
+        return run_context(args)
+    return run_faithfulness(args)
+
+
+def _check_models_and_output(args, *, data_check) -> None:
+    """What both tasks check before the first model loads: the data's packages or file (``data_check()``), the
+    output folder, the backend, every model name."""
     import torch
 
-    from ..data import countries
     from ..models import check_model_name
     from ..outputs import check_output_dir
     from ..settings import resolve_backend
-    from .methods import get_method
-    from .report import write_results
-    from .run import _capital_shots, evaluate_model, jsonl_candidates, unavailable_notes
 
-    # every argument is checked before the first model loads
-    args.temperatures = _sweep(args.temperatures)
-    for name in args.methods:
-        try:
-            get_method(name)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if _capital_shots(args.data) is None and not Path(args.data).is_file():
-        raise UsageError(f"--data must be 'capitals', 'capitals-<k>shot' or a JSON Lines file; no such file: "
-                         f"{args.data!r}")
     try:
-        if _capital_shots(args.data) is None:
-            jsonl_candidates(args.data)
-        else:
-            countries()                                # the packages holding the prompts are installed
+        data_check()
         check_output_dir(args.out)
         resolve_backend(args.backend, torch.device("cpu"))      # the models are evaluated where they load
     except (ValueError, ModuleNotFoundError) as e:
@@ -129,6 +149,31 @@ def run(args) -> int:
             check_model_name(model, cache_dir=args.cache_dir)
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
             raise UsageError(f"{model}: {e}") from None
+
+
+def run_faithfulness(args) -> int:
+    import torch
+
+    from ..data import countries
+    from .methods import DEFAULT_METHODS, get_method
+    from .report import write_results
+    from .run import _capital_shots, evaluate_model, jsonl_candidates, unavailable_notes
+
+    # every argument is checked before the first model loads
+    args.methods = list(DEFAULT_METHODS) if args.methods is None else args.methods
+    args.out = DEFAULT_OUT if args.out is None else args.out
+    args.temperatures = _sweep(args.temperatures)
+    for name in args.methods:
+        try:
+            get_method(name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if _capital_shots(args.data) is None and not Path(args.data).is_file():
+        raise UsageError(f"--data must be 'capitals', 'capitals-<k>shot' or a JSON Lines file; no such file: "
+                         f"{args.data!r}")
+    # jsonl_candidates parses the file; countries() needs the packages holding the prompts
+    _check_models_and_output(args, data_check=lambda: jsonl_candidates(args.data) if _capital_shots(args.data) is None
+                             else countries())
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -157,6 +202,74 @@ def run(args) -> int:
     from .report import markdown_table
 
     print(markdown_table(results, notes))
+    print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def run_context(args) -> int:
+    import torch
+
+    from .context_methods import CONTEXT_METHODS
+    from .context_report import markdown_context_table, write_context_results
+    from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context
+
+    methods = list(CONTEXT_METHODS) if args.methods is None else args.methods
+    for name in methods:
+        if name not in CONTEXT_METHODS:
+            raise UsageError(f"--task context: unknown method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
+    for documents in args.documents:
+        if documents < 2 or documents > 194:
+            raise UsageError(f"--documents {documents}: a context holds 2 to 194 documents")
+    counts = args.counts
+    if counts is None:
+        counts = list(DEFAULT_COUNTS) if args.documents == list(DEFAULT_SIZES) else [10] * len(args.documents)
+    elif len(counts) == 1:
+        counts = counts * len(args.documents)
+    elif len(counts) != len(args.documents):
+        raise UsageError(f"--counts has {len(counts)} values for {len(args.documents)} --documents sizes; give one "
+                         "per size, or one for all")
+    args.out = DEFAULT_CONTEXT_OUT if args.out is None else args.out
+    from ..data import countries
+
+    _check_models_and_output(args, data_check=countries)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"gim-fast evaluate: {msg}", file=sys.stderr, flush=True)
+
+    parts = ["gim-fast", "evaluate", "--task", "context", "--models", *args.models, "--documents",
+             *map(str, args.documents), "--counts", *map(str, counts), "--methods", *methods, "--seed",
+             str(args.seed), "--out", str(out)]
+    if args.limit:
+        parts += ["--limit", str(args.limit)]
+    if args.keep != "right":
+        parts += ["--keep", args.keep]
+    if args.backend != "auto":
+        parts += ["--backend", args.backend]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    command = " ".join(shlex.quote(p) for p in parts)
+    started = time.perf_counter()
+    results = []
+
+    def write(partial=None):      # after every context size: a long run leaves its results so far
+        done = results + ([partial] if partial is not None else [])
+        return write_context_results(done, out, command=command, environment=_environment(), seed=args.seed,
+                                     wall_seconds=time.perf_counter() - started)
+
+    for model in args.models:
+        try:
+            results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
+                                            limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
+                                            keep_wrong=args.keep == "all", progress=say, checkpoint=write))
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{model}: {e}") from None
+    files = write()
+    wall = time.perf_counter() - started
+    print(markdown_context_table(results))
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 

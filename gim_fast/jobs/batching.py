@@ -16,13 +16,20 @@ __all__ = ["Row", "Batch", "TargetResolver", "max_chars_per_token", "tokenize_ro
 
 @dataclass(frozen=True)
 class Row:
-    """A row ready to attribute: its token ids and, when the data gives one, its target token id."""
+    """A row ready to attribute: its token ids and, when the data gives one, its target token id or its answer
+    (token ids, attributed after the text)."""
 
     line: int
     id: str
     text: str
     token_ids: tuple[int, ...]
     target_id: int | None
+    answer_ids: tuple[int, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        """The tokens the model reads: the text's, and the answer's."""
+        return len(self.token_ids) + len(self.answer_ids or ())
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ class Batch:
 
     index: int
     rows: tuple[Row, ...]
-    length: int
+    length: int          # the longest row's size (text + answer)
 
     @property
     def padded_tokens(self) -> int:
@@ -39,7 +46,7 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.rows)
+        return sum(r.size for r in self.rows)
 
 
 class TargetResolver:
@@ -161,8 +168,10 @@ def max_chars_per_token(tokenizer) -> int | None:
 
 
 def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: int | None, vocab_size: int,
-                  targets: TargetResolver, chunk: int = 1024) -> Iterable[Row | RowError]:
-    """Rows with token ids (tokenized in chunks with the tokenizer's own defaults), checked one by one.
+                  targets: TargetResolver, chunk: int = 1024, extra_tokens: int = 0) -> Iterable[Row | RowError]:
+    """Rows with token ids (tokenized in chunks with the tokenizer's own defaults; an answer alone, without
+    special tokens), checked one by one. ``extra_tokens`` (the tokens a generated answer may add) count towards
+    ``max_length``.
 
     A row longer than ``max_length`` tokens is a RowError; when :func:`max_chars_per_token` gives a bound, a row
     with more characters than ``max_length`` tokens can hold is one without being tokenized (bounded time and
@@ -179,22 +188,29 @@ def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: in
     def flush():
         texts = [r.text for r in pending if isinstance(r, RawRow)]
         encoded = iter(tokenizer(texts)["input_ids"]) if texts else iter(())
+        answers = [r.answer for r in pending if isinstance(r, RawRow) and r.answer is not None]
+        encoded_answers = iter(tokenizer(answers, add_special_tokens=False)["input_ids"]) if answers else iter(())
         for r in pending:
             if isinstance(r, RowError):
                 yield r
                 continue
             ids = tuple(int(i) for i in next(encoded))
+            answer = None if r.answer is None else tuple(int(i) for i in next(encoded_answers))
+            size = len(ids) + len(answer or ()) + extra_tokens
             if not ids:
                 yield RowError(r.line, r.id, "empty after tokenization (no tokens)", r.text)
-            elif max_length is not None and len(ids) > max_length:
-                yield RowError(r.line, r.id, f"too long: {len(ids)} tokens, more than --max-length {max_length}",
-                               r.text)
-            elif any(not 0 <= i < vocab_size for i in ids):
-                bad = [i for i in ids if not 0 <= i < vocab_size][:5]
+            elif answer is not None and not answer:
+                yield RowError(r.line, r.id, "the answer is empty after tokenization (no tokens)", r.text)
+            elif max_length is not None and size > max_length:
+                what = f"{len(ids)} tokens" + (f" + an answer of {len(answer)}" if answer else "") + (
+                    f" + {extra_tokens} to generate" if extra_tokens else "")
+                yield RowError(r.line, r.id, f"too long: {what}, more than --max-length {max_length}", r.text)
+            elif any(not 0 <= i < vocab_size for i in ids + (answer or ())):
+                bad = [i for i in ids + (answer or ()) if not 0 <= i < vocab_size][:5]
                 yield RowError(r.line, r.id, f"token ids {bad} outside the model's vocabulary [0, {vocab_size})",
                                r.text)
             elif r.target is None:
-                yield Row(r.line, r.id, r.text, ids, None)
+                yield Row(r.line, r.id, r.text, ids, None, answer)
             else:
                 target = targets(r.target)
                 if isinstance(target, str):
@@ -223,12 +239,12 @@ def pack(rows: list[Row], *, batch_tokens: int, batch_size: int | None = None) -
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-    ordered = sorted(rows, key=lambda r: (r.target_id is None, -len(r.token_ids), r.line))
+    ordered = sorted(rows, key=lambda r: (r.target_id is None, -r.size, r.line))
     groups: list[list[Row]] = []
     current: list[Row] = []
     for row in ordered:
         if current:
-            length = len(current[0].token_ids)   # the first row is the longest: sorted descending
+            length = current[0].size   # the first row is the longest: sorted descending
             same_kind = (current[0].target_id is None) == (row.target_id is None)
             fits = (len(current) + 1) * length <= batch_tokens and (batch_size is None or len(current) < batch_size)
             if not (same_kind and fits):
@@ -237,8 +253,8 @@ def pack(rows: list[Row], *, batch_tokens: int, batch_size: int | None = None) -
         current.append(row)
     if current:
         groups.append(current)
-    groups.sort(key=lambda g: -len(g[0].token_ids))   # stable: ties keep their order
-    return [Batch(i, tuple(g), len(g[0].token_ids)) for i, g in enumerate(groups)]
+    groups.sort(key=lambda g: -g[0].size)   # stable: ties keep their order
+    return [Batch(i, tuple(g), g[0].size) for i, g in enumerate(groups)]
 
 
 def assign_ranks(batches: list[Batch], world_size: int) -> list[int]:

@@ -34,12 +34,29 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class RawRow:
-    """One input row as read: its text, and the target (token string or id) and id when the data has them."""
+    """One input row as read: its text, and the target (token string or id), the answer (text) and the id when
+    the data has them."""
 
     line: int
     id: str
     text: str
     target: str | int | None = None
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The input's column names: the text, and optionally a target, an id and an answer."""
+
+    text: str = "text"
+    target: str | None = None
+    id: str | None = None
+    answer: str | None = None
+
+    def options(self):
+        """(command-line option, column name) of every column asked for."""
+        return [(o, n) for o, n in (("--text-field", self.text), ("--target-field", self.target),
+                                    ("--id-field", self.id), ("--answer-field", self.answer)) if n]
 
 
 @dataclass(frozen=True)
@@ -82,10 +99,10 @@ def fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _from_record(record, line: int, text_field: str, target_field: str | None, id_field: str | None,
-                 raw: str | None = None):
+def _from_record(record, line: int, fields: Fields, raw: str | None = None):
     """A RawRow or RowError from one mapping (a JSON object, a CSV record, a Parquet row); ``raw`` is the row as
     written in the file, shown for a row without a usable text."""
+    text_field, target_field, id_field = fields.text, fields.target, fields.id
     if id_field:
         raw_id = record.get(id_field)
         if raw_id is None:
@@ -110,7 +127,17 @@ def _from_record(record, line: int, text_field: str, target_field: str | None, i
                                       f"got {type(target).__name__}", text)
     if target == "":
         target = None
-    return RawRow(line, row_id, text, target)
+    answer = None
+    if fields.answer:
+        if fields.answer not in record:
+            return RowError(line, row_id, f"missing answer field {fields.answer!r}", text)
+        answer = record[fields.answer]
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            return RowError(line, row_id, f"empty answer (field {fields.answer!r})", text)
+        if not isinstance(answer, str):
+            return RowError(line, row_id, f"answer field {fields.answer!r} is not a string but "
+                                          f"{type(answer).__name__}", text)
+    return RawRow(line, row_id, text, target, answer)
 
 
 def _open(path):
@@ -118,7 +145,7 @@ def _open(path):
     return open(path, encoding="utf-8-sig", errors="strict", newline="")
 
 
-def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+def _read_jsonl(path, fields: Fields) -> Iterator[RawRow | RowError]:
     with _open(path) as f:
         for line, raw in enumerate(_lines(f, path), start=1):
             if not raw.strip():
@@ -130,11 +157,11 @@ def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | R
                 yield RowError(line, None, f"malformed JSON: {e}", raw)
                 continue
             if isinstance(record, str):      # a bare JSON string is a text
-                record = {text_field: record}
+                record = {fields.text: record}
             if not isinstance(record, dict):
                 yield RowError(line, None, f"not a JSON object but {type(record).__name__}", raw)
                 continue
-            yield _from_record(record, line, text_field, target_field, id_field, raw)
+            yield _from_record(record, line, fields, raw)
 
 
 def _lines(f, path) -> Iterator[str]:
@@ -150,8 +177,8 @@ def _lines(f, path) -> Iterator[str]:
         raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
 
 
-def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
-    _check_text_fields(target_field, id_field)
+def _read_text(path, fields: Fields) -> Iterator[RawRow | RowError]:
+    _check_text_fields(fields)
     with _open(path) as f:
         for line, text in enumerate(_lines(f, path), start=1):
             if not text.strip():
@@ -160,10 +187,10 @@ def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | Ro
                 yield RawRow(line, str(line), text)
 
 
-def _check_text_fields(target_field, id_field) -> None:
-    if target_field or id_field:
-        raise InputError("a plain-text input has no fields: --target-field and --id-field need JSON Lines, CSV or "
-                         "Parquet")
+def _check_text_fields(fields: Fields) -> None:
+    if fields.target or fields.id or fields.answer:
+        raise InputError("a plain-text input has no fields: --target-field, --id-field and --answer-field need JSON "
+                         "Lines, CSV or Parquet")
 
 
 def _csv_header(reader, path) -> list[str] | None:
@@ -175,17 +202,17 @@ def _csv_header(reader, path) -> list[str] | None:
         raise InputError(f"cannot read the header of {os.fspath(path)!r}: {e}") from None
 
 
-def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[RawRow | RowError]:
+def _read_csv(path, fields: Fields, delimiter) -> Iterator[RawRow | RowError]:
     with _open(path) as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = _csv_header(reader, path)
         if header is None:
             return
-        _check_columns(path, header, text_field, target_field, id_field)
+        _check_columns(path, header, fields)
         first = reader.line_num + 1
         while True:
             try:
-                fields = next(reader)
+                values = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
@@ -195,24 +222,23 @@ def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[R
             except UnicodeDecodeError as e:
                 raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
             line, first = first, reader.line_num + 1
-            if len(fields) != len(header):
-                if not fields or fields == [""]:
+            if len(values) != len(header):
+                if not values or values == [""]:
                     yield RowError(line, None, "empty line", "")
                 else:
-                    yield RowError(line, None, f"malformed CSV record: {len(fields)} fields where the header has "
-                                               f"{len(header)}", delimiter.join(fields))
+                    yield RowError(line, None, f"malformed CSV record: {len(values)} fields where the header has "
+                                               f"{len(header)}", delimiter.join(values))
                 continue
-            record = dict(zip(header, fields))
-            if id_field and record.get(id_field) == "":
-                record[id_field] = None
-            if target_field and record.get(target_field) == "":
-                record[target_field] = None
-            yield _from_record(record, line, text_field, target_field, id_field, delimiter.join(fields))
+            record = dict(zip(header, values))
+            for name in (fields.id, fields.target):      # an empty cell is a missing value
+                if name and record.get(name) == "":
+                    record[name] = None
+            yield _from_record(record, line, fields, delimiter.join(values))
 
 
-def _check_columns(path, columns, text_field, target_field, id_field) -> None:
-    for option, name in (("--text-field", text_field), ("--target-field", target_field), ("--id-field", id_field)):
-        if name and name not in columns:
+def _check_columns(path, columns, fields: Fields) -> None:
+    for option, name in fields.options():
+        if name not in columns:
             shown = ", ".join(repr(c) for c in list(columns)[:20])
             raise InputError(f"{os.fspath(path)!r} has no column {name!r} (given as {option}); its columns are: "
                              f"{shown}")
@@ -227,65 +253,67 @@ def _parquet_file(path):
         raise InputError(f"cannot read {os.fspath(path)!r} as Parquet: {e}") from None
 
 
-def _read_parquet(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+def _read_parquet(path, fields: Fields) -> Iterator[RawRow | RowError]:
     file = _parquet_file(path)
     names = file.schema_arrow.names
-    _check_columns(path, names, text_field, target_field, id_field)
-    default_id = DEFAULT_ID_FIELD if id_field is None and DEFAULT_ID_FIELD in names else None
-    columns = [c for c in (text_field, target_field, id_field or default_id) if c]
+    _check_columns(path, names, fields)
+    default_id = DEFAULT_ID_FIELD if fields.id is None and DEFAULT_ID_FIELD in names else None
+    columns = [name for _, name in fields.options()] + ([default_id] if default_id else [])
     line = 0
     for batch in file.iter_batches(columns=list(dict.fromkeys(columns)), batch_size=8192):
         for record in batch.to_pylist():
             line += 1
-            yield _from_record(record, line, text_field, target_field, id_field)
+            yield _from_record(record, line, fields)
 
 
-def _read_records(records: Iterable, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
-    """In-memory input for the Python API: strings, or mappings with the text (and target, id) fields."""
+def _read_records(records: Iterable, fields: Fields) -> Iterator[RawRow | RowError]:
+    """In-memory input for the Python API: strings, or mappings with the text (and target, id, answer) fields."""
     for line, record in enumerate(records, start=1):
         if isinstance(record, str):
-            record = {text_field: record}
+            record = {fields.text: record}
         if not isinstance(record, dict):
             yield RowError(line, None, f"a row must be a string or a dict, got {type(record).__name__}")
             continue
-        yield _from_record(record, line, text_field, target_field, id_field)
+        yield _from_record(record, line, fields)
 
 
 def check_input(path: str | os.PathLike, *, format: str | None = None, text_field: str = "text",
-                target_field: str | None = None, id_field: str | None = None) -> str:
+                target_field: str | None = None, id_field: str | None = None, answer_field: str | None = None) -> str:
     """What can be known about the input file before reading its rows: its format, that it exists, and that the
     named columns exist (CSV/TSV header, Parquet schema; JSON Lines rows are checked one by one). Returns the
     format; raises :class:`InputError`."""
+    fields = Fields(text_field, target_field, id_field, answer_field)
     kind = detect_format(path, format)
     if not Path(path).is_file():
         raise InputError(f"no such input file: {os.fspath(path)!r}")
     if kind == "text":
-        _check_text_fields(target_field, id_field)
+        _check_text_fields(fields)
     elif kind in ("csv", "tsv"):
         with _open(path) as f:
             header = _csv_header(csv.reader(f, delimiter="," if kind == "csv" else "\t"), path)
         if header is not None:
-            _check_columns(path, header, text_field, target_field, id_field)
+            _check_columns(path, header, fields)
     elif kind == "parquet":
-        _check_columns(path, _parquet_file(path).schema_arrow.names, text_field, target_field, id_field)
+        _check_columns(path, _parquet_file(path).schema_arrow.names, fields)
     return kind
 
 
 def read_rows(source, *, format: str | None = None, text_field: str = "text", target_field: str | None = None,
-              id_field: str | None = None) -> Iterator[RawRow | RowError]:
+              id_field: str | None = None, answer_field: str | None = None) -> Iterator[RawRow | RowError]:
     """Every row of ``source`` (a path, or for the Python API an iterable of strings or dicts), in order."""
+    fields = Fields(text_field, target_field, id_field, answer_field)
     if not isinstance(source, (str, os.PathLike)):
         if format is not None:
             raise InputError("format= applies to files only; in-memory rows are strings or dicts")
-        return _read_records(source, text_field, target_field, id_field)
+        return _read_records(source, fields)
     path = Path(source)
     kind = detect_format(path, format)
     if not path.is_file():
         raise InputError(f"no such input file: {os.fspath(source)!r}")
     if kind == "jsonl":
-        return _read_jsonl(path, text_field, target_field, id_field)
+        return _read_jsonl(path, fields)
     if kind == "text":
-        return _read_text(path, text_field, target_field, id_field)
+        return _read_text(path, fields)
     if kind in ("csv", "tsv"):
-        return _read_csv(path, text_field, target_field, id_field, "," if kind == "csv" else "\t")
-    return _read_parquet(path, text_field, target_field, id_field)
+        return _read_csv(path, fields, "," if kind == "csv" else "\t")
+    return _read_parquet(path, fields)

@@ -29,7 +29,7 @@ from ..outputs import check_output_dir
 from ..settings import resolve_backend
 from .inputs import InputError, RowError, check_input, detect_format, fingerprint, read_rows
 
-__all__ = ["attribute_dataset", "DatasetRun", "RowResult", "BadRowError", "DEFAULT_BATCH_TOKENS"]
+__all__ = ["attribute_dataset", "DatasetRun", "RowResult", "AnswerRowResult", "BadRowError", "DEFAULT_BATCH_TOKENS"]
 
 log = logging.getLogger(__name__)
 _DEFAULTS = GIMSettings()
@@ -61,6 +61,24 @@ class RowResult:
     target_logit: float
     target_position: int     # index of the token whose next-token logit is explained (the last one)
     target_given: bool       # True when the data named the target; False for the model's top prediction
+
+
+@dataclass
+class AnswerRowResult:
+    """The attribution of one input row's answer (``answer_field`` or ``generate``): the columns of the shards."""
+
+    id: str
+    line: int
+    text: str
+    token_ids: list[int]      # the text's tokens (P)
+    tokens: list[str]
+    answer: str               # the answer's text (tokenizer.decode of answer_ids)
+    answer_ids: list[int]     # its tokens (M)
+    answer_tokens: list[str]
+    answer_given: bool        # True when the data gave the answer; False when it was generated
+    scores: np.ndarray        # float32 [M, P + M]: row m attributes answer token m over text and answer tokens
+    answer_logits: np.ndarray     # float32 [M]: each answer token's raw logit
+    answer_logprobs: np.ndarray   # float32 [M]: its log-probability
 
 
 # ------------------------------------------------------------------------------------------ ranks/devices
@@ -199,6 +217,59 @@ def _compute(model, batch: Batch, baseline: int, settings: GIMSettings, device, 
     return out
 
 
+def _compute_answers(model, batch: Batch, baseline: int, settings: GIMSettings, device, decode: _Decoder,
+                     tokenizer, answer: dict) -> list[AnswerRowResult]:
+    """One ``explain_answer`` call for the batch: texts left-padded, answers right-padded (generated first, greedily,
+    when the data gives none; ``answer``: {"target": "logit"|"logprob", "generate": max new tokens})."""
+    from ..answers import explain_answer
+    from ..context import generate_answers
+
+    rows = batch.rows
+    given = rows[0].answer_ids is not None
+    if given:
+        answers = [list(r.answer_ids) for r in rows]
+    else:
+        answers = generate_answers(model, tokenizer, [r.token_ids for r in rows], answer["generate"])
+    keep = [i for i, a in enumerate(answers) if a]
+    # a generation that is only the end-of-sequence token leaves nothing to attribute: a row with an empty answer
+    out = [AnswerRowResult(r.id, r.line, r.text, list(r.token_ids), [decode(t) for t in r.token_ids], "", [], [],
+                           given, np.zeros((0, len(r.token_ids)), np.float32), np.zeros(0, np.float32),
+                           np.zeros(0, np.float32)) for r in rows]
+    if keep:
+        length = max(len(rows[i].token_ids) for i in keep)
+        count = max(len(answers[i]) for i in keep)
+        ids = torch.full((len(keep), length), baseline, dtype=torch.long)
+        mask = torch.zeros((len(keep), length), dtype=torch.long)
+        answer_ids = torch.full((len(keep), count), baseline, dtype=torch.long)
+        answer_mask = torch.zeros((len(keep), count), dtype=torch.long)
+        for r, i in enumerate(keep):
+            n, m = len(rows[i].token_ids), len(answers[i])
+            ids[r, length - n:], mask[r, length - n:] = torch.tensor(rows[i].token_ids), 1
+            answer_ids[r, :m], answer_mask[r, :m] = torch.tensor(answers[i]), 1
+        with torch.enable_grad():
+            result = explain_answer(model, ids.to(device), answer_ids.to(device), attention_mask=mask.to(device),
+                                    answer_mask=answer_mask.to(device), baseline_token_id=baseline,
+                                    target=answer["target"], freeze_norm=settings.freeze_norm,
+                                    softmax_temperature=settings.softmax_temperature, q_scale=settings.q_scale,
+                                    k_scale=settings.k_scale, v_scale=settings.v_scale,
+                                    gate_scale=settings.gate_scale, up_scale=settings.up_scale,
+                                    backend=settings.backend)
+        scores = result.scores.float().cpu().numpy()                    # [B, count, length + count]
+        logits = result.target_logits.float().cpu().numpy()
+        logprobs = result.target_logprobs.float().cpu().numpy()
+        for r, i in enumerate(keep):
+            row, a = rows[i], answers[i]
+            n, m = len(row.token_ids), len(a)
+            columns = np.r_[length - n:length, length:length + m]           # the row's text, then its answer
+            out[i] = AnswerRowResult(
+                id=row.id, line=row.line, text=row.text, token_ids=list(row.token_ids),
+                tokens=[decode(t) for t in row.token_ids], answer=tokenizer.decode(a), answer_ids=list(a),
+                answer_tokens=[decode(t) for t in a], answer_given=given,
+                scores=scores[r, :m][:, columns].copy(), answer_logits=logits[r, :m].copy(),
+                answer_logprobs=logprobs[r, :m].copy())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- the run
 
 
@@ -244,7 +315,8 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
                       gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend,
                       baseline_token=None, dtype=torch.float32, device=None, cache_dir=None,
                       shard_rows: int = DEFAULT_SHARD_ROWS, flush_seconds: float = DEFAULT_FLUSH_SECONDS,
-                      html_report: int = 0, progress: bool | None = False) -> DatasetRun:
+                      html_report: int = 0, progress: bool | None = False, answer_field: str | None = None,
+                      generate: int | None = None, answer_target: str = "logit") -> DatasetRun:
     """GIM attributions for every row of ``data``; an iterator of :class:`RowResult`, one per good row.
 
     Args:
@@ -268,6 +340,11 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         shard_rows, flush_seconds: a shard is written after this many rows, or this many seconds of work.
         html_report: with ``out``, write ``report.html`` with the first N rows (by input line) at the end.
         progress: a tqdm bar (rows/s, tokens/s, ETA) on stderr; ``None``: when stderr is a terminal.
+        answer_field, generate: attribute an answer after each row's text instead of its next token, with
+            ``gim_fast.explain_answer``: the answer in column ``answer_field`` (tokenized alone, without special
+            tokens), or the model's own greedy continuation of at most ``generate`` tokens (cut before the
+            end-of-sequence token). Results are :class:`AnswerRowResult`: ``scores`` ``[M, P + M]``, every answer
+            token over the text's and the answer's tokens. ``answer_target``: ``"logit"`` or ``"logprob"``.
 
     Under ``torchrun``/``accelerate launch`` (or an initialised ``torch.distributed``) every process plans the
     same batches and computes its own share; results come out in batch order (longest rows first), not input
@@ -286,9 +363,11 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
     if target_type not in ("auto", "token", "id"):
         raise ValueError(f"target_type must be 'auto', 'token' or 'id', got {target_type!r}")
+    answer = _answer_mode(answer_field, generate, answer_target, target_field)
     # everything that can be checked without the model fails now, before a model is loaded
     if isinstance(data, (str, os.PathLike)):
-        check_input(data, format=format, text_field=text_field, target_field=target_field, id_field=id_field)
+        check_input(data, format=format, text_field=text_field, target_field=target_field, id_field=id_field,
+                    answer_field=answer_field)
     if out is not None:
         check_output_dir(out)
     if device not in (None, "auto"):
@@ -305,8 +384,30 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
                    target_field=target_field, id_field=id_field, target_type=target_type, batch_tokens=batch_tokens,
                    batch_size=batch_size, max_length=max_length, strict=strict, settings=settings,
                    baseline_token=baseline_token, dtype=dtype, device=device, cache_dir=cache_dir,
-                   shard_rows=shard_rows, flush_seconds=flush_seconds, html_report=html_report, progress=progress)
+                   shard_rows=shard_rows, flush_seconds=flush_seconds, html_report=html_report, progress=progress,
+                   answer=answer)
     return DatasetRun(lambda run: _run(run, **options))
+
+
+def _answer_mode(answer_field, generate, answer_target, target_field) -> dict | None:
+    """The answer settings ({"field", "generate", "target"}), None for next-token attribution; a clear error for
+    a combination that cannot be."""
+    if answer_target not in ("logit", "logprob"):
+        raise ValueError(f"answer_target must be 'logit' or 'logprob', got {answer_target!r}")
+    if generate is not None and (isinstance(generate, bool) or not isinstance(generate, int) or generate < 1):
+        raise ValueError(f"generate must be a positive integer (the most tokens to generate) or None, got {generate!r}")
+    if answer_field is not None and not (isinstance(answer_field, str) and answer_field):
+        raise ValueError(f"answer_field must be a column name or None, got {answer_field!r}")
+    if answer_field is None and generate is None:
+        if answer_target != "logit":
+            raise ValueError("answer_target applies to answers: give answer_field or generate too")
+        return None
+    if answer_field is not None and generate is not None:
+        raise ValueError("give answer_field (answers from the data) or generate (answers from the model), not both")
+    if target_field is not None:
+        raise ValueError("target_field explains one next token; answer_field/generate explain a whole answer: "
+                         "give one or the other")
+    return {"field": answer_field, "generate": generate, "target": answer_target}
 
 
 def _load(model, tokenizer, dtype, cache_dir, device, rank, world):
@@ -328,7 +429,7 @@ def _load(model, tokenizer, dtype, cache_dir, device, rank, world):
 
 def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, target_field, id_field, target_type,
          batch_tokens, batch_size, max_length, strict, settings, baseline_token, dtype, device, cache_dir,
-         shard_rows, flush_seconds, html_report, progress):
+         shard_rows, flush_seconds, html_report, progress, answer):
     from ..integration import check_model
 
     started = time.perf_counter()
@@ -348,16 +449,19 @@ def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, ta
             source = {"input": os.path.abspath(data), "input_sha256": fingerprint(data),
                       "format": detect_format(data, format)}
             raw = read_rows(data, format=format, text_field=text_field, target_field=target_field,
-                            id_field=id_field)
+                            id_field=id_field, answer_field=answer and answer["field"])
         else:
             records = list(data)
             source = {"input": "<python objects>", "input_sha256": _records_fingerprint(records), "format": None}
-            raw = read_rows(records, text_field=text_field, target_field=target_field, id_field=id_field)
+            raw = read_rows(records, text_field=text_field, target_field=target_field, id_field=id_field,
+                            answer_field=answer and answer["field"])
         resolver = TargetResolver(tokenizer, vocab_out, target_type)
         rows: list[Row] = []
         errors: list[RowError] = []
         input_rows = 0
-        for item in tokenize_rows(raw, tokenizer, max_length=max_length, vocab_size=vocab_in, targets=resolver):
+        extra = (answer or {}).get("generate") or 0
+        for item in tokenize_rows(raw, tokenizer, max_length=max_length, vocab_size=vocab_in, targets=resolver,
+                                  extra_tokens=extra):
             input_rows += 1
             if isinstance(item, RowError):
                 if strict:
@@ -378,6 +482,9 @@ def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, ta
             "up_scale": settings.up_scale, "backend": settings.backend, "baseline_token_id": baseline,
             "batch_tokens": batch_tokens, "batch_size": batch_size, "max_length": max_length,
         }
+        if answer is not None:       # only then: a next-token job's settings (and resumes) stay as they were
+            config.update({"answer_field": answer["field"], "generate": answer["generate"],
+                           "answer_target": answer["target"]})
         # what the results depend on (not where the input file lies): shards carry it, a resume compares it
         identity = {k: v for k, v in config.items() if k != "input"}
         config_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -395,7 +502,7 @@ def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, ta
             todo = [b for b, owner in zip(plan, owners) if owner == rank and b.index not in done]
             compute_started = time.perf_counter()
             yield from _compute_all(model, todo, baseline, settings, device, tokenizer, out, rank, world, config_sha,
-                                    shard_rows, flush_seconds, progress, run)
+                                    shard_rows, flush_seconds, progress, run, answer)
             computed = sum(len(b.rows) for b in todo)
             computed_tokens = sum(b.tokens for b in todo)
             manifest = None
@@ -479,7 +586,7 @@ def _check_same_job(out: Path, manifest: dict, spec: str, config: dict) -> None:
 
 
 def _compute_all(model, todo: list[Batch], baseline, settings, device, tokenizer, out, rank, world, config_sha,
-                 shard_rows, flush_seconds, progress, run) -> Iterator[RowResult]:
+                 shard_rows, flush_seconds, progress, run, answer=None) -> Iterator[RowResult]:
     from tqdm.auto import tqdm
 
     decode = _Decoder(tokenizer)
@@ -495,7 +602,10 @@ def _compute_all(model, todo: list[Batch], baseline, settings, device, tokenizer
     rows_done = 0
     try:
         for batch in todo:
-            results = _compute(model, batch, baseline, settings, device, decode)
+            if answer is None:
+                results = _compute(model, batch, baseline, settings, device, decode)
+            else:
+                results = _compute_answers(model, batch, baseline, settings, device, decode, tokenizer, answer)
             writer._crash_point("batch")
             rows_done += len(results)
             bar.update(batch.tokens)
@@ -544,18 +654,24 @@ def _try_finalize(out: Path, plan: list[Batch], html_report: int, special_ids=()
 
 def _write_report(out: Path, n: int, manifest: dict, special_ids=()) -> str:
     from ..display import plural
-    from ..html import rows_from_table, write_html
+    from ..html import answer_views_from_table, rows_from_table, write_answer_html, write_html
 
     lines = writer.read_results(out, columns=["line"])
-    if lines is None or len(lines) == 0:
-        rows = []
-    else:
+    table = None
+    if lines is not None and len(lines):
         cutoff = lines["line"][min(n, len(lines)) - 1].as_py()
-        table = writer.read_results(out, filters=[("line", "<=", cutoff)])
-        rows = rows_from_table(table.slice(0, n), special_ids)
+        table = writer.read_results(out, filters=[("line", "<=", cutoff)]).slice(0, n)
     config = manifest["config"]
-    write_html(out / writer.REPORT, rows, title=f"GIM attributions: {config.get('model')}",
-               subtitle=f"first {plural(len(rows), 'row')} of {config.get('input')}")
+    title = f"GIM attributions: {config.get('model')}"
+    if "answer_target" in config:        # an answer job
+        views = [] if table is None else answer_views_from_table(table, special_ids)
+        write_answer_html(out / writer.REPORT, views, title=title,
+                          subtitle=f"first {plural(len(views), 'row')} of {config.get('input')}; each answer "
+                                   f"token's {config['answer_target']}")
+    else:
+        rows = [] if table is None else rows_from_table(table, special_ids)
+        write_html(out / writer.REPORT, rows, title=title,
+                   subtitle=f"first {plural(len(rows), 'row')} of {config.get('input')}")
     return writer.REPORT
 
 

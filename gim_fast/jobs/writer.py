@@ -24,12 +24,15 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["JobError", "write_atomic", "write_shard", "done_batches", "read_manifest", "create_manifest",
-           "compare_configs", "finalize_manifest", "write_errors", "OutputLock", "SCHEMA_FIELDS", "read_results"]
+           "compare_configs", "finalize_manifest", "write_errors", "OutputLock", "SCHEMA_FIELDS",
+           "ANSWER_SCHEMA_FIELDS", "read_results"]
 
 MANIFEST, ERRORS, DATA, REPORT = "manifest.json", "errors.jsonl", "data", "report.html"
 _META_KEY = b"gim_fast"
 _FORMAT = "gim_fast-attribution-job"
 _VERSION = 1
+ANSWER_SCHEMA_FIELDS = ("id", "line", "text", "token_ids", "tokens", "answer", "answer_ids", "answer_tokens",
+                        "answer_given", "scores", "answer_logits", "answer_logprobs")
 SCHEMA_FIELDS = ("id", "line", "text", "token_ids", "tokens", "scores", "target_id", "target", "target_logit",
                  "target_position", "target_given")
 
@@ -117,28 +120,57 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------------ shards
 
 
-def _table(results: list, meta: dict):
+def _lists(values, value_type, np_type):
+    """A pyarrow list column from a list of 1-D sequences, built from one flat array (no per-value Python)."""
     import pyarrow as pa
 
-    def lists(values, value_type, np_type):
-        flat = np.concatenate([np.asarray(v, dtype=np_type) for v in values]) if values else np.zeros(0, np_type)
-        offsets = np.zeros(len(values) + 1, dtype=np.int32)
-        np.cumsum([len(v) for v in values], out=offsets[1:])
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+    flat = (np.concatenate([np.asarray(v, dtype=np_type).reshape(-1) for v in values]) if values
+            else np.zeros(0, np_type))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([np.asarray(v).size for v in values], out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def _matrices(values):
+    """A ``list<list<float32>>`` column from a list of 2-D float arrays (one list per row of each)."""
+    import pyarrow as pa
+
+    rows = [np.asarray(v, dtype=np.float32) for v in values]
+    inner = _lists([row for matrix in rows for row in matrix], pa.float32(), np.float32)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([m.shape[0] for m in rows], out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def _table(results: list, meta: dict):
+    import pyarrow as pa
 
     columns = {
         "id": pa.array([r.id for r in results], pa.string()),
         "line": pa.array([r.line for r in results], pa.int64()),
         "text": pa.array([r.text for r in results], pa.string()),
-        "token_ids": lists([r.token_ids for r in results], pa.int32(), np.int32),
+        "token_ids": _lists([r.token_ids for r in results], pa.int32(), np.int32),
         "tokens": pa.array([list(r.tokens) for r in results], pa.list_(pa.string())),
-        "scores": lists([r.scores for r in results], pa.float32(), np.float32),
-        "target_id": pa.array([r.target_id for r in results], pa.int32()),
-        "target": pa.array([r.target for r in results], pa.string()),
-        "target_logit": pa.array([r.target_logit for r in results], pa.float32()),
-        "target_position": pa.array([r.target_position for r in results], pa.int32()),
-        "target_given": pa.array([r.target_given for r in results], pa.bool_()),
     }
+    if results and hasattr(results[0], "answer_ids"):        # answer jobs (answer_field / generate)
+        columns.update({
+            "answer": pa.array([r.answer for r in results], pa.string()),
+            "answer_ids": _lists([r.answer_ids for r in results], pa.int32(), np.int32),
+            "answer_tokens": pa.array([list(r.answer_tokens) for r in results], pa.list_(pa.string())),
+            "answer_given": pa.array([r.answer_given for r in results], pa.bool_()),
+            "scores": _matrices([r.scores for r in results]),
+            "answer_logits": _lists([r.answer_logits for r in results], pa.float32(), np.float32),
+            "answer_logprobs": _lists([r.answer_logprobs for r in results], pa.float32(), np.float32),
+        })
+    else:
+        columns.update({
+            "scores": _lists([r.scores for r in results], pa.float32(), np.float32),
+            "target_id": pa.array([r.target_id for r in results], pa.int32()),
+            "target": pa.array([r.target for r in results], pa.string()),
+            "target_logit": pa.array([r.target_logit for r in results], pa.float32()),
+            "target_position": pa.array([r.target_position for r in results], pa.int32()),
+            "target_given": pa.array([r.target_given for r in results], pa.bool_()),
+        })
     table = pa.table(columns)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 

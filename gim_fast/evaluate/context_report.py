@@ -1,0 +1,194 @@
+"""Result files of the context evaluation: summary.csv, examples.csv, context.md (the tables), run.json."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .ablation import LDS_ABLATIONS, TOP_K
+from .context_methods import CONTEXT_METHODS
+from .context_run import ContextModelResult, ContextRow, ContextSelection
+from ..display import plural
+from .report import _write_csv
+from .run import mean_se, write_json
+
+__all__ = ["write_context_results", "read_context_results", "markdown_context_table", "summary_rows"]
+
+_METRICS = [*(f"drop{k}" for k in TOP_K), "lds", "gold_rank", "gold_first"]
+
+
+def _values(rows, method: str, metric: str) -> list[float]:
+    out = []
+    for r in rows:
+        m = r.methods.get(method)
+        if m is None:
+            continue
+        if metric.startswith("drop"):
+            out.append(m["drop"][int(metric[4:])])
+        elif metric == "gold_first":
+            out.append(1.0 if m["gold_rank"] == 1 else 0.0)
+        else:
+            out.append(m[metric])
+    return out
+
+
+def _groups(result: ContextModelResult):
+    """(documents, rows of that size, methods in run order)."""
+    sizes = list(dict.fromkeys(r.documents for r in result.rows))
+    for documents in sizes:
+        rows = [r for r in result.rows if r.documents == documents]
+        methods = list(dict.fromkeys(name for r in rows for name in r.methods))
+        yield documents, rows, methods
+
+
+def summary_rows(results: list[ContextModelResult]) -> list[dict]:
+    """One row per (model, documents, method): each metric's mean and standard error, the cost, N."""
+    out = []
+    for result in results:
+        for documents, rows, methods in _groups(result):
+            for name in methods:
+                row = {"model": result.model, "documents": documents, "method": name,
+                       "description": CONTEXT_METHODS[name][0], "n": len(_values(rows, name, "lds"))}
+                for metric in _METRICS:
+                    row[metric], row[f"{metric}_se"] = mean_se(_values(rows, name, metric))
+                for cost in ("seconds", "forwards", "backwards"):
+                    row[f"{cost}_per_answer"] = mean_se([r.methods[name][cost] for r in rows])[0]
+                row["prompt_tokens"] = mean_se([r.prompt_tokens for r in rows])[0]
+                row["answer_tokens"] = mean_se([r.answer_tokens for r in rows])[0]
+                out.append(row)
+    return out
+
+
+def example_rows(results: list[ContextModelResult]) -> list[dict]:
+    out = []
+    for result in results:
+        for r in result.rows:
+            for name, m in r.methods.items():
+                out.append({"model": result.model, "documents": r.documents, "key": r.key, "method": name,
+                            "answer": r.answer, "answer_tokens": r.answer_tokens, "prompt_tokens": r.prompt_tokens,
+                            "full_logprob": r.full_logprob, "gold": r.gold, "gold_rank": m["gold_rank"],
+                            **{f"drop{k}": v for k, v in m["drop"].items()}, "lds": m["lds"],
+                            "seconds": m["seconds"], "forwards": m["forwards"], "backwards": m["backwards"],
+                            "scores": " ".join(f"{s:.6g}" for s in m["scores"])})
+    return out
+
+
+def _fmt(mean: float, se: float, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def _cost(row) -> str:
+    f, b = row["forwards_per_answer"], row["backwards_per_answer"]
+    parts = ([f"{f:.0f} F"] if f else []) + ([f"{b:.0f} B"] if b else [])
+    return " + ".join(parts) or "0"
+
+
+def markdown_context_table(results: list[ContextModelResult]) -> str:
+    """model × documents × method: top-k drops, LDS, the gold document's rank, cost. The best mean of each column
+    per (model, documents) in bold (every method that ties it)."""
+    summary = summary_rows(results)
+    higher = {**{f"drop{k}": True for k in TOP_K}, "lds": True, "gold_rank": False, "gold_first": True}
+    header = ("| model | docs | method | " + " | ".join(f"top-{k} drop ↑" for k in TOP_K)
+              + " | LDS ↑ | gold rank ↓ | gold first ↑ | s/answer | passes | N |")
+    lines = [header, "|---|---:|---|" + "---:|" * (len(TOP_K) + 6)]
+    for result in results:
+        for documents, _rows, _methods in _groups(result):
+            group = [r for r in summary if r["model"] == result.model and r["documents"] == documents]
+            best = {}
+            for metric, up in higher.items():
+                means = [r[metric] for r in group if not math.isnan(r[metric])]
+                if means:
+                    best[metric] = (max if up else min)(means)
+            for r in group:
+                cells = []
+                for metric in higher:
+                    text = (_fmt(r[metric], r[f"{metric}_se"], 2) if metric != "gold_first"
+                            else f"{r[metric]:.2f}")
+                    tied = metric in best and abs(r[metric] - best[metric]) <= 1e-9 * max(1.0, abs(best[metric]))
+                    cells.append(f"**{text}**" if tied else text)
+                lines.append(f"| {result.model} | {documents} | `{r['method']}` | " + " | ".join(cells)
+                             + f" | {r['seconds_per_answer']:.2f} | {_cost(r)} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def paired_table(results: list[ContextModelResult], reference: str = "gim") -> str:
+    """GIM minus each method on the same examples (mean ± standard error of the differences)."""
+    lines = ["| model | docs | " + f"`{reference}` − | " + " | ".join(f"Δ top-{k} drop" for k in TOP_K)
+             + " | Δ LDS |", "|---|---:|---|" + "---:|" * (len(TOP_K) + 1)]
+    for result in results:
+        for documents, rows, methods in _groups(result):
+            if reference not in methods:
+                continue
+            for name in methods:
+                if name == reference:
+                    continue
+                cells = []
+                for metric in [*(f"drop{k}" for k in TOP_K), "lds"]:
+                    diffs = [a - b for a, b in zip(_values(rows, reference, metric), _values(rows, name, metric))]
+                    cells.append(_fmt(*mean_se(diffs)))
+                lines.append(f"| {result.model} | {documents} | `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_context_results(results: list[ContextModelResult], out: Path, *, command: str, environment: dict,
+                          seed: int, wall_seconds: float) -> dict[str, Path]:
+    """Write summary.csv, examples.csv, context.md and run.json into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"summary": out / "summary.csv", "examples": out / "examples.csv", "markdown": out / "context.md",
+             "run": out / "run.json"}
+    _write_csv(files["summary"], summary_rows(results))
+    _write_csv(files["examples"], example_rows(results))
+    md = ["# Context attribution against ablation (ContextCite's metrics)", "",
+          f"Command: `{command}`", "",
+          f"Environment: {environment.get('device')}, torch {environment.get('torch')}, transformers "
+          f"{environment.get('transformers')}, {environment.get('date')}; seed {seed}; wall time "
+          f"{wall_seconds / 60:.1f} min. Timings are indicative when the machine was shared.", ""]
+    for result in results:
+        prompt = "the tokenizer's chat template" if result.chat else "a plain prompt (no chat template)"
+        md.append(f"- {result.model} ({prompt}): " + "; ".join(
+            f"{s.documents} documents: {plural(sum(1 for r in result.rows if r.documents == s.documents), 'example')}"
+            f", {s.correct} of {plural(s.asked, 'question')} answered right" for s in result.selections)
+            + f"; time {result.seconds['total']:.0f} s.")
+    md += ["", f"Top-k drop: log p(answer | all documents) − log p(answer | all but the k highest-scored); LDS: "
+           f"Spearman correlation over {LDS_ABLATIONS} random ablations (each document kept with probability ½, the "
+           "same masks for every method) between Σ_kept score and log p(answer | kept); gold rank: the rank of the "
+           "document that states the answer (1 = top); gold first: how often it is ranked first. Mean ± standard "
+           "error over examples; best of each column per model and size in bold. s/answer: the method's own time "
+           "per answer; passes: forward (F) and backward (B) passes through the model per answer.", "",
+           markdown_context_table(results), "", "GIM against each method on the same examples (paired differences; > 0 "
+           "favours GIM):", "", paired_table(results), ""]
+    files["markdown"].write_text("\n".join(md), encoding="utf-8")
+    write_json(files["run"], {
+        "command": command, "environment": environment, "seed": seed, "wall_seconds": round(wall_seconds, 1),
+        "models": [{"model": r.model, "chat_template": r.chat,
+                    "seconds": {k: round(v, 1) for k, v in r.seconds.items()},
+                    "selections": [vars(s) for s in r.selections],
+                    "examples": [{"documents": row.documents, "key": row.key, "answer": row.answer}
+                                 for row in r.rows]} for r in results]})
+    return files
+
+
+def read_context_results(out: Path) -> list[ContextModelResult]:
+    """The results a run wrote into ``out`` (examples.csv and run.json), to write the files again (e.g. after a
+    change of the report's layout) without computing anything: ``write_context_results(read_context_results(out),
+    out, ...)``. Numbers come back as the CSV holds them (6 significant digits)."""
+    import csv
+    import json
+
+    run = json.loads((Path(out) / "run.json").read_text(encoding="utf-8"))
+    rows: dict[tuple, ContextRow] = {}
+    with (Path(out) / "examples.csv").open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            key = (r["model"], int(r["documents"]), r["key"])
+            row = rows.setdefault(key, ContextRow(r["key"], int(r["documents"]), int(r["gold"]), r["answer"],
+                                                  int(r["answer_tokens"]), int(r["prompt_tokens"]),
+                                                  float(r["full_logprob"])))
+            row.methods[r["method"]] = {
+                "scores": [float(v) for v in r["scores"].split()], "seconds": float(r["seconds"]),
+                "forwards": int(r["forwards"]), "backwards": int(r["backwards"]),
+                "drop": {k: float(r[f"drop{k}"]) for k in TOP_K}, "lds": float(r["lds"]),
+                "gold_rank": float(r["gold_rank"])}
+    return [ContextModelResult(m["model"], m["chat_template"], [ContextSelection(**s) for s in m["selections"]],
+                               [row for (model, _, _), row in rows.items() if model == m["model"]], m["seconds"])
+            for m in run["models"]]

@@ -1,0 +1,169 @@
+"""The context-attribution evaluation: which documents an answer came from, against the ground truth of ablation.
+
+Per model and context size n (documents): walk the questions of ``gim_fast.data.context_examples(n)`` in their
+seeded order, generate each answer (greedy, at most ``max_new_tokens``, cut at the end-of-sequence token and at the
+first line break), keep those whose answer names the capital (``ContextExample.is_answered_by``: not merely
+inside the country's name), until ``count`` are kept (or ``limit`` questions were asked). For each kept one: every method's source scores with its cost (``context_methods``), then
+ContextCite's metrics (``ablation``: top-k drop for k = 1, 3, 5 and LDS over 32 random half-ablations, the same
+masks for every method) and the rank the method gives the gold document.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..sources import PromptFormat, build_prompt
+from .ablation import LDS_ABLATIONS, TOP_K, ContextAblations, lds, random_masks, top_k_drop
+from .context_methods import CONTEXT_METHODS, run_method
+
+__all__ = ["ContextRow", "ContextSelection", "ContextModelResult", "evaluate_context", "select_context_examples",
+           "gold_rank", "DEFAULT_SIZES", "DEFAULT_COUNTS", "MAX_NEW_TOKENS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (10, 30, 100)
+DEFAULT_COUNTS = (10, 4, 1)   # examples per size: the committed run (bench/results/context; ~2 h on a shared 2-core CPU)
+MAX_NEW_TOKENS = 16
+GENERATION_BATCH = 8
+
+
+@dataclass
+class ContextRow:
+    """One evaluated example: the answer, and per method its scores, cost and metrics."""
+
+    key: str
+    documents: int
+    gold: int
+    answer: str
+    answer_tokens: int
+    prompt_tokens: int
+    full_logprob: float
+    methods: dict = field(default_factory=dict)   # name -> {"scores", "seconds", "forwards", "backwards",
+    #                                                          "drop": {k: v}, "lds", "gold_rank"}
+
+
+@dataclass
+class ContextSelection:
+    documents: int
+    asked: int               # questions the model answered (generated)
+    correct: int             # how many answers contained the capital
+    total: int               # questions in the data set
+    seconds: float           # generation time
+
+
+@dataclass
+class ContextModelResult:
+    model: str
+    chat: bool
+    selections: list[ContextSelection]
+    rows: list[ContextRow]
+    seconds: dict
+
+
+def gold_rank(scores, gold: int) -> float:
+    """The gold source's rank by score, 1 = highest; tied sources share their mean rank."""
+    s = np.asarray(scores, dtype=np.float64)
+    return 1.0 + float((s > s[gold]).sum()) + 0.5 * float((s == s[gold]).sum() - 1)
+
+
+def _cut_at_newline(tokenizer, ids: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if "\n" in tokenizer.decode([t]):
+            return ids[:i]
+    return ids
+
+
+def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int, count: int, *, seed: int = 0,
+                            limit: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, keep_wrong: bool = False,
+                            progress=None):
+    """([(example, prompt, answer_ids)] of up to ``count`` examples answered right (with ``keep_wrong``: answered
+    at all), ContextSelection)."""
+    from ..context import generate_answers
+    from ..data import context_examples
+
+    say = progress or (lambda _msg: None)
+    candidates = context_examples(documents, seed=seed)
+    limit = len(candidates) if limit is None else min(limit, len(candidates))
+    kept, asked, correct = [], 0, 0
+    started = time.perf_counter()
+    while len(kept) < count and asked < limit:
+        chunk = candidates[asked:min(limit, asked + GENERATION_BATCH)]
+        prompts = [build_prompt(tokenizer, ex.sources, ex.query, template=fmt.template, separator=fmt.separator,
+                                chat=fmt.chat) for ex in chunk]
+        answers = generate_answers(model, tokenizer, [p.input_ids for p in prompts], max_new_tokens)
+        for ex, prompt, ids in zip(chunk, prompts, answers):
+            asked += 1
+            ids = _cut_at_newline(tokenizer, ids)
+            right = bool(ids) and ex.is_answered_by(tokenizer.decode(ids))
+            correct += right
+            if (right or (keep_wrong and ids)) and len(kept) < count:
+                kept.append((ex, prompt, ids))
+        say(f"{documents} documents: {len(kept)} of {count} kept after {asked} questions")
+    return kept, ContextSelection(documents, asked, correct, len(candidates), time.perf_counter() - started)
+
+
+def evaluate_example(model, tokenizer, example, prompt, answer_ids, methods, *, seed: int = 0, backend="auto",
+                     batch_tokens: int | None = None) -> ContextRow:
+    kwargs = {} if batch_tokens is None else {"batch_tokens": batch_tokens}
+    ablations = ContextAblations(model, tokenizer, prompt, answer_ids, **kwargs)
+    row = ContextRow(example.key, len(example.sources), example.gold, tokenizer.decode(answer_ids), len(answer_ids),
+                     len(prompt.input_ids), ablations.full)
+    scored = {name: run_method(name, model, tokenizer, ablations, key=example.key, seed=seed, backend=backend)
+              for name in methods}          # every method first: its forwards are timed, not served from the cache
+    masks = random_masks(ablations.n, LDS_ABLATIONS, seed=f"{seed}:lds:{example.key}:{ablations.n}")
+    for name, result in scored.items():
+        row.methods[name] = {
+            "scores": result.scores.tolist(), "seconds": result.seconds, "forwards": result.forwards,
+            "backwards": result.backwards, "drop": top_k_drop(ablations, result.scores, TOP_K),
+            "lds": lds(ablations, result.scores, masks), "gold_rank": gold_rank(result.scores, example.gold)}
+    return row
+
+
+def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DEFAULT_COUNTS, seed: int = 0,
+                     limit: int | None = None, backend: str = "auto", cache_dir=None, model_and_tokenizer=None,
+                     batch_tokens: int | None = None, keep_wrong: bool = False, progress=None,
+                     checkpoint=None) -> ContextModelResult:
+    """Evaluate ``methods`` on one model; ``counts[i]`` examples of ``sizes[i]`` documents. ``limit``: ask at most
+    this many questions per size. ``keep_wrong``: evaluate wrong answers too (smoke tests on tiny random models).
+    ``model_and_tokenizer`` skips loading.
+    ``checkpoint(partial result)`` is called after each size (e.g. to write the files so far)."""
+    say = progress or (lambda _msg: None)
+    for name in methods:
+        if name not in CONTEXT_METHODS:
+            raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
+    t0 = time.perf_counter()
+    if model_and_tokenizer is None:
+        from ..models import load_pretrained
+
+        model, tokenizer = load_pretrained(model_name, cache_dir=cache_dir)
+    else:
+        model, tokenizer = model_and_tokenizer
+    fmt = PromptFormat.resolve(tokenizer)
+    t_load = time.perf_counter() - t0
+    selections, rows = [], []
+    t_select = t_eval = 0.0
+    for documents, count in zip(sizes, counts):
+        t1 = time.perf_counter()
+        kept, selection = select_context_examples(model, tokenizer, fmt, documents, count, seed=seed, limit=limit,
+                                                  keep_wrong=keep_wrong, progress=say)
+        t_select += time.perf_counter() - t1
+        selections.append(selection)
+        say(f"{model_name}, {documents} documents: {len(kept)} examples ({selection.correct} of {selection.asked} "
+            f"answered right)")
+        t2 = time.perf_counter()
+        for i, (ex, prompt, answer_ids) in enumerate(kept, 1):
+            rows.append(evaluate_example(model, tokenizer, ex, prompt, answer_ids, methods, seed=seed,
+                                         backend=backend, batch_tokens=batch_tokens))
+            say(f"{model_name}, {documents} documents: example {i}/{len(kept)} done "
+                f"({time.perf_counter() - t2:.0f} s)")
+        t_eval += time.perf_counter() - t2
+        result = ContextModelResult(model_name, fmt.chat, selections, rows,
+                                    {"load": t_load, "select": t_select, "evaluate": t_eval,
+                                     "total": time.perf_counter() - t0})
+        if checkpoint is not None:
+            checkpoint(result)
+    return result
+
