@@ -145,7 +145,7 @@ def scale_table() -> str:
         rows = list(csv.DictReader(f))
     lines = [f"SmolLM2-135M, IOI, {run['examples']} prompts, `{run['command']}`: {run['seconds']['total']:.0f} s in "
              f"all ({run['seconds']['faithfulness']:.0f} s of circuit runs)", "",
-             "| method | level | CPR ↑ (signed ranking) | CMD ↓ (|score| ranking) | scoring s/example | peak MB |",
+             "| method | level | CPR ↑ (signed ranking) | CMD ↓ (\\|score\\| ranking) | scoring s/example | peak MB |",
              "|---|---|---:|---:|---:|---:|"]
     by = {(r["method"], r["level"], r["ranking"]): r for r in rows}
     for method in METHODS:
