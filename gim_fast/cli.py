@@ -7,6 +7,7 @@
     gim-fast explain "The capital of France is" --generate 8 --html answer.html
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
+    gim-fast circuit --task ioi --model smollm2-135m --out runs/ioi      # circuits: GIM vs EAP vs EAP-IG (MIB metrics)
 
 Exit codes: 0 success, 1 an unexpected failure, 2 a usage error (bad option, unknown model, a target that is
 not one token, a missing model package, an unreadable input, a rerun with other settings, a bad row under
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=_cmd_attribute)
     from .evaluate.cli import add_subparser as _add_evaluate   # gim-fast evaluate (gim_fast/evaluate/cli.py)
     _add_evaluate(sub)
+    from .circuits.cli import add_subparser as _add_circuit   # gim-fast circuit (gim_fast/circuits/cli.py)
+    _add_circuit(sub)
     return parser
 
 

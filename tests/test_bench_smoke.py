@@ -73,3 +73,12 @@ def test_context_settings_benchmark_tiny(tmp_path):
     assert len(rows) == 10 and {r["key"] for r in rows} == {key}
     for r in rows:
         assert 1 <= float(r["gold_rank"]) <= 3 and 0 <= int(r["top_document"]) < 3 and -1 <= float(r["lds"]) <= 1
+
+
+def test_circuits_benchmark_estimate():
+    """bench/circuits.py --estimate: the Llama-3.1-8B graph and its memory estimate, no model built."""
+    proc = subprocess.run([sys.executable, "bench/circuits.py", "--estimate"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1057 nodes" in proc.stdout and "805,681 edges" in proc.stdout
+    assert "64 prompts × 32 tokens, bf16, Δ of every layer expanded: 46.3 GB with the weights (fits 80 GB)" in proc.stdout
