@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .integration import GIM, checkpointed_layers, eval_mode, tlens
+from .integration import GIM, checkpointed_layers, eval_mode, released_heap, tlens
 from .memory import plan_checkpointing
 from .settings import GIMSettings, resolve_backend
 
@@ -109,6 +109,8 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
             stack.enter_context(GIM.from_settings(model, settings))
         if use_checkpoints:
             stack.enter_context(checkpointed_layers(io.hf_model))
+        if io.hf_model is not None:  # the memory estimate counts on it for layers on the CPU
+            stack.enter_context(released_heap(io.hf_model))
         with torch.no_grad():
             baseline = embed(torch.full_like(input_ids, baseline_token_id))
             inputs = embed(input_ids)
