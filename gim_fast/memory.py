@@ -51,9 +51,10 @@ _HEAP_FACTOR = 2.0
 _CUDA_FACTOR = 1.05
 # What the framework adds once per call (CPU: first-call kernels and code pages; CUDA: the cuBLAS workspace).
 _FRAMEWORK = 0 << 20
+# explain_answer: below this many cotangents per backward pass, checkpointing (to fit more) is worth its recompute
+_SMALL_CHUNK = 4
 # Keep this share of the free memory for everything else on the machine.
 _HEADROOM = 0.9
-_LAST_GROUPS = {}
 
 
 class InsufficientMemoryError(MemoryError):
@@ -214,7 +215,6 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
 
     parts = {name: _bytes(group) for name, group in groups.items()}
     tensors = sum(parts.values())
-    _LAST_GROUPS.clear(); _LAST_GROUPS.update(groups)
     device = torch.device(device)
     if device.type == "cpu":
         heap = sum(_heap_bytes(group) for group in groups.values())
@@ -281,3 +281,47 @@ def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_tar
     raise InsufficientMemoryError(
         f"this attribution needs about {format_bytes(est.total)} on {dev} but only {format_bytes(free)} is free "
         f"(batch {batch} × {seq_len} tokens, {dtype}). Try {', '.join(advice)}.\n{est}")
+
+
+def plan_cotangents(model, seq_len: int, batch: int, *, backend: str, num_targets: int, count: int,
+                    checkpointing: bool | str = "auto", limit: int | None = None) -> tuple[int, bool]:
+    """How many cotangents one backward pass carries (``explain_answer``'s chunk), and whether to checkpoint.
+
+    The largest chunk ≤ ``count`` (and ≤ ``limit``) whose estimate fits. With ``checkpointing="auto"``,
+    checkpointing only when without it fewer than ``_SMALL_CHUNK`` cotangents (or ``count``, if smaller) fit and
+    with it more do: every backward pass of a checkpointed model recomputes the layers (one forward's cost), which
+    only a much larger chunk pays for. Raises ``InsufficientMemoryError`` when not even one cotangent fits.
+    """
+    top = max(1, min(count, limit or count))
+
+    def largest(ckpt: bool) -> int:
+        def fits(chunk: int) -> bool:
+            try:
+                plan_checkpointing(model, seq_len, batch, backend=backend, num_targets=num_targets,
+                                   checkpointing=ckpt, cotangents=chunk)
+            except InsufficientMemoryError:
+                return False
+            return True
+
+        if not fits(1):
+            return 0
+        lo, hi = 1, top  # the estimate grows with the chunk: bisect for the largest that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    if checkpointing != "auto":
+        chunk = largest(bool(checkpointing))
+        ckpt = bool(checkpointing)
+    else:
+        chunk, ckpt = largest(False), False
+        if chunk < min(top, _SMALL_CHUNK):
+            with_ckpt = largest(True)
+            if with_ckpt > chunk:
+                chunk, ckpt = with_ckpt, True
+    if chunk == 0:  # raises with the estimate, the free memory and the advice
+        plan_checkpointing(model, seq_len, batch, backend=backend, num_targets=num_targets,
+                           checkpointing=checkpointing, cotangents=1)
+        raise AssertionError("unreachable: one cotangent did not fit, yet the plan passed")
+    return chunk, ckpt

@@ -40,9 +40,11 @@ import weakref
 import torch
 from torch import nn
 
+from ..ops.cotangents import unbatched_forward_only
 from ..ops.grad_scale import scale_grad
 from ..settings import GIMSettings
 from .families import Family, family_of
+from .model_io import ModelIO, hf_model_io
 
 BRIDGE = "bridge"      # transformer_lens.model_bridge.TransformerBridge
 WRAPPED = "wrapped"    # a Hugging Face model that a TransformerBridge has rebuilt in place
@@ -117,11 +119,16 @@ class PatternWithGIMGradient(torch.autograd.Function):
     minimum get P_T = 0; a row with every key masked by −inf (left padding) passes no gradient.
     """
 
+    vmap = staticmethod(unbatched_forward_only)
+
     @staticmethod
-    def forward(ctx, pattern: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
-        ctx.temperature = temperature
-        ctx.save_for_backward(scores)
+    def forward(pattern: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
         return pattern.view_as(pattern)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, scores, ctx.temperature = inputs
+        ctx.save_for_backward(scores)
 
     @staticmethod
     def backward(ctx, grad_p: torch.Tensor):
@@ -363,9 +370,7 @@ def apply_gim(model, settings: GIMSettings, stack: contextlib.ExitStack) -> None
 # How the engine feeds input embeddings and reads target logits
 
 def model_io(model):
-    """The engine's view of a TransformerLens model (see ``gim_fast.engine.ModelIO``)."""
-    from ..engine import ModelIO, hf_model_io
-
+    """The engine's view of a TransformerLens model (see ``gim_fast.integration.model_io.ModelIO``)."""
     kind = kind_of(model)
     if kind == WRAPPED:  # the HF model's own forward, with the bridge components inside it
         return hf_model_io(model, attention="eager")
@@ -386,8 +391,6 @@ def model_io(model):
 
 
 def _legacy_io(model):
-    from ..engine import ModelIO
-
     def forward(inputs, attention_mask, position_ids, keep, input_ids):
         # HookedTransformer takes tokens only: its hook_embed output is replaced by the leaf embeddings. Positions
         # come from the attention mask (left padding included), as HookedTransformer derives them.
