@@ -47,21 +47,21 @@ BOUND = 1.3  # an estimate may over-estimate the measured peak by at most this f
 # (model spec, lengths, dtypes, backends, checkpointing, batches) of the default grid. A model spec is either a
 # shipped model name or "config:<name>:<layers>:<vocab>" (bench/configs.py, random weights, fewer layers and a
 # smaller vocabulary than published: per-layer costs are what matter, and the vocabulary only sizes the
-# embedding tables — the logits are computed at the target position only).
+# embedding tables — the logits are computed at the target position only). The Llama-3.1-8B rows check the
+# shapes of a big model (tensors above glibc's mmap threshold); the Triton backend is left out: on the CPU it
+# runs under the interpreter, far too slow at these lengths.
+LENGTHS = (512, 1024, 2048, 4096, 8192)
 GRID = [
-    ("config:llama-3.1-8b:2:32768", (512, 1024, 2048, 4096, 8192), ("bf16",), ("torch",), (False, True), (1,)),
-    ("config:llama-3.1-8b:1:32768", (512, 1024, 2048, 4096), ("fp32",), ("torch",), (False, True), (1,)),
-    ("config:llama-3.1-8b:2:32768", (512, 1024, 2048), ("bf16",), ("eager",), (False, True), (1,)),
-    ("config:llama-3.1-8b:1:32768", (512, 1024), ("fp32",), ("eager",), (False, True), (1,)),
-    ("config:llama-3.1-8b:2:32768", (1024,), ("bf16",), ("torch",), (False,), (2, 4)),
-    ("config:gemma-2-9b:1:32768", (1024, 4096), ("bf16",), ("torch",), (False,), (1,)),
-    ("smollm2-135m", (512, 1024, 2048, 4096, 8192), ("fp32", "bf16"), ("torch",), (False, True), (1,)),
-    ("smollm2-135m", (512, 1024, 2048), ("fp32",), ("eager",), (False, True), (1,)),
+    ("smollm2-135m", LENGTHS, ("fp32", "bf16"), ("torch",), (False, True), (1,)),
+    ("smollm2-135m", LENGTHS[:4], ("fp32", "bf16"), ("eager",), (False, True), (1,)),
+    ("gemma3-270m", LENGTHS, ("fp32", "bf16"), ("torch",), (False, True), (1,)),
+    ("gemma3-270m", LENGTHS[:4], ("fp32", "bf16"), ("eager",), (False, True), (1,)),
+    ("config:llama-3.1-8b:2:32768", LENGTHS, ("bf16",), ("torch",), (False, True), (1,)),
     ("smollm2-135m", (1024,), ("fp32",), ("torch",), (False,), (4,)),
 ]
 QUICK = [
-    ("config:llama-3.1-8b:1:1024", (1024,), ("bf16", "fp32"), ("torch",), (False,), (1,)),
-    ("config:llama-3.1-8b:1:1024", (512,), ("fp32",), ("eager",), (False,), (1,)),
+    ("smollm2-135m", (512,), ("fp32", "bf16"), ("torch",), (False, True), (1,)),
+    ("smollm2-135m", (512,), ("fp32",), ("eager",), (False,), (1,)),
 ]
 
 
@@ -383,7 +383,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", help="only the grid's models whose spec contains one of these")
     parser.add_argument("--seqlens", type=int, nargs="+", help="only these lengths of the grid")
     parser.add_argument("--heavy-lock", help="run cases estimated above 4 GiB under `flock` on this file")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "memory")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=2048, help="tokens of the --llama8b case (default 2048)")

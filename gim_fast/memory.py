@@ -43,14 +43,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .integration.heap import can_release_heap
+
 # glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): smaller blocks come from the heap.
 _HEAP_BLOCK = 32 << 20
-# Resident bytes per byte of tensors under _HEAP_BLOCK on the CPU (heap high-water mark and fragmentation).
+# CPU, with freed heap memory handed back between modules (integration.released_heap, glibc): resident bytes per
+# byte of tensors, plus this many of the largest heap-sized tensor (holes the heap cannot reuse between two
+# trims), plus what the first call loads (BLAS buffers, oneDNN kernels, code pages). Calibrated on the grid of
+# bench/memory.py: SmolLM2-135M, Gemma-3-270M and two Llama-3.1-8B layers, 512–8k tokens (README).
+_CPU_FACTOR = 1.05
+_HEAP_HOLES = 4
+_FRAMEWORK = 28 << 20
+# CPU without malloc_trim (not glibc): the heap keeps its high-water mark; tensors under _HEAP_BLOCK may cost twice.
 _HEAP_FACTOR = 2.0
-# Allocator rounding on CUDA.
+# CUDA: the caching allocator's rounding (512 B blocks, 2 MiB segments) and the cuBLAS workspace (not yet measured).
 _CUDA_FACTOR = 1.05
-# What the framework adds once per call (CPU: first-call kernels and code pages; CUDA: the cuBLAS workspace).
-_FRAMEWORK = 0 << 20
 # explain_answer: below this many cotangents per backward pass, checkpointing (to fit more) is worth its recompute
 _SMALL_CHUNK = 4
 # Keep this share of the free memory for everything else on the machine.
@@ -80,7 +87,8 @@ class Dims:
             (getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
         hidden = get("hidden_size", "n_embd")
         heads = get("num_attention_heads", "n_head")
-        window = get("sliding_window") if getattr(config, "use_sliding_window", True) else None
+        # Qwen2's configs carry a sliding_window they do not use (use_sliding_window=False); Gemma's leave it None
+        window = None if getattr(config, "use_sliding_window", None) is False else get("sliding_window")
         return cls(layers=get("num_hidden_layers", "n_layer"), hidden=hidden,
                    intermediate=get("intermediate_size", "n_inner", default=4 * hidden), q_heads=heads,
                    kv_heads=get("num_key_value_heads", default=heads), head_dim=get("head_dim", default=hidden // heads),
@@ -148,7 +156,7 @@ def _layer_saved(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) ->
     return saved
 
 
-def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) -> Tensors:
+def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: str, cotangents: int) -> Tensors:
     """The transient tensors of one layer's attention backward."""
     from .ops.attention_chunked import auto_chunk_size
 
@@ -164,12 +172,12 @@ def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: 
     keys = seq if d.sliding_window is None else min(seq, d.sliding_window + rows)
     chunked = [(c * q, 2), (c * kv, 4), (b * q, 1), (b * kv, 2), (c * batch * d.kv_heads * keys * d.head_dim, 2),
                (c * batch * d.q_heads * rows * keys, 3)]
-    if d.softcap or d.sliding_window is not None or c == 8:
+    if d.softcap or c == 8 or cotangents > 1:  # a stack of cotangents always takes the chunked path
         return chunked
-    # SDPA both ways (dO, two outputs, dQ/dK/dV and their scaled copies, a float32 dQ accumulator), or the
-    # chunked path when the batch turns out to be padded
+    # SDPA both ways (dO, two outputs, dQ/dK/dV and their scaled copies, a float32 dQ accumulator); windowed
+    # layers (Gemma 3 mixes them with full ones), and a batch of rows that turns out to be padded, are chunked
     sdpa = [(b * q, 4), (b * kv, 8), (4 * q, 1)]
-    return max(sdpa, chunked, key=_bytes)
+    return sdpa if batch == 1 and d.sliding_window is None else max(sdpa, chunked, key=_bytes)
 
 
 def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat16, backend: str = "torch",
@@ -197,7 +205,7 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     mlp_saved = [saved[-1]]
     phases = {
         "MLP": [(b * n * d.intermediate, 3 if d.gated else 4)] + residual,
-        "attention": _attention_backward(d, batch, seq_len, b, c, backend) + _scaled(mlp_saved, -1) + residual,
+        "attention": _attention_backward(d, batch, seq_len, b, c, backend, cotangents) + _scaled(mlp_saved, -1) + residual,
         "head": [(b * n * d.hidden, 1), (4 * n * d.hidden, 2)],  # the final norm's backward, in float32
     }
     phase = max(phases, key=lambda k: _bytes(phases[k]))
@@ -205,7 +213,7 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
 
     groups: dict[str, Tensors] = {}
     if checkpointing:
-        groups[f"layer inputs (checkpoints), {n_layers} layers"] = _scaled(residual, n_layers)
+        groups["layer inputs (checkpoints)"] = _scaled(residual, n_layers)
         groups["one recomputed layer"] = saved
     else:
         groups[f"saved activations, {n_layers} layers"] = _scaled(saved, n_layers)
@@ -217,8 +225,11 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     tensors = sum(parts.values())
     device = torch.device(device)
     if device.type == "cpu":
-        heap = sum(_heap_bytes(group) for group in groups.values())
-        parts["allocator (CPU heap) and framework"] = int((_HEAP_FACTOR - 1) * max(heap, 0)) + _FRAMEWORK
+        heap_sizes = [size for group in groups.values() for size, count in group if count > 0 and size < _HEAP_BLOCK]
+        margin = (_CPU_FACTOR - 1) * tensors + _HEAP_HOLES * max(heap_sizes, default=0) + _FRAMEWORK
+        if not can_release_heap():
+            margin += (_HEAP_FACTOR - 1) * sum(_heap_bytes(group) for group in groups.values())
+        parts["allocator (CPU heap) and framework"] = int(margin)
     else:
         parts[f"allocator ({device.type}) and framework"] = int((_CUDA_FACTOR - 1) * tensors) + _FRAMEWORK
     return MemoryEstimate(checkpointing, parts, tensors)
