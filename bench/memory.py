@@ -1,9 +1,14 @@
 """gim_fast's memory estimate against the measured peak of one attribution, over a grid of cases.
 
-    python bench/memory.py                      # the CPU grid (indicative on a shared machine), ~30 min
+    python bench/memory.py                      # the CPU grid, SmolLM2-135M, Gemma-3-270M, Llama-8B layers (~2 h)
     python bench/memory.py --gpu                # the same grid on CUDA: torch.cuda.max_memory_allocated
-    python bench/memory.py --quick              # a few points, a minute
-    python bench/memory.py --llama8b            # Llama-3.1-8B, random bf16, explain of 2,048 tokens (needs ~17 GB)
+    python bench/memory.py --quick              # a few points, a few minutes
+    python bench/memory.py --llama8b            # Llama-3.1-8B, random bf16: explain of 256, then 2,048 tokens
+
+``--llama8b`` builds the whole model (16 GB of weights) once in a child process and explains each length in turn:
+each must either finish (with checkpointing where the estimate says so) or be refused with
+``InsufficientMemoryError`` before anything runs; a kill (the kernel's OOM killer) is a failure, exit status 1.
+Rows go to ``<out>/memory_llama8b_<device>.csv/.json/.md``.
 
 Each case (model, tokens, batch, dtype, backend, checkpointing) runs in a fresh child process, so that its peak
 is its own: the model is built, then
@@ -19,7 +24,8 @@ With ``--tensors`` the child also tracks every tensor storage created during the
 reports the peak of live tensor bytes: the measured peak minus that is what the allocator and framework added.
 The estimate is ``gim_fast.estimate_memory`` for the same case; a case passes when measured ≤ estimate ≤ 1.3 ×
 measured. Rows go to ``<out>/memory_<grid>_<device>.csv/.json/.md``. Cases whose estimate exceeds ``--max-gib``
-are skipped (the shared development machine has 24 GB).
+are skipped (the shared development machine has 24 GB). The peak is never read from ``getrusage``: an exec'd child's
+``ru_maxrss`` starts at its parent's peak at fork time.
 """
 from __future__ import annotations
 
@@ -194,73 +200,93 @@ def child(args) -> dict:
     return row
 
 
-def llama8b_child(args) -> dict:
-    """Llama-3.1-8B's published config with random bf16 weights explains ``--seq`` tokens, in this process."""
+def llama8b_child(args) -> None:
+    """Llama-3.1-8B's published config with random bf16 weights explains each of ``--llama8b-lengths`` in turn, in
+    this process; one JSON row per length is printed as soon as it is known (so a kill is seen by the parent)."""
     import gim_fast
     from configs import build
     from gim_fast.memory import available_memory, format_bytes, plan_checkpointing
 
     device = "cuda" if args.gpu else "cpu"
-    row = {"model": "llama-3.1-8b (random bf16 weights)", "seq": args.seq, "batch": 1, "dtype": "bf16",
-           "available_before_load_bytes": available_memory(torch.device(device))}
+    before = available_memory(torch.device(device))
     start = time.perf_counter()
-    model = build("llama-3.1-8b", dtype=torch.bfloat16, device=device)
-    row["load_seconds"] = round(time.perf_counter() - start, 1)
-    row["resident_after_load_bytes"] = _proc_status()["VmRSS"]
-    row["available_after_load_bytes"] = available_memory(torch.device(device))
+    model = build("llama-3.1-8b", dtype=torch.bfloat16, device=device, layers=args.llama8b_layers)
+    loaded = {"model": f"llama-3.1-8b, {model.config.num_hidden_layers} layers (random bf16 weights)", "batch": 1,
+              "dtype": "bf16",
+              "available_before_load_bytes": before, "load_seconds": round(time.perf_counter() - start, 1),
+              "resident_after_load_bytes": _proc_status()["VmRSS"]}
     backend = "triton" if device == "cuda" else "torch"
-    for ckpt in (False, True):
-        est = gim_fast.estimate_memory(model.config, args.seq, 1, dtype=torch.bfloat16, backend=backend,
-                                       checkpointing=ckpt, device=device)
-        row[f"estimate_{'with' if ckpt else 'without'}_checkpointing_bytes"] = est.total
-        print(est, file=sys.stderr)
-    ids = torch.randint(1, model.config.vocab_size, (args.seq,), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    try:
-        row["checkpointing"] = plan_checkpointing(model, args.seq, 1, backend=backend, num_targets=1)
-        base = _reset_cpu_peak() if device == "cpu" else torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        scores = gim_fast.explain(model, ids, baseline_token_id=0, backend=backend)
-    except gim_fast.InsufficientMemoryError as err:
-        row.update(status="refused", detail=str(err).splitlines()[0])
-        return row
-    row["seconds"] = round(time.perf_counter() - start, 1)
-    row["measured_bytes"] = (_proc_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()) - base
-    row["finite_scores"] = bool(torch.isfinite(scores).all())
-    row["status"] = "finished"
-    print(f"peak above the model {format_bytes(row['measured_bytes'])}", file=sys.stderr)
-    return row
+    for seq in args.llama8b_lengths:
+        row = {**loaded, "seq": seq, "available_bytes": available_memory(torch.device(device))}
+        for ckpt in (False, True):
+            est = gim_fast.estimate_memory(model.config, seq, 1, dtype=torch.bfloat16, backend=backend,
+                                           checkpointing=ckpt, device=device)
+            row[f"estimate_{'with' if ckpt else 'without'}_checkpointing_bytes"] = est.total
+            print(est, file=sys.stderr)
+        ids = torch.randint(1, model.config.vocab_size, (seq,), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        try:
+            row["checkpointing"] = plan_checkpointing(model, seq, 1, backend=backend, num_targets=1)
+            print(f"{seq} tokens: {'with' if row['checkpointing'] else 'without'} checkpointing", file=sys.stderr)
+            print(json.dumps({**row, "status": "started"}), flush=True)
+            base = _reset_cpu_peak() if device == "cpu" else torch.cuda.memory_allocated()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            scores = gim_fast.explain(model, ids, baseline_token_id=0, backend=backend)
+        except gim_fast.InsufficientMemoryError as err:
+            print(json.dumps({**row, "status": "refused", "detail": str(err).splitlines()[0]}), flush=True)
+            continue
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        peak = _proc_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()
+        row["measured_bytes"] = peak - base
+        row["estimate_bytes"] = row[f"estimate_{'with' if row['checkpointing'] else 'without'}_checkpointing_bytes"]
+        row["finite_scores"] = bool(torch.isfinite(scores).all())
+        print(f"peak above the model {format_bytes(row['measured_bytes'])}", file=sys.stderr)
+        print(json.dumps({**row, "status": "finished"}), flush=True)
+        del scores
 
 
-def run_llama8b(args) -> dict:
-    """Run ``llama8b_child`` in a child process (so that a kill is seen) and write its row."""
+def run_llama8b(args) -> list[dict]:
+    """Run ``llama8b_child`` in a child process (so that a kill is seen), write its rows and a summary."""
     env = environment(torch.device("cuda" if args.gpu else "cpu"))
-    cmd = [sys.executable, __file__, "--child", "--llama8b", "--seq", str(args.seq)] + ["--gpu"] * args.gpu
+    cmd = [sys.executable, __file__, "--child", "--llama8b", "--llama8b-lengths", *map(str, args.llama8b_lengths),
+           "--llama8b-layers", str(args.llama8b_layers)] + ["--gpu"] * args.gpu
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        killed = proc.returncode in (-9, 137)
-        row = {"status": "killed" if killed else "error",
-               "detail": "the process was killed (out of memory)" if killed else f"exit status {proc.returncode}"}
-    else:
-        row = json.loads(lines[-1])
-    row.update(env)
+    latest = {}  # the last row printed for each length
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            latest[row["seq"]] = row
+    killed = proc.returncode in (-9, 137)
+    rows = []
+    for seq in args.llama8b_lengths:
+        row = latest.get(seq, {"model": "llama-3.1-8b (random bf16 weights)", "seq": seq})
+        if row.get("status") in (None, "started"):  # the process ended inside this length (or before it)
+            row["status"] = "killed" if killed else "error"
+            row["detail"] = ("the process was killed (out of memory?)" if killed else
+                             f"exit status {proc.returncode}")
+        rows.append({**row, **env})
     tag = env["device"].split("(")[0].strip().replace(" ", "_").lower()
-    paths = write_rows([row], args.out, f"memory_llama8b_{args.seq}_{tag}")
-    gib = lambda key: f"{row[key] / 2**30:.2f} GiB" if key in row else "?"  # noqa: E731
-    text = (f"Llama-3.1-8B, random bf16 weights, explain of {args.seq} tokens: **{row['status']}**"
-            + (f" ({'with' if row.get('checkpointing') else 'without'} checkpointing, {row.get('seconds')} s, "
-               f"peak above the model {gib('measured_bytes')})" if row["status"] == "finished" else
-               f": {row.get('detail', '')}")
-            + f"\n\nresident after loading {gib('resident_after_load_bytes')}; available before loading "
-              f"{gib('available_before_load_bytes')}, after {gib('available_after_load_bytes')}; estimate "
-              f"without checkpointing {gib('estimate_without_checkpointing_bytes')}, with "
-              f"{gib('estimate_with_checkpointing_bytes')}\n\n{env['device']}; torch {env['torch']}, transformers "
-              f"{env['transformers']}; {env['date']}\n")
-    (args.out / f"memory_llama8b_{args.seq}_{tag}.md").write_text(text)
+    stem = f"memory_llama8b_{tag}" + ("" if args.llama8b_layers == 32 else f"_{args.llama8b_layers}layers")
+    paths = write_rows(rows, args.out, stem)
+    gib = lambda row, key: f"{row[key] / 2**30:.2f} GiB" if key in row else "?"  # noqa: E731
+    lines = [f"# {rows[0].get('model', 'llama-3.1-8b')}: explain on {env['device']}\n",
+             f"torch {env['torch']}, transformers {env['transformers']}; {env['date']}; resident after loading "
+             f"{gib(rows[0], 'resident_after_load_bytes')}, available before loading "
+             f"{gib(rows[0], 'available_before_load_bytes')}\n",
+             "| tokens | result | checkpointing | seconds | available | estimate without / with ckpt | "
+             "measured peak above the model |", "|---:|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        ckpt = "" if "checkpointing" not in r else ("on" if r["checkpointing"] else "off")
+        lines.append(f"| {r['seq']} | {r['status']} {r.get('detail', '')} | {ckpt} | {r.get('seconds', '')} | "
+                     f"{gib(r, 'available_bytes')} | {gib(r, 'estimate_without_checkpointing_bytes')} / "
+                     f"{gib(r, 'estimate_with_checkpointing_bytes')} | {gib(r, 'measured_bytes')} |")
+    text = "\n".join(lines) + "\n"
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
-    print("wrote", *paths)
-    return row
+    print("wrote", *paths, args.out / f"{stem}.md")
+    return rows
 
 
 class _Nothing:
@@ -328,48 +354,83 @@ def summary(rows) -> str:
                      mib(r["tensor_bytes"]) if r.get("tensor_bytes") else "",
                      f"{r['ratio']:.2f}" + ("" if r["within_bound"] else " ✗")]
         else:
-            cells = [mib(r["estimate_bytes"]) if r.get("estimate_bytes") else "", r.get("status", "?"), "", ""]
+            cells = [mib(r["estimate_bytes"]) if r.get("estimate_bytes") else "", r.get("status", "?"), "",
+                     r.get("detail", "")]
         lines.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['dtype']} | {r['backend']} | "
                      f"{'on' if r['checkpointing'] else 'off'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run_grid(args, grid, name: str) -> list[dict]:
+def estimate_case(case: dict, device: str):
     import gim_fast
 
+    return gim_fast.estimate_memory(config_of(case["model"]), case["seq"], case["batch"],
+                                    dtype=DTYPES[case["dtype"]], backend=case["backend"],
+                                    checkpointing=case["checkpointing"], device=device)
+
+
+def show(row: dict) -> str:
+    shown = (f"estimate {row['estimate_bytes'] / 2**20:8.0f} MiB  measured {row['measured_bytes'] / 2**20:8.0f}"
+             f" MiB  ratio {row['ratio']:.2f}{'' if row['within_bound'] else '  OUT OF BOUND'}"
+             if row["status"] == "ok" else f"{row['status']} {row.get('detail', '')}")
+    return (f"{row['model']:30} {row['seq']:6} ×{row['batch']} {row['dtype']:4} {row['backend']:6} "
+            f"ckpt {'on ' if row['checkpointing'] else 'off'}  {shown}")
+
+
+def report(rows: list[dict], out: Path, name: str) -> None:
+    """Write the rows as ``memory_<name>_<device>.csv/.json/.md`` with the verdict and the table."""
+    env = rows[0]
+    tag = env["device"].split("(")[0].strip().replace(" ", "_").lower()
+    stem = f"memory_{name}_{tag}"
+    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
+    paths = write_rows(flat, out, stem)
+    ok = [r for r in rows if r["status"] == "ok"]
+    verdict = (f"{sum(r['within_bound'] for r in ok)} of {len(ok)} measured cases within measured ≤ estimate ≤ "
+               f"{BOUND} × measured")
+    (out / f"{stem}.md").write_text(
+        f"# gim_fast memory estimate vs measured peak ({name})\n\n{env['device']}; torch {env['torch']}, "
+        f"transformers {env['transformers']}; {env['date']}\n\n{verdict}\n\n{summary(rows)}\n")
+    print(verdict)
+    print("wrote", *paths, out / f"{stem}.md")
+
+
+def run_grid(args, grid, name: str) -> list[dict]:
     device = "cuda" if args.gpu else "cpu"
     env = environment(torch.device(device))
     rows = []
     for case in cases(grid):
         if (args.models and not any(m in case["model"] for m in args.models)) or \
-                (args.seqlens and case["seq"] not in args.seqlens):
+                (args.seqlens and case["seq"] not in args.seqlens) or \
+                (args.dtypes and case["dtype"] not in args.dtypes) or \
+                (args.backends and case["backend"] not in args.backends):
             continue
-        est = gim_fast.estimate_memory(config_of(case["model"]), case["seq"], case["batch"],
-                                       dtype=DTYPES[case["dtype"]], backend=case["backend"],
-                                       checkpointing=case["checkpointing"], device=device)
+        est = estimate_case(case, device)
         if est.total > args.max_gib * 2**30:
-            row = {**case, "status": "skipped", "estimate_bytes": est.total}
+            row = {**case, "status": "skipped", "estimate_bytes": est.total,
+                   "detail": f"estimate {est.total / 2**30:.1f} GiB > --max-gib {args.max_gib:g}"}
         else:
             lock = args.heavy_lock if est.total > 4 * 2**30 else None
             row = judge({**case, **measure(case, gpu=args.gpu, tensors=args.tensors, lock=lock)})
         rows.append({**row, **env})
-        shown = (f"estimate {row['estimate_bytes'] / 2**20:8.0f} MiB  measured {row['measured_bytes'] / 2**20:8.0f}"
-                 f" MiB  ratio {row['ratio']:.2f}{'' if row['within_bound'] else '  OUT OF BOUND'}"
-                 if row["status"] == "ok" else f"{row['status']} {row.get('detail', '')}")
-        print(f"{case['model']:30} {case['seq']:6} ×{case['batch']} {case['dtype']:4} {case['backend']:6} "
-              f"ckpt {'on ' if case['checkpointing'] else 'off'}  {shown}", flush=True)
-    tag = env["device"].split("(")[0].strip().replace(" ", "_").lower()
-    stem = f"memory_{name}_{tag}"
-    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
-    paths = write_rows(flat, args.out, stem)
-    ok = [r for r in rows if r["status"] == "ok"]
-    verdict = (f"{sum(r['within_bound'] for r in ok)} of {len(ok)} measured cases within measured ≤ estimate ≤ "
-               f"{BOUND} × measured")
-    (args.out / f"{stem}.md").write_text(
-        f"# gim_fast memory estimate vs measured peak ({name} grid)\n\n{env['device']}; torch {env['torch']}, "
-        f"transformers {env['transformers']}; {env['date']}\n\n{verdict}\n\n{summary(rows)}\n")
-    print(verdict)
-    print("wrote", *paths, args.out / f"{stem}.md")
+        print(show(row), flush=True)
+    report(rows, args.out, name)
+    return rows
+
+
+def rejudge(paths: list[Path], out: Path, name: str) -> list[dict]:
+    """Re-estimate the rows of earlier result files with the current estimate (the measured peaks do not depend
+    on it) and write them as one report: for a change of the estimate, without measuring again."""
+    rows = []
+    for path in paths:
+        for row in json.loads(path.read_text()):
+            device = "cpu" if "cpu" in row["device"].lower() else "cuda"
+            est = estimate_case(row, device)
+            row.update(estimate_bytes=est.total, estimate_tensor_bytes=est.tensors,
+                       estimate_parts={k: int(v) for k, v in est.parts.items()})
+            row = judge(row)
+            rows.append(row)
+            print(show(row))
+    report(rows, out, name)
     return rows
 
 
@@ -382,11 +443,21 @@ def main(argv=None):
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip cases whose estimate exceeds this")
     parser.add_argument("--models", nargs="+", help="only the grid's models whose spec contains one of these")
     parser.add_argument("--seqlens", type=int, nargs="+", help="only these lengths of the grid")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, help="only these dtypes of the grid")
+    parser.add_argument("--backends", nargs="+", choices=("torch", "eager"), help="only these backends of the grid")
     parser.add_argument("--heavy-lock", help="run cases estimated above 4 GiB under `flock` on this file")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "memory")
+    parser.add_argument("--rejudge", type=Path, nargs="+", metavar="JSON",
+                        help="re-estimate the rows of these result files with the current estimate (no measuring)")
+    parser.add_argument("--name", help="the report's name (default: grid, quick, or rejudged)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--seq", type=int, default=2048, help="tokens of the --llama8b case (default 2048)")
+    parser.add_argument("--llama8b-lengths", type=int, nargs="+", default=[256, 2048],
+                        help="tokens of the --llama8b case (default 256 2048)")
+    parser.add_argument("--llama8b-layers", type=int, default=32,
+                        help="decoder layers of the --llama8b model (default 32, the published config; fewer only "
+                             "to try the command out)")
+    parser.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
@@ -395,12 +466,18 @@ def main(argv=None):
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: CUDA is not available")
     if args.child:
-        print(json.dumps(llama8b_child(args) if args.llama8b else child(args)), flush=True)
+        if args.llama8b:
+            llama8b_child(args)
+        else:
+            print(json.dumps(child(args)), flush=True)
         return
     if args.llama8b:
-        row = run_llama8b(args)
-        sys.exit(0 if row["status"] in ("finished", "refused") else 1)
-    run_grid(args, QUICK if args.quick else GRID, "quick" if args.quick else "grid")
+        rows = run_llama8b(args)
+        sys.exit(0 if all(row["status"] in ("finished", "refused") for row in rows) else 1)
+    if args.rejudge:
+        rejudge(args.rejudge, args.out, args.name or "rejudged")
+        return
+    run_grid(args, QUICK if args.quick else GRID, args.name or ("quick" if args.quick else "grid"))
 
 
 if __name__ == "__main__":

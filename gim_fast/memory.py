@@ -5,16 +5,20 @@ no weight gradients, nothing saved for them) and adds what the allocator and the
 B·S = N tokens, model element size b, attention math element size c (4; 8 for float64), hidden H, MLP width I,
 Hq/Hkv heads of dim D:
 
-    saved by each layer   attention (torch)    q, k, v after RoPE                  b·N·(Hq + 2·Hkv)·D
-                          attention (triton)   + O (b), O_T (float32), LSE, LSE_T  (b + 4)·N·Hq·D + 8·N·Hq
-                          attention (eager)    q, repeated k and v (float32), the masked scores and P (and the
-                                               soft-cap's tanh), the mask            3·c·N·Hq·D + 2·c·B·Hq·S² + B·S²
-                          gated MLP            gate, act(gate), up                 3·b·N·I   (GPT-2's MLP: 4·b·N·I)
+    saved by each layer   attention (torch)    q, k, v after RoPE                b·N·(Hq + 2·Hkv)·D
+                          attention (triton)   + O (b), O_T (float32), LSE, LSE_T
+                                                                                 (b + 4)·N·Hq·D + 8·N·Hq
+                          attention (eager)    q, repeated k and v (float32), the masked scores and P (and
+                                               the soft-cap's tanh), the mask
+                                                                      3·c·N·Hq·D + 2·c·B·Hq·S² + B·S²
+                          gated MLP            gate, act(gate), up               3·b·N·I   (GPT-2's MLP: 4·b·N·I)
                           frozen norms         one statistic per row (nothing for dx = dy·W: weights frozen)
-    one layer's backward  the MLP phase        ∂ of down's input, of act, of up    3·b·N·I
-                          the attention phase  (after the layer's MLP tensors were freed) SDPA: 4·b·N·(Hq + 2·Hkv)·D
-                                               + float32 dQ; row-chunked: float32 dQ/dK/dV, their scaled copies,
-                                               K/V tiles and three score tiles; eager: three more S×S matrices
+    one layer's backward  the MLP phase        ∂ of down's input, of act, of up  3·b·N·I
+                          the attention phase  (after the layer's MLP tensors were freed) SDPA (one unpadded row,
+                                               no window): 4·b·N·(Hq + 2·Hkv)·D + float32 dQ; row-chunked
+                                               (windows, soft-caps, padded batches, float64, stacked
+                                               cotangents): float32 dQ/dK/dV, their scaled copies, K/V tiles
+                                               and three score tiles; eager: three more S×S matrices
                           + the gradient flowing down the residual stream, b·N·H; × ``cotangents`` when M
                           cotangents are pushed back at once
     inputs                the embeddings, the baseline's and (× cotangents) their gradient: (2 + M)·b·N·H
@@ -24,17 +28,19 @@ the first layer's backward: L × saved + one backward. With per-layer checkpoint
 kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward. These counts match the tensor
 bytes measured with a dispatch-mode tracker within 0–8 % (``bench/memory.py --tensors``).
 
-The margin on top of the tensors, by device (see the README's memory section for the measurements):
+The margin on top of the tensors, by device (the README's memory section has the measurements):
 
-* CPU: glibc's ``malloc`` serves requests below its dynamic mmap threshold (at most 32 MiB) from a heap that
-  keeps its high-water mark and fragments, so tensors under 32 MiB cost up to about ``_HEAP_FACTOR`` × their
-  size in resident memory; larger ones are mapped and unmapped at once. Plus ``_FRAMEWORK`` for what the first
-  call loads (oneDNN kernels, code pages, thread pools).
+* CPU: glibc's ``malloc`` serves blocks below its dynamic mmap threshold (at most 32 MiB) from a heap that keeps
+  what is freed and fragments. ``explain`` hands freed heap memory back after every decoder layer and each of its
+  sub-modules (``integration.released_heap``), which leaves ``_CPU_FACTOR`` × the tensors, plus up to
+  ``_HEAP_HOLES`` holes the size of the largest heap-sized tensor between two trims, plus ``_FRAMEWORK`` for
+  what the first call loads (BLAS buffers, oneDNN kernels, code pages). Without glibc nothing is handed back:
+  tensors under the threshold count ``_HEAP_FACTOR`` times.
 * CUDA: the caching allocator rounds every block up (to 512 B, or 2 MiB segments) and cuBLAS keeps a workspace:
-  ``_CUDA_FACTOR`` × the tensors + ``_FRAMEWORK``.
+  ``_CUDA_FACTOR`` × the tensors + ``_FRAMEWORK`` (not yet checked against a GPU).
 
-For Llama-3.1-8B in bf16 at 128k tokens: checkpoints ≈ 34 GB and one layer ≈ 23 GB with its backward: it fits
-one 80 GB GPU with checkpointing, not without.
+For Llama-3.1-8B in bf16 at 128k tokens: checkpoints 32 GiB, one recomputed layer 12 GiB and its backward
+11.5 GiB, inputs 3 GiB: 58.5 GiB of tensors, with checkpointing; 400 GiB without.
 """
 from __future__ import annotations
 
@@ -91,7 +97,8 @@ class Dims:
         window = None if getattr(config, "use_sliding_window", None) is False else get("sliding_window")
         return cls(layers=get("num_hidden_layers", "n_layer"), hidden=hidden,
                    intermediate=get("intermediate_size", "n_inner", default=4 * hidden), q_heads=heads,
-                   kv_heads=get("num_key_value_heads", default=heads), head_dim=get("head_dim", default=hidden // heads),
+                   kv_heads=get("num_key_value_heads", default=heads),
+                   head_dim=get("head_dim", default=hidden // heads),
                    vocab=get("vocab_size"), gated=getattr(config, "model_type", "") != "gpt2",
                    softcap=bool(get("attn_logit_softcapping")), sliding_window=window)
 
@@ -205,7 +212,8 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     mlp_saved = [saved[-1]]
     phases = {
         "MLP": [(b * n * d.intermediate, 3 if d.gated else 4)] + residual,
-        "attention": _attention_backward(d, batch, seq_len, b, c, backend, cotangents) + _scaled(mlp_saved, -1) + residual,
+        "attention": (_attention_backward(d, batch, seq_len, b, c, backend, cotangents) + _scaled(mlp_saved, -1)
+                      + residual),
         "head": [(b * n * d.hidden, 1), (4 * n * d.hidden, 2)],  # the final norm's backward, in float32
     }
     phase = max(phases, key=lambda k: _bytes(phases[k]))
