@@ -60,6 +60,11 @@ _HEAP_BLOCK = 32 << 20
 _CPU_FACTOR = 1.05
 _HEAP_HOLES = 4
 _FRAMEWORK = 28 << 20
+# CPU, the row-chunked attention path in reduced precision: its float32 copies of every tile and its float32
+# accumulators, allocated and freed chunk after chunk inside one module (no trim between), leave holes: this many
+# times its float32 dQ, dK, dV accumulators, plus _CHUNKED_FIXED (Gemma-3-270M in bfloat16, 512–2,048 tokens).
+_CHUNKED_HOLES = 3
+_CHUNKED_FIXED = 16 << 20
 # CPU without malloc_trim (not glibc): the heap keeps its high-water mark; tensors under _HEAP_BLOCK may cost twice.
 _HEAP_FACTOR = 2.0
 # CUDA: the caching allocator's rounding (512 B blocks, 2 MiB segments) and the cuBLAS workspace (not yet measured).
@@ -163,6 +168,12 @@ def _layer_saved(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) ->
     return saved
 
 
+def _uses_chunked(d: Dims, batch: int, c: int, backend: str, cotangents: int) -> bool:
+    """Whether the torch backend may take its row-chunked path (else torch's SDPA, both ways)."""
+    return backend == "torch" and (d.softcap or c == 8 or cotangents > 1 or batch > 1
+                                   or d.sliding_window is not None)
+
+
 def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: str, cotangents: int) -> Tensors:
     """The transient tensors of one layer's attention backward."""
     from .ops.attention_chunked import auto_chunk_size
@@ -235,6 +246,9 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     if device.type == "cpu":
         heap_sizes = [size for group in groups.values() for size, count in group if count > 0 and size < _HEAP_BLOCK]
         margin = (_CPU_FACTOR - 1) * tensors + _HEAP_HOLES * max(heap_sizes, default=0) + _FRAMEWORK
+        if b < c and _uses_chunked(d, batch, c, backend, cotangents):
+            q, kv = n * d.q_heads * d.head_dim, n * d.kv_heads * d.head_dim
+            margin += _CHUNKED_HOLES * c * (q + 2 * kv) + _CHUNKED_FIXED
         if not can_release_heap():
             margin += (_HEAP_FACTOR - 1) * sum(_heap_bytes(group) for group in groups.values())
         parts["allocator (CPU heap) and framework"] = int(margin)
