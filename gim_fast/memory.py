@@ -34,8 +34,9 @@ The margin on top of the tensors, by device (the README's memory section has the
   what is freed and fragments. ``explain`` hands freed heap memory back after every decoder layer and each of its
   sub-modules (``integration.released_heap``), which leaves ``_CPU_FACTOR`` × the tensors, plus up to
   ``_HEAP_HOLES`` holes the size of the largest heap-sized tensor between two trims, plus ``_FRAMEWORK`` for
-  what the first call loads (BLAS buffers, oneDNN kernels, code pages). Without glibc nothing is handed back:
-  tensors under the threshold count ``_HEAP_FACTOR`` times.
+  what the first call loads (BLAS buffers, oneDNN kernels, code pages); with reduced-precision weights, where
+  gim_fast's own attention code (eager, row-chunked) computes in float32, ``_CAST_HOLES`` × float32 Q, K, V +
+  ``_CAST_FIXED``. Without glibc nothing is handed back: tensors under the threshold count ``_HEAP_FACTOR`` times.
 * CUDA: the caching allocator rounds every block up (to 512 B, or 2 MiB segments) and cuBLAS keeps a workspace:
   ``_CUDA_FACTOR`` × the tensors + ``_FRAMEWORK`` (not yet checked against a GPU).
 
@@ -60,11 +61,12 @@ _HEAP_BLOCK = 32 << 20
 _CPU_FACTOR = 1.05
 _HEAP_HOLES = 4
 _FRAMEWORK = 28 << 20
-# CPU, the row-chunked attention path in reduced precision: its float32 copies of every tile and its float32
-# accumulators, allocated and freed chunk after chunk inside one module (no trim between), leave holes: this many
-# times its float32 dQ, dK, dV accumulators, plus _CHUNKED_FIXED (Gemma-3-270M in bfloat16, 512–2,048 tokens).
-_CHUNKED_HOLES = 3
-_CHUNKED_FIXED = 16 << 20
+# CPU, attention math in float32 on reduced-precision inputs by gim_fast's own code (the eager backend, the torch
+# backend's row-chunked path): its float32 copies and results, allocated and freed inside one module (no trim
+# between), leave holes: this many times float32 Q, K and V, plus _CAST_FIXED (measured on SmolLM2-135M and
+# Gemma-3-270M in bfloat16, 512–2,048 tokens).
+_CAST_HOLES = 3
+_CAST_FIXED = 16 << 20
 # CPU without malloc_trim (not glibc): the heap keeps its high-water mark; tensors under _HEAP_BLOCK may cost twice.
 _HEAP_FACTOR = 2.0
 # CUDA: the caching allocator's rounding (512 B blocks, 2 MiB segments) and the cuBLAS workspace (not yet measured).
@@ -246,9 +248,8 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     if device.type == "cpu":
         heap_sizes = [size for group in groups.values() for size, count in group if count > 0 and size < _HEAP_BLOCK]
         margin = (_CPU_FACTOR - 1) * tensors + _HEAP_HOLES * max(heap_sizes, default=0) + _FRAMEWORK
-        if b < c and _uses_chunked(d, batch, c, backend, cotangents):
-            q, kv = n * d.q_heads * d.head_dim, n * d.kv_heads * d.head_dim
-            margin += _CHUNKED_HOLES * c * (q + 2 * kv) + _CHUNKED_FIXED
+        if b < c and (backend == "eager" or _uses_chunked(d, batch, c, backend, cotangents)):
+            margin += _CAST_HOLES * c * n * (d.q_heads + 2 * d.kv_heads) * d.head_dim + _CAST_FIXED
         if not can_release_heap():
             margin += (_HEAP_FACTOR - 1) * sum(_heap_bytes(group) for group in groups.values())
         parts["allocator (CPU heap) and framework"] = int(margin)
