@@ -377,7 +377,7 @@ def show(row: dict) -> str:
             f"ckpt {'on ' if row['checkpointing'] else 'off'}  {shown}")
 
 
-def report(rows: list[dict], out: Path, name: str) -> None:
+def report(rows: list[dict], out: Path, name: str, quiet: bool = False) -> None:
     """Write the rows as ``memory_<name>_<device>.csv/.json/.md`` with the verdict and the table."""
     env = rows[0]
     tag = env["device"].split("(")[0].strip().replace(" ", "_").lower()
@@ -390,8 +390,9 @@ def report(rows: list[dict], out: Path, name: str) -> None:
     (out / f"{stem}.md").write_text(
         f"# gim_fast memory estimate vs measured peak ({name})\n\n{env['device']}; torch {env['torch']}, "
         f"transformers {env['transformers']}; {env['date']}\n\n{verdict}\n\n{summary(rows)}\n")
-    print(verdict)
-    print("wrote", *paths, out / f"{stem}.md")
+    if not quiet:
+        print(verdict)
+        print("wrote", *paths, out / f"{stem}.md")
 
 
 def run_grid(args, grid, name: str) -> list[dict]:
@@ -413,6 +414,7 @@ def run_grid(args, grid, name: str) -> list[dict]:
             row = judge({**case, **measure(case, gpu=args.gpu, tensors=args.tensors, lock=lock)})
         rows.append({**row, **env})
         print(show(row), flush=True)
+        report(rows, args.out, name, quiet=True)  # after every case: an interrupted grid keeps what it measured
     report(rows, args.out, name)
     return rows
 
