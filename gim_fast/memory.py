@@ -192,12 +192,14 @@ def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: 
     keys = seq if d.sliding_window is None else min(seq, d.sliding_window + rows)
     chunked = [(c * q, 2), (c * kv, 4), (b * q, 1), (b * kv, 2), (c * batch * d.kv_heads * keys * d.head_dim, 2),
                (c * batch * d.q_heads * rows * keys, 3)]
-    if d.softcap or c == 8 or cotangents > 1:  # a stack of cotangents always takes the chunked path
-        return chunked
-    # SDPA both ways (dO, two outputs, dQ/dK/dV and their scaled copies, a float32 dQ accumulator); windowed
-    # layers (Gemma 3 mixes them with full ones), and a batch of rows that turns out to be padded, are chunked
+    # SDPA both ways: dO, two outputs, dQ/dK/dV and their scaled copies, a float32 dQ accumulator
     sdpa = [(b * q, 4), (b * kv, 8), (4 * q, 1)]
-    return sdpa if batch == 1 and d.sliding_window is None else max(sdpa, chunked, key=_bytes)
+    if not _uses_chunked(d, batch, c, backend, cotangents):
+        return sdpa
+    if d.softcap or c == 8 or cotangents > 1:  # always chunked (a stack of cotangents too)
+        return chunked
+    # windowed layers mixed with full ones (Gemma 3), or a batch of rows that may turn out to be padded: either
+    return max(sdpa, chunked, key=_bytes)
 
 
 def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat16, backend: str = "torch",
