@@ -377,7 +377,7 @@ def show(row: dict) -> str:
             f"ckpt {'on ' if row['checkpointing'] else 'off'}  {shown}")
 
 
-def report(rows: list[dict], out: Path, name: str, quiet: bool = False) -> None:
+def report(rows: list[dict], out: Path, name: str, quiet: bool = False, note: str = "") -> None:
     """Write the rows as ``memory_<name>_<device>.csv/.json/.md`` with the verdict and the table."""
     env = rows[0]
     tag = env["device"].split("(")[0].strip().replace(" ", "_").lower()
@@ -389,7 +389,7 @@ def report(rows: list[dict], out: Path, name: str, quiet: bool = False) -> None:
                f"{BOUND} × measured")
     (out / f"{stem}.md").write_text(
         f"# gim_fast memory estimate vs measured peak ({name})\n\n{env['device']}; torch {env['torch']}, "
-        f"transformers {env['transformers']}; {env['date']}\n\n{verdict}\n\n{summary(rows)}\n")
+        f"transformers {env['transformers']}; {env['date']}\n\n{note}{verdict}\n\n{summary(rows)}\n")
     if not quiet:
         print(verdict)
         print("wrote", *paths, out / f"{stem}.md")
@@ -429,10 +429,14 @@ def rejudge(paths: list[Path], out: Path, name: str) -> list[dict]:
             est = estimate_case(row, device)
             row.update(estimate_bytes=est.total, estimate_tensor_bytes=est.tensors,
                        estimate_parts={k: int(v) for k, v in est.parts.items()})
+            if row["status"] == "skipped":
+                row["detail"] = f"estimate {est.total / 2**30:.1f} GiB > --max-gib"
             row = judge(row)
             rows.append(row)
             print(show(row))
-    report(rows, out, name)
+    dates = sorted(row["date"] for row in rows)
+    report(rows, out, name, note=f"Measured {dates[0]} to {dates[-1]} in {len(paths)} runs, re-estimated with the "
+                                 "current estimate (`--rejudge`).\n\n")
     return rows
 
 
