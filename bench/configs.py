@@ -30,12 +30,13 @@ CONFIGS = {
 
 
 def build(name: str, *, dtype=torch.bfloat16, device="cpu", layers: int | None = None,
-          attn_implementation: str | None = None):
-    """A randomly initialised causal LM of the named config, in ``dtype`` on ``device``, in eval mode."""
+          attn_implementation: str | None = None, **overrides):
+    """A randomly initialised causal LM of the named config, in ``dtype`` on ``device``, in eval mode;
+    ``overrides`` replace config entries (e.g. ``vocab_size`` for a smaller embedding table)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs = CONFIGS[name]
-    kwargs = dict(kwargs)
+    kwargs = {**kwargs, **overrides}
     if layers is not None:
         kwargs["num_hidden_layers"] = layers
     config = AutoConfig.for_model(model_type, **kwargs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .integration import GIM, checkpointed_layers, eval_mode
+from .integration import GIM, checkpointed_layers, eval_mode, released_heap
 # ModelIO and hf_model_io live in the integration layer; still importable from here, where they used to be
 from .integration.model_io import ModelIO, hf_model_io, model_io  # noqa: F401
 from .memory import plan_checkpointing, plan_cotangents
@@ -115,6 +115,8 @@ def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
             stack.enter_context(GIM.from_settings(model, settings))
         if use_checkpoints:
             stack.enter_context(checkpointed_layers(io.hf_model))
+        if io.hf_model is not None:  # the memory estimate counts on it for layers on the CPU
+            stack.enter_context(released_heap(io.hf_model))
         with torch.no_grad():
             baseline = io.embed(torch.full_like(input_ids, baseline_token_id))
             inputs = io.embed(input_ids)

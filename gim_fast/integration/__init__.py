@@ -5,7 +5,8 @@ from . import tlens
 from .families import FAMILIES, Family, family_of
 from .checkpointing import checkpointed_layers, decoder_layers
 from .gim import GIM, check_model, eval_mode
+from .heap import can_release_heap, released_heap
 from .model_io import ModelIO, hf_model_io, model_io
 
-__all__ = ["GIM", "check_model", "eval_mode", "checkpointed_layers", "decoder_layers", "FAMILIES", "Family",
-           "family_of", "tlens", "ModelIO", "hf_model_io", "model_io"]
+__all__ = ["GIM", "check_model", "eval_mode", "checkpointed_layers", "decoder_layers", "released_heap",
+           "can_release_heap", "FAMILIES", "Family", "family_of", "tlens", "ModelIO", "hf_model_io", "model_io"]
