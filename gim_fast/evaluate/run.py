@@ -173,6 +173,7 @@ class MethodResult:
     sufficiency_prob: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=lambda: defaultdict(list))  # per-example diagnostics (IG's gap)
     unavailable: str | None = None
+    checks: dict = field(default_factory=dict)   # what Method.prepare checked (AttnLRP: the side model's logits)
 
     @property
     def n(self) -> int:
@@ -314,6 +315,7 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
         res = MethodResult(method)
         results[name] = res
         try:
+            res.checks = method.prepare(model, [torch.stack([examples[i].input_ids for i in idx]) for idx in batches])
             scores, extra, seconds = _attribute_all(method, model, examples, batches, baseline, seed, backend)
         except MethodUnavailable as e:
             res.unavailable = str(e)
@@ -354,6 +356,10 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def mean_abs(values: list[float]) -> float:
+    return sum(abs(v) for v in values) / len(values)
+
+
 def summary_rows(results: list[ModelResult]) -> list[dict]:
     """One row per (model, method): the means, their standard errors, seconds per example and N."""
     rows = []
@@ -370,11 +376,16 @@ def summary_rows(results: list[ModelResult]) -> list[dict]:
                    "sufficiency_prob_se": mean_se(m.sufficiency_prob)[1],
                    "seconds_per_example": m.seconds / m.n if m.n else math.nan, "n": m.n,
                    "unavailable": m.unavailable or ""}
-            gaps = m.extra.get("ig_completeness_gap") if m.extra else None
-            if gaps:
-                diffs = m.extra["ig_logit_difference"]
-                row["ig_mean_abs_completeness_gap"] = sum(abs(g) for g in gaps) / len(gaps)
-                row["ig_mean_abs_logit_difference"] = sum(abs(d) for d in diffs) / len(diffs)
+            for gap, reference, name_gap, name_reference in (
+                    ("ig_completeness_gap", "ig_logit_difference", "ig_mean_abs_completeness_gap",
+                     "ig_mean_abs_logit_difference"),
+                    ("attnlrp_conservation_gap", "attnlrp_logit", "attnlrp_mean_abs_conservation_gap",
+                     "attnlrp_mean_abs_logit")):
+                if m.extra and m.extra.get(gap):
+                    row[name_gap] = mean_abs(m.extra[gap])
+                    row[name_reference] = mean_abs(m.extra[reference])
+            if "attnlrp_logit_max_rel_diff" in m.checks:
+                row["attnlrp_logit_max_rel_diff"] = m.checks["attnlrp_logit_max_rel_diff"]
             rows.append(row)
     return rows
 
@@ -398,8 +409,9 @@ def example_rows(results: list[ModelResult]) -> list[dict]:
 
 def unavailable_notes(methods: list[str]) -> dict[str, str]:
     notes = {}
-    if "attnlrp" in methods:
-        notes["attnlrp"] = attnlrp_unavailable() or "lxt imports, but AttnLRP is not wired into this evaluation"
+    reason = attnlrp_unavailable() if "attnlrp" in methods else None
+    if reason:
+        notes["attnlrp"] = reason
     return notes
 
 
