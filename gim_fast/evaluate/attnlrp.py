@@ -141,8 +141,10 @@ class Worker:
             raise MethodUnavailable(f"AttnLRP worker ({self.side}): {payload.get('op')} failed: {answer['error']}")
         return answer
 
-    def attribute(self, input_ids: torch.Tensor, targets: list[int]) -> dict:
-        return self.request(op="attribute", input_ids=input_ids.tolist(), targets=[int(t) for t in targets])
+    def attribute(self, input_ids: torch.Tensor, targets: list[int] | None = None) -> dict:
+        """The worker's answer for rows ``[B, S]``; ``targets`` None: each row's top prediction."""
+        return self.request(op="attribute", input_ids=input_ids.tolist(),
+                            targets=None if targets is None else [int(t) for t in targets])
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         answer = self.request(op="logits", input_ids=input_ids.tolist())
@@ -256,9 +258,5 @@ def prepare(model, batches: list[torch.Tensor]) -> dict:
     """Before timed attributions of ``batches``: start the worker, load the model, compare the logits of every
     row (:func:`check_logits`) and run one attribution as a warm-up (first-call costs stay out of the timings)."""
     checks = check_logits(model, batches)
-    first = torch.as_tensor(batches[0])[:1].long().cpu()
-    with torch.no_grad():
-        target = int(model(input_ids=first.to(model.get_input_embeddings().weight.device),
-                           logits_to_keep=1).logits[0, -1].argmax())
-    worker_for(model).attribute(first, [target])
+    worker_for(model).attribute(torch.as_tensor(batches[0])[:1].long().cpu())
     return checks

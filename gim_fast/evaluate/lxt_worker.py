@@ -13,11 +13,12 @@ worker goes on.
     Patch the model family's transformers module with LXT's AttnLRP rules (once), then load the Hugging Face model
     folder ``DIR`` (written by transformers 5; its config is translated, see :func:`legacy_config`), replacing any
     model loaded before. Answers the versions, the model type and the attention implementation.
-``{"op": "attribute", "input_ids": [[...], ...], "targets": [...]}``
-    AttnLRP for rows of equal length (no padding), one target token per row: one forward from the input embeddings
+``{"op": "attribute", "input_ids": [[...], ...], "targets": [...] or null}``
+    AttnLRP for rows of equal length (no padding), one target token per row (null: each row's top prediction, as
+    ``gim_fast.explain`` does by default): one forward from the input embeddings
     ``e``, one backward of the sum of the rows' raw target logits at the last position (rows do not interact, so
     each row gets its own gradient), relevance ``R[i] = Σ_h e[i,h] · grad[i,h]`` (LXT's recipe). Answers
-    ``scores``, the target ``logits`` and ``relevance_sums`` (Σ_i R[i]), all summed in float64.
+    ``scores``, the ``targets``, their ``logits`` and ``relevance_sums`` (Σ_i R[i]), all summed in float64.
 ``{"op": "logits", "input_ids": [[...], ...]}``
     The last position's logits of the (patched) model, base64 of the raw values (native byte order: both processes
     run on one machine), with their ``shape`` and ``dtype``: the main environment compares them with its own.
@@ -171,18 +172,21 @@ class Worker:
         import torch
 
         ids = self._ids(input_ids)
-        targets = torch.tensor(targets, dtype=torch.long).reshape(-1)
-        if targets.numel() != ids.shape[0]:
-            raise ValueError(f"{targets.numel()} targets for {ids.shape[0]} rows")
+        if targets is not None:
+            targets = torch.tensor(targets, dtype=torch.long).reshape(-1)
+            if targets.numel() != ids.shape[0]:
+                raise ValueError(f"{targets.numel()} targets for {ids.shape[0]} rows")
         started = time.perf_counter()
         embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
         logits = self.model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[:, -1]
+        if targets is None:
+            targets = logits.detach().argmax(-1)
         picked = logits.gather(1, targets[:, None])[:, 0]
         picked.sum().backward()
         relevance = (embeds.detach() * embeds.grad).double()
         scores, sums = relevance.sum(-1), relevance.sum((1, 2))
-        return {"scores": scores.tolist(), "logits": picked.detach().double().tolist(), "relevance_sums": sums.tolist(),
-                "seconds": time.perf_counter() - started}
+        return {"scores": scores.tolist(), "targets": targets.tolist(), "logits": picked.detach().double().tolist(),
+                "relevance_sums": sums.tolist(), "seconds": time.perf_counter() - started}
 
     def blocks(self, input_ids, target: int) -> dict:
         """Where relevance is gained or lost: for one row, Σ a · grad at the input and at the output of every

@@ -219,6 +219,8 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
                       "conserved at every rule but the softmax's, which absorbs the rest).")
     for name, reason in notes.items():
         md.append(f"- ¹ `{name}`: {reason}")
+    for r in results:   # methods that could not run on one model (e.g. AttnLRP refused by its logit check)
+        md += [f"- ¹ {r.model}, `{name}`: {m.unavailable}" for name, m in r.methods.items() if m.unavailable]
     sweep = sweep_table(results)
     if sweep:
         md += ["", "## Temperature sweep (GIM, other settings at their defaults)", "", "Raw target logit (paper):", "",
