@@ -157,3 +157,12 @@ def test_worker_errors_are_clear(linear_model):
     with pytest.raises(MethodUnavailable, match="2 targets for 1 rows"):
         worker.attribute(torch.tensor([[1, 2]]), [1, 2])
     assert worker.attribute(torch.tensor([[1, 2]]), [1])["scores"]   # still serving after the errors
+
+
+@needs_side
+def test_a_family_without_lxt_rules_is_refused(tmp_path):
+    model = tiny_model("mistral").eval()
+    model.save_pretrained(tmp_path)
+    model.config._name_or_path = str(tmp_path)
+    with pytest.raises(MethodUnavailable, match="no AttnLRP rules for model_type 'mistral'.*gemma3_text.*llama"):
+        METHODS["attnlrp"].attribute(model, random_ids(5, batch=1), [1], 0)
