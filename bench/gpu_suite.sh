@@ -2,11 +2,14 @@
 # The whole GPU suite on a lent machine, in stages that each fit the device tool's 10-minute limit:
 #
 #   bench/gpu_suite.sh install      pip install -e . (no deps: the machine's own torch/triton/transformers)
+#   bench/gpu_suite.sh compile      bench/compile_report.py: every kernel x config x feature set for sm_90a
+#                                   (registers, spills, ptxas warnings, HGMMA shapes, inner-loop length; no GPU used)
 #   bench/gpu_suite.sh tests        CUDA test suite (real kernel compilation, bf16 at realistic sizes)
 #   bench/gpu_suite.sh attention    bench/attention.py: GIM kernel vs SDPA flash vs eager, S = 1k…32k
 #   bench/gpu_suite.sh explain      bench/explain.py: Llama-3.1-8B config, bf16, up to 128k tokens + longest
 #   bench/gpu_suite.sh explain-more bench/explain.py: Qwen2.5-7B and Gemma-2-9B configs
 #   bench/gpu_suite.sh throughput   bench/throughput.py --gpu: dataset jobs, 512-token prompts
+#   bench/gpu_suite.sh answers      bench/answers.py --gpu: explain_answer, Llama-3.1-8B config, 8k prompt + 64 tokens
 #   bench/gpu_suite.sh all          every stage in turn (about 20 minutes on an H100)
 #
 # Results go to $OUT (the device tool's fetch folder) or bench/results/gpu-<date>/; commit them under
@@ -23,9 +26,12 @@ stage() {
       $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; return 1; }
       { nvidia-smi; $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } > "$OUT/machine.txt" 2>&1
       cat "$OUT/machine.txt" ;;
+    compile)
+      timeout 560 $PY bench/compile_report.py --jobs 8 --out "$OUT" 2>&1 | tee "$OUT/compile_report.log" | tail -12 ;;
     tests)
       timeout 560 $PY -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_norm.py \
-        tests/test_ops.py tests/test_model_gim.py tests/test_engine.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
+        tests/test_ops.py tests/test_model_gim.py tests/test_engine.py tests/test_answers.py \
+        tests/test_cotangents.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
     attention)
       timeout 560 $PY bench/attention.py --seqlens 1024 2048 4096 8192 16384 32768 --head-dims 64 128 \
         --out "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -40 ;;
@@ -42,10 +48,12 @@ stage() {
       done ;;
     throughput)
       timeout 560 $PY bench/throughput.py --gpu --out "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -20 ;;
+    answers)
+      timeout 560 $PY bench/answers.py --gpu --out "$OUT" 2>&1 | tee "$OUT/answers.log" | tail -20 ;;
     all)
-      for s in install tests attention explain explain-more throughput; do echo "== $s"; stage "$s"; done ;;
+      for s in install compile tests attention explain explain-more throughput answers; do echo "== $s"; stage "$s"; done ;;
     *)
-      echo "usage: $0 install|tests|attention|explain|explain-more|throughput|all" >&2; return 2 ;;
+      echo "usage: $0 install|compile|tests|attention|explain|explain-more|throughput|answers|all" >&2; return 2 ;;
   esac
 }
 

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_args(ex)
     ex.add_argument("--html", default=None, metavar="FILE",
                     help="also write the tokens coloured by score to FILE, a self-contained HTML page")
-    ex.add_argument("--width", type=int, default=40, help="length of the longest bar (default 40)")
+    ex.add_argument("--width", type=positive_int(0), default=40, metavar="N",
+                    help="length of the longest bar (default 40; special tokens such as <bos> are not on the bars' "
+                         "scale and show their score only)")
     ex.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="color the bars (default auto: when writing to a terminal and NO_COLOR is unset)")
     ex.set_defaults(func=_cmd_explain)
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how to read targets: auto (default: integers and digit strings are ids, other strings "
                          "tokens), token (strings are always tokens, also '42') or id")
     io.add_argument("--id-field", default=None, metavar="NAME",
-                    help="a column holding each row's id (default: the row's line number)")
+                    help="a column holding each row's id (default: the row's 'id' field when it has one, else its "
+                         "line number)")
     io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
     io.add_argument("--strict", action="store_true",
@@ -220,9 +223,32 @@ def _settings_kwargs(args) -> dict:
     return kwargs
 
 
-def _cmd_explain(args) -> int:
-    from .display import format_attributions
+def _check_explain_args(args) -> None:
+    """Every argument that can be checked before the model loads."""
+    import torch
 
+    from .models import check_model_name
+    from .outputs import check_output_file
+    from .settings import resolve_backend
+
+    if args.text == "":
+        raise UsageError("TEXT is empty; give the text to explain")
+    target = (args.target or "").strip()
+    if target == args.target and target.startswith("-") and target[1:].isdigit():
+        raise UsageError(f"--target {args.target}: a token id is >= 0")
+    try:
+        check_model_name(args.model, cache_dir=args.cache_dir)
+        if args.html:
+            check_output_file(args.html, "--html")
+        resolve_backend(args.backend, torch.device("cpu"), getattr(torch, args.dtype))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_explain(args) -> int:
+    from .display import format_attributions, plural
+
+    _check_explain_args(args)
     model, tokenizer = _load_model(args)
 
     input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
@@ -240,25 +266,32 @@ def _cmd_explain(args) -> int:
         raise UsageError(str(e)) from None
 
     shown = _settings_line(explain, kwargs)
-    print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), {input_ids.numel()} tokens")
+    print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), {plural(input_ids.numel(), 'token')}")
     print(f"target: {tokenizer.decode([target_id])!r} (id {target_id}, {how}) after the last token; "
           f"logit {float(logits[target_id]):.4g}, rank {rank}")
     if shown:
         print(f"settings: {shown}")
     tokens = [tokenizer.decode([int(i)]) for i in input_ids]
+    special = _special_mask(tokenizer, input_ids.tolist())
     color = {"auto": None, "always": True, "never": False}[args.color]
-    print(format_attributions(tokens, scores, color=color, width=args.width))
+    print(format_attributions(tokens, scores, color=color, width=args.width, special=special))
     if args.html:
         from .html import HtmlRow, write_html
 
         row = HtmlRow(tokens, scores, label=args.text, target=tokenizer.decode([target_id]),
-                      target_logit=float(logits[target_id]), token_ids=input_ids.tolist())
+                      target_logit=float(logits[target_id]), token_ids=input_ids.tolist(), special=special)
         try:
             path = write_html(args.html, [row], title=f"GIM attributions: {args.model}", subtitle=shown)
         except OSError as e:
             raise UsageError(f"--html {args.html}: cannot write it ({e.strerror or e})") from None
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _special_mask(tokenizer, token_ids: list[int]) -> list[bool]:
+    """Which tokens are the tokenizer's special tokens (<bos>, <eos>, ...): shown, but not on the display scale."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    return [i in special for i in token_ids]
 
 
 def _cmd_attribute(args) -> int:
@@ -293,10 +326,13 @@ def _print_summary(run, summary: dict) -> None:
     """What the job did: this process's share and speed, and (from the manifest) the whole job."""
     import os
 
+    from .display import plural
+
     who = f"rank {summary['rank']} of {summary['world_size']}: " if summary["world_size"] > 1 else ""
     done = summary["already_done_batches"]
-    resumed = f" ({done} batches were already done)" if done else ""
-    print(f"{PROG}: {who}attributed {summary['rows']} rows ({summary['tokens']} tokens, {summary['batches']} batches) "
+    resumed = f" ({plural(done, 'batch')} {'was' if done == 1 else 'were'} already done)" if done else ""
+    print(f"{PROG}: {who}attributed {plural(summary['rows'], 'row')} ({plural(summary['tokens'], 'token')}, "
+          f"{plural(summary['batches'], 'batch')}) "
           f"in {summary['seconds']:.1f} s (+{summary['setup_seconds']:.1f} s loading and planning): "
           f"{summary['rows_per_s']:.1f} rows/s, {summary['tokens_per_s']:.0f} tokens/s{resumed}")
     if summary["rank"] != 0:
@@ -306,13 +342,13 @@ def _print_summary(run, summary: dict) -> None:
     counts = manifest.get("counts", {})
     if run.errors:
         first = run.errors[0]
-        print(f"{PROG}: {len(run.errors)} bad rows set aside in {os.path.join(out, 'errors.jsonl')} "
+        print(f"{PROG}: {plural(len(run.errors), 'bad row')} set aside in {os.path.join(out, 'errors.jsonl')} "
               f"(first: line {first.line}: {first.reason})")
     if manifest.get("status") == "complete":
         report = manifest.get("files", {}).get("report")
         extra = f", report {os.path.join(out, report)}" if report else ""
-        print(f"{PROG}: complete: {counts.get('rows')} of {counts.get('input_rows')} input rows in "
-              f"{counts.get('shards')} shards under {os.path.join(out, 'data')}, manifest "
+        print(f"{PROG}: complete: {counts.get('rows')} of {plural(counts.get('input_rows'), 'input row')} in "
+              f"{plural(counts.get('shards'), 'shard')} under {os.path.join(out, 'data')}, manifest "
               f"{os.path.join(out, 'manifest.json')}{extra}")
     else:
         print(f"{PROG}: not complete yet (other processes are still working); run the same command again to "

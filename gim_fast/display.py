@@ -1,4 +1,5 @@
-"""Attribution scores as text: one line per token with its score and a bar, for terminals and logs."""
+"""Attribution scores as text: one line per token with its score and a bar, for terminals and logs; and counts in
+messages ("1 token", "2 tokens")."""
 from __future__ import annotations
 
 import math
@@ -6,13 +7,33 @@ import os
 import sys
 import unicodedata
 
-__all__ = ["format_attributions"]
+__all__ = ["format_attributions", "plural", "display_peak"]
 
 _FULL = "█"
 _PARTIAL = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")   # 0/8 .. 7/8 of a cell
 _RED, _GREEN, _RESET = "\x1b[31m", "\x1b[32m", "\x1b[0m"
 _MAX_TOKEN_CELLS = 24
 _ESCAPES = {" ": "·", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 token"``, ``"2 tokens"``, ``"0 batches"``."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
+def display_peak(values: list[float], special=None) -> float:
+    """The |score| that fills a bar or a colour: the largest finite |score| among the tokens that are not special
+    (``special``: one flag per token, e.g. <bos>, whose score can dwarf the real tokens'); among all tokens when
+    every token is special."""
+    flags = list(special) if special is not None else [False] * len(values)
+    if len(flags) != len(values):
+        raise ValueError(f"special has {len(flags)} flags for {len(values)} scores; give one per token")
+    ordinary = [abs(v) for v, s in zip(values, flags) if not s and math.isfinite(v)]
+    if ordinary or not any(flags):
+        return max(ordinary, default=0.0)
+    return max((abs(v) for v in values if math.isfinite(v)), default=0.0)
 
 
 def _cells(text: str) -> int:
@@ -80,13 +101,17 @@ def _auto_color() -> bool:
     return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
 
 
-def format_attributions(tokens: list[str], scores, *, color: bool | None = None, width: int = 40) -> str:
+def format_attributions(tokens: list[str], scores, *, color: bool | None = None, width: int = 40,
+                        special=None) -> str:
     """Format one attribution score per token as lines of ``position  token  score  bar``.
 
     ``tokens`` are the token strings as text (decode each id, e.g. ``[tok.decode([i]) for i in ids]``);
     spaces show as '·', newlines and tabs as ``\\n``/``\\t``, other unprintable characters as Python escapes.
     ``scores`` is a list, a NumPy array or a torch tensor of the same length. Scores show with 4 significant
-    digits; the bar's length is ``width * |score| / max|score|`` in eighth-of-a-cell steps. With ``color``
+    digits; the bar's length is ``width * |score| / max|score|`` in eighth-of-a-cell steps. ``special``: one flag
+    per token marking special tokens (``<bos>``, ...; e.g. ``[i in tok.all_special_ids for i in ids]``): they are
+    left out of max|score| and show their exact score with ``(special)`` instead of a bar, so that a large score
+    on <bos> does not flatten the bars of the real tokens. With ``color``
     the bar is green for a positive score and red for a negative one (ANSI escapes); ``None`` means color when
     standard output is a terminal and ``NO_COLOR`` is not set. Returns the lines joined by newlines, with no
     trailing newline.
@@ -107,11 +132,15 @@ def format_attributions(tokens: list[str], scores, *, color: bool | None = None,
     index_cells = len(str(len(values) - 1))
     texts = [f"{v:+.4g}" if not math.isnan(v) else "nan" for v in values]
     score_cells = max(len(t) for t in texts)
-    finite = [abs(v) for v in values if math.isfinite(v)]
-    peak = max(finite, default=0.0)
+    flags = list(special) if special is not None else [False] * len(values)
+    peak = display_peak(values, flags)
+    scaled_all = all(flags)          # every token special: they are the scale
 
     lines = []
     for i, (token, value, text) in enumerate(zip(shown, values, texts)):
+        if flags[i] and not scaled_all:
+            lines.append(f"{i:>{index_cells}}  {_fit(token, token_cells)}  {text:>{score_cells}}  (special)")
+            continue
         if math.isnan(value):
             fraction = 0.0
         elif math.isinf(value):

@@ -27,7 +27,7 @@ def _as_index(value, what: str) -> int:
         raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
 
 
-def _as_id_tensor(input_ids) -> torch.Tensor:
+def as_id_tensor(input_ids, what: str = "input_ids") -> torch.Tensor:
     """``input_ids`` as an int64 tensor, 1-D or 2-D; lists of equal-length lists are accepted."""
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids
@@ -37,35 +37,43 @@ def _as_id_tensor(input_ids) -> torch.Tensor:
             lengths = {len(r) for r in rows}
             if len(lengths) > 1:
                 raise ValueError(
-                    f"input_ids rows have different lengths {sorted(lengths)}; pad them to one length and pass an "
-                    "attention_mask (1 = real token, 0 = padding), e.g. tokenizer(texts, padding=True)")
+                    f"{what} rows have different lengths {sorted(lengths)}; pad them to one length and pass a mask "
+                    "(1 = real token, 0 = padding), e.g. tokenizer(texts, padding=True) and its attention_mask")
         try:
             ids = torch.tensor(rows)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"input_ids must be integer token ids (a tensor, a list, or a list of lists): {err}") from None
+            raise TypeError(f"{what} must be integer token ids (a tensor, a list, or a list of lists): {err}") from None
     else:
-        raise TypeError(f"input_ids must be a tensor or a list of token ids, got {type(input_ids).__name__}")
+        raise TypeError(f"{what} must be a tensor or a list of token ids, got {type(input_ids).__name__}")
+    if ids.numel() == 0:   # before the dtype: torch.tensor([]) is float32
+        raise ValueError(f"{what} is empty (shape {tuple(ids.shape)}); give at least one token")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+        raise TypeError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)}); give at least one token")
+        raise ValueError(f"{what} must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
     return ids.long()
 
 
-def _as_mask(attention_mask, ids: torch.Tensor) -> torch.Tensor:
+def as_mask(attention_mask, ids: torch.Tensor, what: str = "attention_mask", like: str = "input_ids") -> torch.Tensor:
+    """The 0/1 mask of ``ids`` (all ones when None), checked: same shape, only 0 and 1, a real token per row."""
     if attention_mask is None:
         return torch.ones_like(ids, dtype=torch.long)
     mask = attention_mask if isinstance(attention_mask, torch.Tensor) else torch.as_tensor(attention_mask)
     if tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+        raise ValueError(f"{what} must have the shape of {like} {tuple(ids.shape)}, got {tuple(mask.shape)}")
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
     mask = mask.long()
     if bool((mask.sum(-1) == 0).any()):
-        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+        raise ValueError(f"every row of {what} needs at least one real token (a 1)")
     return mask
+
+
+def check_vocabulary(ids: torch.Tensor, mask: torch.Tensor, vocab: int, what: str) -> None:
+    """Every real (mask = 1) id in ``[0, vocab)``, or a ValueError naming the first few that are not."""
+    bad = mask.bool() & ((ids < 0) | (ids >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"{what} hold ids outside the vocabulary [0, {vocab}): {ids[bad][:5].tolist()}")
 
 
 def resolve_baseline(baseline_token_id, tokenizer) -> int:
@@ -98,6 +106,15 @@ def _per_row(value, batch: int, what: str) -> list | None:
     return [_as_index(value, what)] * batch
 
 
+def checked_call(model, checkpointing, **gim_settings) -> GIMSettings:
+    """The GIM settings, the model and ``checkpointing`` checked, before anything runs: the settings."""
+    settings = GIMSettings(**gim_settings)
+    check_model(model)
+    if checkpointing not in ("auto", True, False):
+        raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
+    return settings
+
+
 def explain(model, input_ids, *, target_token_id=None, target_position=-1, baseline_token_id=None, tokenizer=None,
             attention_mask=None, freeze_norm=_DEFAULTS.freeze_norm,
             softmax_temperature=_DEFAULTS.softmax_temperature, q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale,
@@ -128,24 +145,19 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
         Scores ``[S]`` for 1-D input, ``[B, S]`` for 2-D (0 at padded positions), float32 (float64 for a
         float64 model), on the model's device.
     """
-    settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
-                           k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
-                           backend=backend)
-    check_model(model)
-    if checkpointing not in ("auto", True, False):
-        raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
-    ids = _as_id_tensor(input_ids)
+    settings = checked_call(model, checkpointing, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+                            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
+                            up_scale=up_scale, backend=backend)
+    ids = as_id_tensor(input_ids)
     squeeze = ids.dim() == 1
-    mask = _as_mask(attention_mask, ids)
+    mask = as_mask(attention_mask, ids)
     if squeeze:
         ids, mask = ids[None], mask[None]
     batch = ids.shape[0]
 
     io = model_io(model)
     vocab_in = io.vocab_in
-    if bool(((ids < 0) | (ids >= vocab_in))[mask.bool()].any()):
-        bad = ids[mask.bool() & ((ids < 0) | (ids >= vocab_in))][:5].tolist()
-        raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab_in}): {bad}")
+    check_vocabulary(ids, mask, vocab_in, "input_ids")
     vocab_out = io.vocab_out
 
     lengths = mask.sum(-1).tolist()

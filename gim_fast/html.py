@@ -1,7 +1,9 @@
 """Attributions as a self-contained HTML page: tokens coloured by score, the exact score on hover.
 
 One block per row (a prompt and its target); green tokens push the target's logit up, red ones push it down,
-the colour's strength is the score relative to the row's largest |score|. The page has no scripts and loads
+the colour's strength is the score relative to the row's largest |score|. Special tokens (``<bos>``, ...) are left
+out of that scale and shown uncoloured with a dashed outline, their exact score on hover, so that a large score on
+<bos> does not wash out the colours of the real tokens. The page has no scripts and loads
 nothing (no fonts, no stylesheets, no images): it opens offline, in a mail attachment or a notebook. The markup
 is also well-formed XML, so any XML parser can read it back.
 
@@ -16,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+
+from .display import display_peak, plural
 
 __all__ = ["HtmlRow", "render_html", "write_html", "rows_from_table"]
 
@@ -33,6 +37,7 @@ section.row h2 { font-size: 0.95em; font-weight: 600; margin: 0 0 0.5em 0; color
 .tok:hover { outline: 1px solid #333; }
 .target { margin-left: 0.6em; padding: 2px 4px; border: 1px dashed #888; border-radius: 3px; }
 .nl { color: #999; }
+.special { outline: 1px dashed #999; }
 """
 
 
@@ -47,6 +52,7 @@ class HtmlRow:
     target_logit: float | None = None
     token_ids: Sequence[int] | None = None
     meta: dict = field(default_factory=dict)
+    special: Sequence[bool] | None = None   # one flag per token: special tokens are not on the colour scale
 
 
 def _floats(scores) -> list[float]:
@@ -89,14 +95,23 @@ def _row_html(row: HtmlRow, number: int) -> str:
     tokens = [str(t) for t in row.tokens]
     if len(tokens) != len(scores):
         raise ValueError(f"row {number}: {len(tokens)} tokens but {len(scores)} scores")
-    peak = max((abs(s) for s in scores if math.isfinite(s)), default=0.0)
+    special = list(row.special) if row.special is not None else [False] * len(scores)
+    try:
+        peak = display_peak(scores, special)
+    except ValueError as e:
+        raise ValueError(f"row {number}: {e}") from None
+    on_scale = all(special)          # every token special: they are the scale
     spans = []
     for i, (token, score) in enumerate(zip(tokens, scores)):
         tip = f"score {score:+.6g} | token {_printable(repr(token))}"
         if row.token_ids is not None:
             tip += f" (id {int(row.token_ids[i])})"
         tip += f" | position {i}"
-        spans.append(f'<span class="tok" style="background-color: {_colour(score, peak)}" data-score="{score:.6g}" '
+        kind, colour = "tok", _colour(score, peak)
+        if special[i] and not on_scale:
+            kind, colour = "tok special", "transparent"
+            tip += " | special token: not on the colour scale"
+        spans.append(f'<span class="{kind}" style="background-color: {colour}" data-score="{score:.6g}" '
                      f'title="{escape(tip)}">{_token_html(token)}</span>')
     heading = escape(_printable(row.label or f"row {number}"))
     meta = []
@@ -104,7 +119,7 @@ def _row_html(row: HtmlRow, number: int) -> str:
         meta.append(f"target {escape(_printable(repr(row.target)))}")
     if row.target_logit is not None and math.isfinite(row.target_logit):
         meta.append(f"logit {row.target_logit:.4g}")
-    meta.append(f"{len(tokens)} tokens")
+    meta.append(plural(len(tokens), "token"))
     meta.extend(escape(f"{k} {v}") for k, v in row.meta.items())
     target = ""
     if row.target is not None:
@@ -119,7 +134,8 @@ def render_html(rows: Iterable[HtmlRow], *, title: str = "GIM attributions", sub
     sub = f"<p class=\"legend\">{escape(subtitle)}</p>\n" if subtitle else ""
     legend = ('<p class="legend"><span class="key" style="background-color: rgba(22, 163, 74, 0.6)">green</span> '
               'raises the target logit, <span class="key" style="background-color: rgba(220, 38, 38, 0.6)">red</span> '
-              "lowers it; strength is |score| relative to the row's largest. Hover a token for its score.</p>")
+              "lowers it; strength is |score| relative to the row's largest, special tokens (dashed outline) left out. "
+              "Hover a token for its score.</p>")
     return ("<!DOCTYPE html>\n"
             '<html lang="en">\n<head>\n<meta charset="utf-8"/>\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1"/>\n'
@@ -137,8 +153,11 @@ def write_html(path: str | os.PathLike, rows: Iterable[HtmlRow], **kwargs) -> Pa
     return path
 
 
-def rows_from_table(table) -> list[HtmlRow]:
-    """HtmlRows from a job's results (a pyarrow Table or a list of dicts with the job's output columns)."""
+def rows_from_table(table, special_ids: Iterable[int] = ()) -> list[HtmlRow]:
+    """HtmlRows from a job's results (a pyarrow Table or a list of dicts with the job's output columns);
+    ``special_ids``: the tokenizer's special token ids (``tokenizer.all_special_ids``), kept off the colour scale."""
     records = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
+    special_ids = set(special_ids)
     return [HtmlRow(r["tokens"], r["scores"], label=f"id {r['id']} (line {r['line']})", target=r["target"],
-                    target_logit=r["target_logit"], token_ids=r["token_ids"]) for r in records]
+                    target_logit=r["target_logit"], token_ids=r["token_ids"],
+                    special=[i in special_ids for i in r["token_ids"]]) for r in records]

@@ -26,6 +26,8 @@ import torch
 
 # The row-chunked backend's score tiles (see ops.attention_chunked): a few fp32 tiles of 2^24 elements.
 _CHUNK_TILES = 6 * (1 << 24) * 4
+# explain_answer: below this many cotangents per backward pass, checkpointing (to fit more) is worth its recompute
+_SMALL_CHUNK = 4
 # Keep this share of the free memory for allocator fragmentation and everything the estimate does not see.
 _HEADROOM = 0.9
 
@@ -85,10 +87,13 @@ def format_bytes(n: float) -> str:
 
 
 def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat16, backend: str = "torch",
-                    checkpointing: bool = False, num_targets: int = 1, layers: int | None = None) -> MemoryEstimate:
+                    checkpointing: bool = False, num_targets: int = 1, layers: int | None = None,
+                    cotangents: int = 1) -> MemoryEstimate:
     """Estimate the activation memory of one attribution (the weights, already loaded, are not counted).
 
     ``layers``: how many decoder layers live on the device in question (default: all of them).
+    ``cotangents``: how many cotangents one backward pass pushes at once (``explain_answer``'s chunk): every
+    gradient the backward holds, and the input embeddings' gradient, has that many copies.
     """
     d = Dims.of(config)
     n_layers = d.layers if layers is None else layers
@@ -106,10 +111,12 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
         parts["one recomputed layer"] = layer
     else:
         parts[f"activations of {n_layers} layers"] = n_layers * layer
-    parts["embeddings and their gradient"] = 3 * b * tokens * d.hidden
+    parts["embeddings and their gradient"] = (2 + cotangents) * b * tokens * d.hidden
     parts["target logits"] = 4 * batch * num_targets * d.vocab
-    transient = 2 * b * tokens * max(d.intermediate, qkv)
-    if backend != "eager":
+    transient = 2 * cotangents * b * tokens * max(d.intermediate, qkv)
+    if backend == "eager":  # each cotangent's dP and dS
+        transient += 8 * (cotangents - 1) * batch * d.q_heads * seq_len * seq_len
+    else:
         transient += _CHUNK_TILES
     parts["backward working set"] = transient
     return MemoryEstimate(checkpointing, parts)
@@ -133,7 +140,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_targets: int,
-                       checkpointing: bool | str = "auto") -> bool:
+                       checkpointing: bool | str = "auto", cotangents: int = 1) -> bool:
     """Decide whether to checkpoint decoder layers, or raise ``InsufficientMemoryError`` before anything runs.
 
     Checks every device that holds decoder layers (models sharded with ``device_map`` included).
@@ -154,7 +161,7 @@ def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_tar
         worst = None
         for dev, n_layers in per_device.items():
             est = estimate_memory(model.config, seq_len, batch, dtype=dtype, backend=backend, checkpointing=ckpt,
-                                  num_targets=num_targets, layers=n_layers)
+                                  num_targets=num_targets, layers=n_layers, cotangents=cotangents)
             free = available_memory(dev)
             if est.total > _HEADROOM * free:
                 worst = (dev, est, free)
@@ -172,3 +179,47 @@ def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_tar
     raise InsufficientMemoryError(
         f"this attribution needs about {format_bytes(est.total)} on {dev} but only {format_bytes(free)} is free "
         f"(batch {batch} × {seq_len} tokens, {dtype}). Try {', '.join(advice)}.\n{est}")
+
+
+def plan_cotangents(model, seq_len: int, batch: int, *, backend: str, num_targets: int, count: int,
+                    checkpointing: bool | str = "auto", limit: int | None = None) -> tuple[int, bool]:
+    """How many cotangents one backward pass carries (``explain_answer``'s chunk), and whether to checkpoint.
+
+    The largest chunk ≤ ``count`` (and ≤ ``limit``) whose estimate fits. With ``checkpointing="auto"``,
+    checkpointing only when without it fewer than ``_SMALL_CHUNK`` cotangents (or ``count``, if smaller) fit and
+    with it more do: every backward pass of a checkpointed model recomputes the layers (one forward's cost), which
+    only a much larger chunk pays for. Raises ``InsufficientMemoryError`` when not even one cotangent fits.
+    """
+    top = max(1, min(count, limit or count))
+
+    def largest(ckpt: bool) -> int:
+        def fits(chunk: int) -> bool:
+            try:
+                plan_checkpointing(model, seq_len, batch, backend=backend, num_targets=num_targets,
+                                   checkpointing=ckpt, cotangents=chunk)
+            except InsufficientMemoryError:
+                return False
+            return True
+
+        if not fits(1):
+            return 0
+        lo, hi = 1, top  # the estimate grows with the chunk: bisect for the largest that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    if checkpointing != "auto":
+        chunk = largest(bool(checkpointing))
+        ckpt = bool(checkpointing)
+    else:
+        chunk, ckpt = largest(False), False
+        if chunk < min(top, _SMALL_CHUNK):
+            with_ckpt = largest(True)
+            if with_ckpt > chunk:
+                chunk, ckpt = with_ckpt, True
+    if chunk == 0:  # raises with the estimate, the free memory and the advice
+        plan_checkpointing(model, seq_len, batch, backend=backend, num_targets=num_targets,
+                           checkpointing=checkpointing, cotangents=1)
+        raise AssertionError("unreachable: one cotangent did not fit, yet the plan passed")
+    return chunk, ckpt

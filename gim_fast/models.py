@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MODELS", "load_pretrained", "default_cache_dir", "cache_path"]
+__all__ = ["MODELS", "load_pretrained", "check_model_name", "default_cache_dir", "cache_path"]
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ def _convert(gguf_path_fn: Callable[[Path], Path], target: Path, source: dict) -
     try:
         started = time.perf_counter()
         gguf = gguf_path_fn(work)
+        _check_gguf(gguf)
         log.info("converting %s to a Hugging Face model in %s (once; takes about 20-60 s)", gguf, target)
         with _quiet() as transformers:
             kwargs = dict(gguf_file=gguf.name, local_files_only=True)
@@ -324,6 +325,82 @@ def _load_dir(folder: Path, dtype: torch.dtype, kwargs: dict):
     return model, tokenizer
 
 
+_GGUF_MAGIC = b"GGUF"
+# What a Hugging Face model directory holds its weights in, and names its tokenizer files match (a tokenizer.json,
+# a SentencePiece .model, a BPE vocab.json + merges.txt, a WordPiece vocab.txt, tiktoken files, ...).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+_TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece", "tiktoken", "tekken")
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as e:
+        raise ValueError(f"cannot read {os.fspath(path)!r}: {e.strerror or e}") from None
+    if magic != _GGUF_MAGIC:
+        raise ValueError(f"{os.fspath(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+                         f"expected {_accepted()}")
+
+
+def _missing_from_model_dir(folder: Path, kwargs: dict) -> list[str]:
+    """What a Hugging Face model directory lacks (config.json present): its weights, its tokenizer."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    missing = []
+    if "gguf_file" not in kwargs and not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+        missing.append("weights (model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin; "
+                       "model.save_pretrained(DIR) writes them)")
+    if not any(h in n.lower() or n.endswith(".model") for n in names for h in _TOKENIZER_HINTS):
+        missing.append("tokenizer files (tokenizer.json, a SentencePiece tokenizer.model, or vocab.json + merges.txt; "
+                       "tokenizer.save_pretrained(DIR) writes them)")
+    return missing
+
+
+def check_model_name(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                     **from_pretrained_kwargs) -> None:
+    """Check, without loading anything, that :func:`load_pretrained` can load ``name_or_path``: a packaged name
+    whose package is installed, a Hugging Face model directory with a config, weights and a tokenizer, or a GGUF
+    file; and, when a conversion is due, that the cache folder can be written. Raises ValueError,
+    FileNotFoundError or ModuleNotFoundError saying what is wrong."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or a path, got {type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    spec = MODELS.get(name.lower())
+    path = Path(name).expanduser()
+    if spec is not None:
+        package_dir = _package_dir(spec)
+        converted = _is_valid(root / name.lower(), _package_source(name, spec, package_dir))
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name!r} is a directory without a config.json, so not a Hugging Face model "
+                             f"directory; expected {_accepted()}")
+        missing = _missing_from_model_dir(path, from_pretrained_kwargs)
+        if missing:
+            raise ValueError(f"the model directory {name!r} has a config.json but no " + ", and no ".join(missing))
+        return
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{name!r} is a file but not a .gguf file; expected {_accepted()}")
+        _check_gguf(path)
+        resolved = path.resolve()
+        source = _file_source(resolved)
+        converted = _is_valid(root / _file_key(resolved, source), source)
+    elif path.suffix.lower() == ".gguf" or os.sep in name:
+        raise FileNotFoundError(f"no such file or directory: {name!r}")
+    else:
+        raise ValueError(f"unknown model {name!r}; expected {_accepted()}")
+    if not converted:
+        from .outputs import check_output_dir
+
+        check_output_dir(root, "the model cache")
+
+
+def _package_source(name: str, spec: _Packaged, package_dir: Path) -> dict:
+    return {"kind": "package", "name": name.lower(), "distribution": spec.distribution,
+            "version": _version(spec.distribution), **spec.fingerprint(package_dir)}
+
+
 def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_dir: str | os.PathLike | None = None,
                     dtype: torch.dtype = torch.float32, **from_pretrained_kwargs):
     """Load a real pretrained causal LM and its tokenizer, in eval mode, with no network access.
@@ -343,10 +420,8 @@ def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_d
 
     Returns ``(model, tokenizer)``.
     """
-    if isinstance(name_or_path, (str, os.PathLike)):
-        name = os.fspath(name_or_path)
-    else:
-        raise TypeError(f"name_or_path must be a str or a path, got {type(name_or_path).__name__}")
+    check_model_name(name_or_path, cache_dir=cache_dir, **from_pretrained_kwargs)
+    name = os.fspath(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -354,8 +429,7 @@ def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_d
     spec = MODELS.get(name.lower())
     if spec is not None:
         package_dir = _package_dir(spec)
-        source = {"kind": "package", "name": name.lower(), "distribution": spec.distribution,
-                  "version": _version(spec.distribution), **spec.fingerprint(package_dir)}
+        source = _package_source(name, spec, package_dir)
         target = root / name.lower()
         if not _is_valid(target, source):
             _convert(lambda scratch: spec.gguf(package_dir, scratch), target, source)
@@ -363,19 +437,10 @@ def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_d
 
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{name!r} is a directory without a config.json, so not a Hugging Face model "
-                             f"directory; expected {_accepted()}")
         return _load_dir(path, dtype, from_pretrained_kwargs)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{name!r} is a file but not a .gguf file; expected {_accepted()}")
-        path = path.resolve()
-        source = _file_source(path)
-        target = root / _file_key(path, source)
-        if not _is_valid(target, source):
-            _convert(lambda scratch: path, target, source)
-        return _load_dir(target, dtype, from_pretrained_kwargs)
-    if path.suffix.lower() == ".gguf" or os.sep in name:
-        raise FileNotFoundError(f"no such file or directory: {name!r}")
-    raise ValueError(f"unknown model {name!r}; expected {_accepted()}")
+    path = path.resolve()        # a .gguf file (check_model_name ruled out everything else)
+    source = _file_source(path)
+    target = root / _file_key(path, source)
+    if not _is_valid(target, source):
+        _convert(lambda scratch: path, target, source)
+    return _load_dir(target, dtype, from_pretrained_kwargs)

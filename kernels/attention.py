@@ -1,7 +1,8 @@
 """Fused GIM attention: a FlashAttention-2 style forward and a GIM backward, in Triton.
 
 Shapes: q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` with ``G = Hq / Hkv`` query heads per KV head (GQA/MQA by
-indexing, ``kv_head = q_head // G``; K and V are never repeated). Any strides, any S, D up to 256.
+indexing, ``kv_head = q_head // G``; K and V are never repeated). Any strides, any S, D up to 256. The backward
+also takes a stack of M cotangents ``dO [M, B, Hq, S, D]`` against one forward (see :func:`attention_backward`).
 
 The math, per query row i, with S the scores exactly as the softmax sees them (scaled, soft-capped, masked):
 
@@ -16,24 +17,40 @@ The math, per query row i, with S the scores exactly as the softmax sees them (s
 
 A query row with no allowed key outputs 0, gets LSE = +inf (so every recomputed P is 0) and passes no gradient.
 
-All exponentials run in the exp2 domain: the kernels carry S·log2(e). LSE and LSE_T are stored in natural-log
-units (comparable with the torch backend); the kernels convert with one multiply per row.
+All exponentials run in the exp2 domain: the kernels carry S·log2(e) (S·log2(e)/2 in the T = 2 forward, where
+u = exp2 of it gives P_T ∝ u and P ∝ u²). Without soft-capping the scale is folded into the exponent, so each
+score costs one FFMA and one EX2. LSE and LSE_T are stored in natural-log units (comparable with the torch
+backend); the kernels convert with one multiply per row.
+
+Two-stage loops (what makes these kernels compile well on Hopper; see bench/results/compile_report.md). Every
+kernel walks the tiles of the other sequence axis in two stages: an *unmasked* stage over the tiles that lie
+entirely inside the causal/window band, inside the sequence and inside the key span known to be all real tokens —
+no mask is built, no bound is checked — and a *masked* stage over the rest (the diagonal, the window's edge, the
+ragged end, tiles touching padding). Tiles outside the band, or made only of padded keys, are never visited.
+Padding is summarised per sequence by the launcher (``_padding_spans``, device-side, no host sync): the span of
+real keys [first, last] and, when every key in that span is real (left or right padding), the same span as the
+"all real" span; a mask with holes gets an empty all-real span, so its tiles all go through the masked stage.
 
 Kernels (no float atomics anywhere, so gradients are bit-identical run to run):
-    _attn_fwd_kernel        grid (query blocks, B·Hq)
-    _attn_bwd_delta_kernel  grid (query blocks, B·Hq): Δ_T = rowsum(dO ⊙ O_T)
-    _attn_bwd_dkdv_kernel   grid (key blocks,   B·Hkv): loops over the G query heads of its group and over the
-                            query blocks that can see its keys, so dK/dV of a KV head are reduced in registers,
-                            in a fixed order, by one program
-    _attn_bwd_dq_kernel     grid (query blocks, B·Hq): loops over the key blocks its queries can see
+    _attn_fwd_kernel        grid (B·Hq, query blocks): loops over the visible key tiles; causal: the last
+                            (heaviest) query blocks are launched first
+    _attn_bwd_delta_kernel  grid (M·B·Hq, query blocks): Δ_T = rowsum(dO ⊙ O_T)
+    _attn_bwd_dkdv_kernel   grid (M·B·Hkv, key blocks): one program per key block of a KV head computes its dK/dV
+                            over all G query heads of the group: their rows are *stacked* position-major
+                            (row r of a tile = query position p0 + r // G of head r % G), so each tile is
+                            BLOCK_M rows wide whatever G is, the S and dP GEMMs are BLOCK_M (≥ 64) wide, and the
+                            GQA reduction happens in registers, in a fixed order. Key block 0, which every causal
+                            query sees, is launched first (heaviest first).
+    _attn_bwd_dq_kernel     grid (M·B·Hq, query blocks): loops over the key tiles its queries can see
 
 Interpreter notes (TRITON_INTERPRET=1, how the CPU tests run): every load is upcast to float32 at once (bf16
-loads/dots give garbage there), dots are float32 "ieee", one fixed block configuration (autotune needs a GPU),
-tanh is written with exp2, and O/dQ/dK/dV are stored in float32 and rounded by torch (the interpreter's
-float32 → bf16 cast truncates). On a GPU with fp16/bf16 inputs (``FAST_MMA``) the dot operands stay 16-bit
-(P and dS are cast to the input dtype before their dots) and the accumulators stay float32; fp32 inputs use
-exact ("ieee") dots, not TF32. The GPU path has been compiled for sm_90a (every feature combination and block
-configuration below) but not yet run on a GPU.
+loads/dots give garbage there), dots are float32 "ieee", one fixed small block configuration (autotune needs a
+GPU; small blocks make the tests cross every kind of tile cheaply), tanh is written with exp2, and O/dQ/dK/dV are
+stored in float32 and rounded by torch (the interpreter's float32 → bf16 cast truncates). On a GPU with fp16/bf16
+inputs (``FAST_MMA``) the dot operands stay 16-bit (P and dS are cast to the input dtype before their dots) and
+the accumulators stay float32; fp32 inputs use exact ("ieee") dots, not TF32. The GPU path is compiled for sm_90a
+by ``bench/compile_report.py`` (registers, spills, ptxas warnings, HGMMA shapes, inner-loop length) but has not
+yet run on a GPU.
 
 Why Δ_T from O_T, accumulated in the forward pass, rather than a first backward pass over the keys: the extra
 forward work is one [BLOCK_M, BLOCK_N] × [BLOCK_N, D] matmul per tile (P_T V; the exp for P_T is needed anyway
@@ -45,7 +62,9 @@ paid only when a backward follows and the temperature is on. (FLOP argument; not
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -71,81 +90,141 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores_log2(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """(S·log2 e, tanh) from raw q·k: S = cap·tanh(scale·qk/cap), or scale·qk. The tanh (returned for the
-    soft-cap derivative 1 − tanh²) is a placeholder equal to qk when soft-capping is off."""
-    if HAS_SOFTCAP:
-        t = _tanh(qk * (scale / softcap))
-        return t * (softcap * _LOG2E), t
-    else:
-        return qk * (scale * _LOG2E), qk
-
-
-@triton.jit
-def _allowed(i, j, seq_len, key_ok, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-             HAS_PAD: tl.constexpr):
-    """True where query i may attend to key j; i, j (and key_ok, the padding mask of the keys, shaped like j)
-    broadcast against each other: [M,1]×[1,N] in the row-major kernels, [1,M]×[N,1] in the dK/dV kernel."""
-    ok = (i < seq_len) & (j < seq_len)
+def _in_band(ok, i, j, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``ok`` and (key j in query i's causal/window band: j ≤ i, j > i − w); i and j broadcast against each other
+    ([M,1]×[1,N] in the row-major kernels, [1,M]×[N,1] in the dK/dV kernel). Query rows past the end need no
+    check: they load as zeros and are never stored (or, in dK/dV, have LSE = +inf)."""
     if CAUSAL:
         ok = ok & (j <= i)
     if HAS_WINDOW:
         ok = ok & (j > i - window)
-    if HAS_PAD:
-        ok = ok & (key_ok != 0)
     return ok
 
 
 @triton.jit
-def _key_block_scores(q, k_base, v_base, m_base, offs_m, offs_n, offs_d, d_ok, stride_ks, stride_kd, stride_vs,
-                      stride_vd, stride_ms, seq_len, scale, softcap, window, CAUSAL: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                      FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """For the row-major kernels (forward, dQ): load the key block ``offs_n`` of K and V (and its padding
-    mask) and return (k, v, S·log2 e masked to −inf where query ``offs_m`` may not attend, the soft-cap tanh)."""
-    col_ok = offs_n < seq_len
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+def _load_pair(a_ptrs, b_ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr,
+               FAST_MMA: tl.constexpr):
+    """Load two [rows, BLOCK_D] tiles laid out alike (K and V, or Q and dO), zeros where masked: rows by
+    ``row_ok`` when MASK_ROWS, the padded head dim by ``d_ok`` when MASK_D; float32 unless the dots take 16-bit
+    operands. (One helper for both: each helper call costs milliseconds under the interpreter.)"""
+    if MASK_ROWS and MASK_D:
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    elif MASK_ROWS:
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=row_ok[:, None], other=0.0)
+    elif MASK_D:
+        a = tl.load(a_ptrs, mask=d_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
     if not FAST_MMA:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    key_ok = col_ok
-    if HAS_PAD:
-        key_ok = tl.load(m_base + offs_n * stride_ms, mask=col_ok, other=0)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s2, tanh = _scores_log2(qk, scale, softcap, HAS_SOFTCAP)
-    ok = _allowed(offs_m[:, None], offs_n[None, :], seq_len, key_ok[None, :], window, CAUSAL, HAS_WINDOW, HAS_PAD)
-    return k, v, tl.where(ok, s2, float("-inf")), tanh
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
 
 
 @triton.jit
-def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key columns [lo, hi) that query rows [start_m, start_m + BLOCK_M) can see; lo aligned to BLOCK_N.
-    Key blocks outside the causal triangle or the sliding window are never visited."""
+def _padding_span(kvr):
+    """(first, end, all_real_first, all_real_end) of one sequence's keys, from ``_padding_spans``."""
+    return tl.load(kvr), tl.load(kvr + 1), tl.load(kvr + 2), tl.load(kvr + 3)
+
+
+@triton.jit
+def _split(lo, hi, inner_lo, inner_end, STEP: tl.constexpr):
+    """Split the tiles [t, t + STEP), t = lo, lo + STEP, … < hi into the two stages.
+
+    Returns (u_lo, u_hi, n_left, n_masked): the tiles from u_lo to u_hi lie entirely inside [inner_lo, inner_end)
+    (the unmasked stage); the other n_masked tiles — n_left of them from lo, the rest from u_hi — are the masked
+    stage: the i-th starts at lo + i·STEP if i < n_left, else at u_hi + (i − n_left)·STEP."""
+    hi = tl.maximum(hi, lo)
+    u_lo = lo + tl.cdiv(tl.maximum(inner_lo - lo, 0), STEP) * STEP
+    u_lo = tl.minimum(u_lo, hi)
+    u_hi = u_lo + tl.maximum(tl.minimum(inner_end, hi) - u_lo, 0) // STEP * STEP
+    n_left = tl.cdiv(u_lo - lo, STEP)
+    return u_lo, u_hi, n_left, n_left + tl.cdiv(hi - u_hi, STEP)
+
+
+@triton.jit
+def _key_stages(start_m, seq_len, window, kvr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Key tiles of the query rows [start_m, start_m + BLOCK_M) (forward, dQ), as :func:`_split` returns them
+    plus lo: visible keys [lo, hi), lo aligned to BLOCK_N; the tile at n is unmasked when n ≥ start_m + BLOCK_M − w
+    (window: j > i − w for the last row), n + BLOCK_N ≤ start_m + 1 (causal: j ≤ i for the first row), the tile is
+    inside the sequence and inside the all-real key span."""
     lo = 0
     hi = seq_len
+    inner_lo = 0
+    inner_end = seq_len
     if CAUSAL:
         hi = tl.minimum(seq_len, start_m + BLOCK_M)
+        inner_end = tl.minimum(seq_len, start_m + 1)
     if HAS_WINDOW:
         lo = tl.maximum(0, start_m - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    return lo, hi
+        inner_lo = start_m + BLOCK_M - window
+    if HAS_PAD:
+        first, end, real_first, real_end = _padding_span(kvr)
+        lo = tl.maximum(lo, first)
+        hi = tl.minimum(hi, end)
+        inner_lo = tl.maximum(inner_lo, real_first)
+        inner_end = tl.minimum(inner_end, real_end)
+    lo = lo // BLOCK_N * BLOCK_N
+    u_lo, u_hi, n_left, n_masked = _split(lo, hi, inner_lo, inner_end, BLOCK_N)
+    return lo, u_lo, u_hi, n_left, n_masked
 
 
 @triton.jit
-def _query_range(start_n, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Query rows [lo, hi) that can see key columns [start_n, start_n + BLOCK_N); lo aligned to BLOCK_M.
-    Causal: i >= j, so i >= start_n. Window: i < j + w, so i < start_n + BLOCK_N − 1 + w."""
+def _query_stages(start_n, seq_len, window, kvr, BLOCK_N: tl.constexpr, POS: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Query tiles of POS positions each that see the keys [start_n, start_n + BLOCK_N) (dK/dV), as
+    :func:`_split` returns them plus lo. Causal: i ≥ start_n; window: i < start_n + BLOCK_N − 1 + w. A tile is
+    unmasked when its first position is ≥ start_n + BLOCK_N − 1 (causal), its last < start_n + w (window) and it
+    is inside the sequence. Keys need no check here (a padded key, or one past the end, touches only its own
+    dK/dV row); a key block of padding only has no tiles at all."""
     lo = 0
     hi = seq_len
+    inner_lo = 0
+    inner_end = seq_len
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
+        lo = start_n
+        inner_lo = start_n + BLOCK_N - 1
     if HAS_WINDOW:
-        hi = tl.minimum(seq_len, start_n + BLOCK_N + window - 1)
-    return lo, hi
+        hi = tl.minimum(seq_len, start_n + BLOCK_N - 1 + window)
+        inner_end = tl.minimum(seq_len, start_n + window)
+    if HAS_PAD:   # a block of padded keys only: nothing to do
+        first, end, _, _ = _padding_span(kvr)
+        hi = tl.where((start_n >= end) | (start_n + BLOCK_N <= first), lo, hi)
+    u_lo, u_hi, n_left, n_masked = _split(lo, hi, inner_lo, inner_end, POS)
+    return lo, u_lo, u_hi, n_left, n_masked
+
+
+@triton.jit
+def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs, stride_ms,
+              seq_len, window, cap_in, cap_out, MASKED: tl.constexpr, MASK_D: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
+              FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For the row-major kernels (forward, dQ): load the key tile at ``start_n`` of K and V and return
+    (k, v, x, tanh): x the scores — raw q·k, or soft-capped in log2 units — masked to −inf where a query of
+    ``offs_m`` may not attend (in the masked stage only), tanh for the soft-cap derivative 1 − tanh²."""
+    off = tl.cast(start_n, tl.int64)
+    offs_n = start_n + offs_n0
+    col_ok = offs_n < seq_len
+    k, v = _load_pair(k_tile + off * stride_ks, v_tile + off * stride_vs, col_ok, d_ok, MASKED, MASK_D, FAST_MMA)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:   # x = cap·tanh(scale·qk/cap) in the kernel's log2 units (cap_out = cap·log2e·unit)
+        tanh = _tanh(qk * cap_in)
+        x = tanh * cap_out
+    else:             # x = qk: the caller folds scale·log2e·unit into its exponent (tanh: unused placeholder)
+        tanh = qk
+        x = qk
+    if MASKED:
+        key_ok = col_ok             # keys past the end and padded keys are out of every row's softmax
+        if HAS_PAD:
+            key_ok = tl.load(kpm_b + offs_n * stride_ms, mask=col_ok, other=0) != 0
+        ok = _in_band(key_ok[None, :], offs_m[:, None], offs_n[None, :], window, CAUSAL, HAS_WINDOW)
+        x = tl.where(ok, x, float("-inf"))
+    return k, v, x, tanh
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,9 +232,40 @@ def _query_range(start_n, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, MASKED: tl.constexpr, TEMP_MODE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax. The exponent of a score is x·c in the kernel's log2 units (S·log2e,
+    or S·log2e/2 for T = 2), and x·ct that of S/T (TEMP_MODE 1: ct = c/T); x = −inf where masked. m is the running max
+    in those units (shared by S and S/T: max(S/T) = max(S)/T)."""
+    m_new = tl.maximum(m_i, tl.max(x, 1) * c)
+    if MASKED:   # a row that has seen no allowed key yet keeps m = −inf: subtract 0 instead (exp2 gives 0, not NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    if TEMP_MODE == 2:
+        u = tl.exp2(x * c - m_use[:, None])
+        alpha_t = tl.exp2(m_i - m_use)
+        p = u * u
+        alpha = alpha_t * alpha_t
+    else:
+        p = tl.exp2(x * c - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if TEMP_MODE == 1:
+        u = tl.exp2(x * ct - (m_use * inv_temp)[:, None])
+        alpha_t = tl.exp2((m_i - m_use) * inv_temp)
+    if TEMP_MODE != 0:
+        l_t = l_t * alpha_t + tl.sum(u, 1)
+        acc_t = tl.dot(u.to(v.dtype), v, acc_t * alpha_t[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc, l_t, acc_t
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V,             # q [B,Hq,S,D]; k, v [B,Hkv,S,D]; any strides, any float dtype
     KPM,                 # uint8 [B,S] key padding mask, nonzero = real token (read only when HAS_PAD)
+    KVR,                 # int32 [B,4] padding spans from _padding_spans (read only when HAS_PAD)
     O,                   # out: [B,Hq,S,D] contiguous, q's dtype
     LSE,                 # out: fp32 [B,Hq,S] contiguous, natural-log LSE of S per row (+inf: no allowed key)
     LSE_T,               # out: fp32 [B,Hq,S] contiguous, LSE of S/T (written only when TEMP_MODE != 0)
@@ -173,15 +283,18 @@ def _attn_fwd_kernel(
     FAST_MMA: tl.constexpr,      # GPU + 16-bit inputs: dot operands stay 16-bit
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over key blocks, one program per (query block, batch·query head).
+    """Online softmax over key tiles, one program per (batch·query head, query block).
 
-    m = running max of S·log2e (shared by S and S/T: max(S/T) = max(S)/T), l = Σ exp2(S·log2e − m),
-    acc = Σ exp2(S·log2e − m)·V, rescaled by exp2(m_old − m_new) when the max moves. O = acc / l,
-    LSE = (m + log2 l)·ln 2. With the temperature: l_T = Σ exp2((S·log2e − m)/T), acc_T likewise,
-    O_T = acc_T / l_T, LSE_T = (m/T + log2 l_T)·ln 2. For T = 2, u = exp2((S·log2e − m)/2) gives P_T ∝ u, P ∝ u².
+    With w = the score in log2 units (S·log2e; S·log2e/2 for T = 2): m = running max of w, l = Σ exp2(w − m),
+    acc = Σ exp2(w − m)·V, rescaled by exp2(m_old − m_new) when the max moves. O = acc / l, LSE = (m + log2 l)·ln 2.
+    With the temperature: l_T = Σ exp2((w − m)/T), acc_T likewise, O_T = acc_T / l_T, LSE_T = (m/T + log2 l_T)·ln 2.
+    For T = 2 the units are halved: u = exp2(w − m) gives P_T ∝ u and P ∝ u², and LSE = (2m + log2 l)·ln 2.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if CAUSAL:   # the last query blocks see the most keys: launch them first
+        pid_m = tl.num_programs(1) - 1 - pid_m
     b = pid_bh // n_q_heads
     h = pid_bh % n_q_heads
     hkv = h // group
@@ -194,14 +307,27 @@ def _attn_fwd_kernel(
     row_ok = offs_m < seq_len
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-    m_base = KPM + b.to(tl.int64) * stride_mb
-
+    k_tile = (K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+              + offs_n0[:, None] * stride_ks + offs_d[None, :] * stride_kd)
+    v_tile = (V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+              + offs_n0[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+    kpm_b = KPM + b.to(tl.int64) * stride_mb
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if not FAST_MMA:
         q = q.to(tl.float32)
+
+    # Exponent units: c turns x (raw q·k, or the soft-capped score in log2 units) into w; ct into w/T.
+    unit = 0.5 if TEMP_MODE == 2 else 1.0
+    if HAS_SOFTCAP:
+        c = 1.0
+        cap_in = scale / softcap
+        cap_out = softcap * _LOG2E * unit
+    else:
+        c = scale * _LOG2E * unit
+        cap_in = 1.0
+        cap_out = 1.0
+    ct = c * inv_temp
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -209,50 +335,43 @@ def _attn_fwd_kernel(
     if TEMP_MODE != 0:
         l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:   # placeholders, never updated
+        l_t = l_i
+        acc_t = acc
 
-    lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        k, v, s2, _ = _key_block_scores(
-            q, k_base, v_base, m_base, offs_m, start_n + offs_n0, offs_d, d_ok, stride_ks, stride_kd, stride_vs,
-            stride_vd, stride_ms, seq_len, scale, softcap, window, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD,
-            FAST_MMA, DOT_PRECISION)
-
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        # A row that has seen no allowed key yet keeps m = −inf; subtract 0 instead so that exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if TEMP_MODE == 2:
-            u = tl.exp2((s2 - m_use[:, None]) * 0.5)
-            alpha_t = tl.exp2((m_i - m_use) * 0.5)
-            p = u * u
-            alpha = alpha_t * alpha_t
-        else:
-            p = tl.exp2(s2 - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        if TEMP_MODE == 1:
-            u = tl.exp2((s2 - m_use[:, None]) * inv_temp)
-            alpha_t = tl.exp2((m_i - m_use) * inv_temp)
-        if TEMP_MODE != 0:
-            l_t = l_t * alpha_t + tl.sum(u, 1)
-            acc_t = tl.dot(u.to(v.dtype), v, acc_t * alpha_t[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    lo, u_lo, u_hi, n_left, n_masked = _key_stages(start_m, seq_len, window, KVR + b * 4, BLOCK_M, BLOCK_N,
+                                                   CAUSAL, HAS_WINDOW, HAS_PAD)
+    for start_n in tl.range(u_lo, u_hi, BLOCK_N):            # unmasked stage
+        k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
+                               stride_ms, seq_len, window, cap_in, cap_out, False, MASK_D, CAUSAL, HAS_WINDOW,
+                               HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+        m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, False, TEMP_MODE,
+                                              DOT_PRECISION)
+    for it in tl.range(0, n_masked):                         # masked stage
+        start_n = tl.where(it < n_left, lo + it * BLOCK_N, u_hi + (it - n_left) * BLOCK_N)
+        k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
+                               stride_ms, seq_len, window, cap_in, cap_out, True, MASK_D, CAUSAL, HAS_WINDOW,
+                               HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+        m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, True, TEMP_MODE,
+                                              DOT_PRECISION)
 
     empty = l_i == 0.0          # no allowed key: output 0, LSE = +inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    row_off = pid_bh.to(tl.int64) * seq_len + offs_m          # row index into the contiguous [B,Hq,S] layout
-    o_ptrs = row_off[:, None] * HEAD_DIM + offs_d[None, :]
+    # Row index into the contiguous [B,Hq,S] layout as one scalar base + small offsets: 64-bit per-row vectors
+    # would stay live across both loops (and spill).
+    rows = tl.arange(0, BLOCK_M)
+    row_off = pid_bh.to(tl.int64) * seq_len + start_m + rows
+    o_ptrs = (pid_bh.to(tl.int64) * seq_len + start_m) * HEAD_DIM + (rows[:, None] * HEAD_DIM + offs_d[None, :])
     o_mask = row_ok[:, None] & d_ok[None, :]
     tl.store(O + o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * (1.0 / _LOG2E))
+    m_lse = m_i * 2.0 if TEMP_MODE == 2 else m_i             # back to S·log2e units
+    lse = tl.where(empty, float("inf"), (m_lse + tl.log2(l_safe)) * (1.0 / _LOG2E))
     tl.store(LSE + row_off, lse, mask=row_ok)
     if TEMP_MODE != 0:
         lt_safe = tl.where(empty, 1.0, l_t)
-        if TEMP_MODE == 2:
-            lse_t = (m_i * 0.5 + tl.log2(lt_safe)) * (1.0 / _LOG2E)
-        else:
-            lse_t = (m_i * inv_temp + tl.log2(lt_safe)) * (1.0 / _LOG2E)
+        m_t = m_i if TEMP_MODE == 2 else m_i * inv_temp
+        lse_t = (m_t + tl.log2(lt_safe)) * (1.0 / _LOG2E)
         tl.store(LSE_T + row_off, tl.where(empty, float("inf"), lse_t), mask=row_ok)
         tl.store(O_T + o_ptrs, acc_t / lt_safe[:, None], mask=o_mask)
 
@@ -264,151 +383,245 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_delta_kernel(
     OT,                  # O_T = P_T V [B,Hq,S,D] (O itself when the temperature is off); any strides
-    DO,                  # grad of the output [B,Hq,S,D]; any strides
-    DELTA,               # out: fp32 [B,Hq,S] contiguous
+    DO,                  # grad of the output [M,B,Hq,S,D]; any strides
+    DELTA,               # out: fp32 [M,B,Hq,S] contiguous
     stride_ob, stride_oh, stride_os, stride_od,
-    stride_gb, stride_gh, stride_gs, stride_gd,
-    n_q_heads, seq_len,
+    stride_gm, stride_gb, stride_gh, stride_gs, stride_gd,
+    n_q_heads, n_bh, seq_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Δ_T[i] = Σ_d dO[i,d]·O_T[i,d]  (= rowsum(dP ⊙ P_T), the flash-attention "Delta" with P_T)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_q_heads
-    h = pid_bh % n_q_heads
+    """Δ_T[m,b,h,i] = Σ_d dO[m,b,h,i,d]·O_T[b,h,i,d]  (= rowsum(dP ⊙ P_T), the flash-attention "Delta" with P_T);
+    one program per (cotangent·batch·query head, row block)."""
+    z = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    bh = z % n_bh
+    cot = z // n_bh
+    b = bh // n_q_heads
+    h = bh % n_q_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
     ot = tl.load(OT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    do = tl.load(DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
                  + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(ot * do, 1), mask=offs_m < seq_len)
+    tl.store(DELTA + z.to(tl.int64) * seq_len + offs_m, tl.sum(ot * do, 1), mask=offs_m < seq_len)
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, do_off, stat_off, p0, pos_r, row_used,
+               offs_n, offs_d, d_ok, stride_qs, stride_qd, stride_gs, stride_gd, seq_len, window, c, ct,
+               cap_in, cap_out,
+               MASKED: tl.constexpr, FULL: tl.constexpr, MASK_D: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr,
+               FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One stacked query tile (positions p0 + pos_r of the heads the rows stand for) against the program's key
+    block, on transposed tiles (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·log2e − LSE·log2e) (T = 2: P_Tᵀ²·R),
+    P_Tᵀ = exp2(Sᵀ·log2e/T − LSE_T·log2e), dPᵀ = V dOᵀ, dSᵀ = P_Tᵀ ⊙ (dPᵀ − Δ_T) (⊙ (1 − tanh²)),
+    dV += Pᵀ dO, dK += dSᵀ Q. Rows that stand for no (head, position) — and, in the masked stage, positions past
+    the end — load as q = dO = 0 with LSE = +inf (R = 0), so they contribute exactly 0. Addresses: a scalar base
+    per head chunk (q_c, do_c, lse_c, lset_c, delta_c: 64-bit) plus small per-row offsets (32-bit: fewer live
+    registers)."""
+    MASK_ROWS: tl.constexpr = MASKED or not FULL
+    i = p0 + pos_r
+    row_ok = row_used
+    if MASKED:
+        row_ok = row_ok & (i < seq_len)
+    off = tl.cast(p0, tl.int64)
+    q, do = _load_pair(q_c + off * stride_qs + (q_off[:, None] + offs_d[None, :] * stride_qd),
+                       do_c + off * stride_gs + (do_off[:, None] + offs_d[None, :] * stride_gd),
+                       row_ok, d_ok, MASK_ROWS, MASK_D, FAST_MMA)
+    rows = p0 + stat_off
+    # The LSE slot holds LSE (T off, any T), or R = exp(2·LSE_T − LSE) for T = 2: P = P_T²·R, one exp per score.
+    # Rows past the end or standing for no head: LSE = +inf / R = 0, hence P = 0.
+    if TEMP_MODE == 2:
+        if MASK_ROWS:
+            stat = tl.load(lse_c + rows, mask=row_ok, other=0.0)
+        else:
+            stat = tl.load(lse_c + rows)
+    else:
+        if MASK_ROWS:
+            stat = tl.load(lse_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
+        else:
+            stat = tl.load(lse_c + rows) * _LOG2E
+    if MASK_ROWS:
+        delta = tl.load(delta_c + rows, mask=row_ok, other=0.0)
+    else:
+        delta = tl.load(delta_c + rows)
+
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)          # [BLOCK_N, BLOCK_M]
+    if HAS_SOFTCAP:
+        tanh_t = _tanh(qk_t * cap_in)
+        x = tanh_t * cap_out
+    else:
+        tanh_t = qk_t
+        x = qk_t
+    if MASKED:
+        # Only the band: a row past the end has P = 0 already, and a padded key (or one past the end) only
+        # touches its own dK/dV row, zeroed (or not stored) at the end.
+        ok = _in_band(row_ok[None, :], i[None, :], offs_n[:, None], window, CAUSAL, HAS_WINDOW)
+        x = tl.where(ok, x, float("-inf"))
+    if TEMP_MODE == 0:
+        p_t = tl.exp2(x * c - stat[None, :])
+        pt_t = p_t
+    else:
+        if MASK_ROWS:
+            lset2 = tl.load(lset_c + rows, mask=row_ok, other=float("inf")) * _LOG2E
+        else:
+            lset2 = tl.load(lset_c + rows) * _LOG2E
+        pt_t = tl.exp2(x * ct - lset2[None, :])
+        if TEMP_MODE == 2:
+            p_t = pt_t * pt_t * stat[None, :]
+        else:
+            p_t = tl.exp2(x * c - stat[None, :])
+
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO (true P)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
+    ds_t = pt_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)    # dK += dSᵀ Q
+    return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,             # q [B,Hq,S,D]; k, v [B,Hkv,S,D]; any strides
-    DO,                  # grad of the output [B,Hq,S,D]; any strides
+    DO,                  # grad of the output [M,B,Hq,S,D]; any strides
     KPM,                 # uint8 [B,S] key padding mask (read only when HAS_PAD)
-    LSE,                 # fp32 [B,Hq,S] contiguous, natural-log LSE of S
+    KVR,                 # int32 [B,4] padding spans (read only when HAS_PAD)
+    LSE,                 # fp32 [B,Hq,S] contiguous, natural-log LSE of S; for T = 2: R = exp(2·LSE_T − LSE)
     LSE_T,               # fp32 [B,Hq,S] contiguous, LSE of S/T (read only when TEMP_MODE != 0)
-    DELTA,               # fp32 [B,Hq,S] contiguous, Δ_T
-    DK, DV,              # out: [B,Hkv,S,D] contiguous, k's dtype
+    DELTA,               # fp32 [M,B,Hq,S] contiguous, Δ_T
+    DK, DV,              # out: [M,B,Hkv,S,D] contiguous, k's dtype
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_gm, stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
-    n_kv_heads, group, seq_len,
+    n_kv_heads, n_bkv, seq_len,
     scale, softcap, inv_temp, window,
     dk_factor,           # scale · k_scale (dS is taken w.r.t. the scaled scores)
     dv_factor,           # v_scale
     seq_bucket,          # autotune key only
+    GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
     TEMP_MODE: tl.constexpr, FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV of one key block of one KV head, one program per (key block, batch·KV head).
+    """dK, dV of one key block of one KV head (and cotangent), one program per (cotangent·batch·KV head, key
+    block): the sums over the G query heads of the group and every query position that sees these keys, done
+    in registers in a fixed order (no atomics: deterministic). Its loops mask only the causal/window band: a
+    padded key (or one past the end) touches nothing but its own dK/dV row, which is zeroed (or not stored).
 
-    Works on transposed tiles (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·log2e − LSE·log2e),
-    P_Tᵀ = exp2(Sᵀ·log2e/T − LSE_T·log2e), dPᵀ = V dOᵀ, dSᵀ = P_Tᵀ ⊙ (dPᵀ − Δ_T) (⊙ (1 − tanh²)),
-    dV += Pᵀ dO, dK += dSᵀ Q, summed over the G query heads of the group and the query blocks that can see these
-    keys, in that fixed order, in registers: the GQA reduction needs no atomics and is deterministic.
+    The G heads' rows are stacked position-major: row r of a BLOCK_M-row tile stands for head chunk·HEADS + r % HEADS
+    at position p0 + r // HEADS, HEADS = min(G, BLOCK_M) heads and POS = BLOCK_M // HEADS positions per tile (G >
+    BLOCK_M: the heads in CHUNKS chunks). A tile thus spans POS positions, and the S/dP GEMMs are BLOCK_M wide
+    whatever G is.
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    hkv = pid_bh % n_kv_heads
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    HEADS: tl.constexpr = min(GROUP, BLOCK_M)
+    POS: tl.constexpr = BLOCK_M // HEADS
+    CHUNKS: tl.constexpr = (GROUP + HEADS - 1) // HEADS
+    FULL: tl.constexpr = (POS * HEADS == BLOCK_M) and (GROUP % HEADS == 0)   # every row a real (head, position)
+    z = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bkv = z % n_bkv
+    cot = z // n_bkv
+    b = bkv // n_kv_heads
+    hkv = bkv % n_kv_heads
+    n_q_heads = n_kv_heads * GROUP
     start_n = pid_n * BLOCK_N
-    n_q_heads = n_kv_heads * group
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     col_ok = offs_n < seq_len
-    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k, v = _load_pair(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+                      + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                      V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+                      + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, col_ok, d_ok, True, MASK_D, FAST_MMA)
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    if not FAST_MMA:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    key_ok = col_ok
-    if HAS_PAD:
-        key_ok = tl.load(KPM + b.to(tl.int64) * stride_mb + offs_n * stride_ms, mask=col_ok, other=0)
+    # Exponent factors: x·c = S·log2e, x·ct = S·log2e/T (x = raw q·k, or the soft-capped score in log2 units).
+    if HAS_SOFTCAP:
+        c = 1.0
+        cap_in = scale / softcap
+        cap_out = softcap * _LOG2E
+    else:
+        c = scale * _LOG2E
+        cap_in = 1.0
+        cap_out = 1.0
+    ct = c * inv_temp
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, hi = _query_range(start_n, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for g in range(group):
-        h = hkv * group + g
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-        row_base = (b * n_q_heads + h).to(tl.int64) * seq_len      # into the contiguous [B,Hq,S] statistics
-        for start_m in tl.range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            row_ok = offs_m < seq_len
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=qd_mask, other=0.0)
-            if not FAST_MMA:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            # Rows past the end get LSE = +inf, hence P = 0, like rows with no allowed key.
-            lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
-            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    lo, u_lo, u_hi, n_left, n_masked = _query_stages(start_n, seq_len, window, KVR + b * 4, BLOCK_N, POS,
+                                                     CAUSAL, HAS_WINDOW, HAS_PAD)
+    r = tl.arange(0, BLOCK_M)
+    pos_r = r // HEADS
+    head_r = r % HEADS
+    q_off = head_r * stride_qh + pos_r * stride_qs         # row r's offset from its chunk's first head, position 0
+    do_off = head_r * stride_gh + pos_r * stride_gs
+    stat_off = head_r * seq_len + pos_r                     # the same into the contiguous [.., Hq, S] statistics
+    for chunk in tl.static_range(CHUNKS):
+        h0 = hkv * GROUP + chunk * HEADS                    # the chunk's first query head
+        row_used = (r < POS * HEADS) & (chunk * HEADS + head_r < GROUP)
+        q_c = Q + b.to(tl.int64) * stride_qb + h0.to(tl.int64) * stride_qh
+        do_c = DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_gb + h0.to(tl.int64) * stride_gh
+        stat_c = (b * n_q_heads + h0).to(tl.int64) * seq_len                      # into [B,Hq,S]
+        delta_c = DELTA + stat_c + cot.to(tl.int64) * n_bkv * GROUP * seq_len     # into [M,B,Hq,S]
+        for p0 in tl.range(u_lo, u_hi, POS):                                   # unmasked stage
+            dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off, do_off,
+                                stat_off, p0, pos_r, row_used, offs_n, offs_d, d_ok, stride_qs, stride_qd,
+                                stride_gs, stride_gd, seq_len, window, c, ct, cap_in, cap_out, False, FULL, MASK_D,
+                                CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION)
+        for it in tl.range(0, n_masked):                                       # masked stage
+            p0 = tl.where(it < n_left, lo + it * POS, u_hi + (it - n_left) * POS)
+            dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off, do_off,
+                                stat_off, p0, pos_r, row_used, offs_n, offs_d, d_ok, stride_qs, stride_qd,
+                                stride_gs, stride_gd, seq_len, window, c, ct, cap_in, cap_out, True, FULL, MASK_D,
+                                CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION)
 
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)          # [BLOCK_N, BLOCK_M]
-            s2_t, tanh_t = _scores_log2(qk_t, scale, softcap, HAS_SOFTCAP)
-            ok = _allowed(offs_m[None, :], offs_n[:, None], seq_len, key_ok[:, None], window,
-                          CAUSAL, HAS_WINDOW, HAS_PAD)
-            s2_t = tl.where(ok, s2_t, float("-inf"))
-            if TEMP_MODE == 0:
-                p_t = tl.exp2(s2_t - lse2[None, :])
-                pt_t = p_t
-            else:
-                lset2 = tl.load(LSE_T + row_base + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
-                if TEMP_MODE == 2:
-                    # P = P_T² · exp2(2·LSE_T − LSE) (log2 units): one exp per element instead of two.
-                    pt_t = tl.exp2(s2_t * 0.5 - lset2[None, :])
-                    empty = lse2 == float("inf")        # then P_T = 0 already; keep c finite (no inf − inf)
-                    c = tl.exp2(tl.where(empty, 0.0, lset2) * 2.0 - tl.where(empty, 0.0, lse2))
-                    c = tl.where(empty, 0.0, c)
-                    p_t = pt_t * pt_t * c[None, :]
-                else:
-                    pt_t = tl.exp2(s2_t * inv_temp - lset2[None, :])
-                    p_t = tl.exp2(s2_t - lse2[None, :])
+    out_off = (z.to(tl.int64) * seq_len + start_n) * HEAD_DIM + (tl.arange(0, BLOCK_N)[:, None] * HEAD_DIM
+                                                                 + offs_d[None, :])
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    dk = dk * dk_factor
+    dv = dv * dv_factor
+    if HAS_PAD:   # padded keys get no gradient (the loops left them unmasked: they touch only these rows)
+        key_ok = tl.load(KPM + b.to(tl.int64) * stride_mb + offs_n * stride_ms, mask=col_ok, other=0) != 0
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO (true P)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
-            ds_t = pt_t * (dp_t - delta[None, :])
-            if HAS_SOFTCAP:
-                ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)    # dK += dSᵀ Q
 
-    out_off = pid_bh.to(tl.int64) * seq_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_off, (dk * dk_factor).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, (dv * dv_factor).to(DV.dtype.element_ty), mask=kv_mask)
+@triton.jit
+def _dq_tile(q, do, k, v, x, tanh, lset2, delta, dq, ct, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of dQ: P_T = exp2(x·ct − LSE_T·log2e), dP = dO Vᵀ, dS = P_T ⊙ (dP − Δ_T) (⊙ (1 − tanh²)),
+    dQ += dS K."""
+    pt = tl.exp2(x * ct - lset2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = pt * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - tanh * tanh)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V,             # q [B,Hq,S,D]; k, v [B,Hkv,S,D]; any strides
-    DO,                  # grad of the output [B,Hq,S,D]; any strides
+    DO,                  # grad of the output [M,B,Hq,S,D]; any strides
     KPM,                 # uint8 [B,S] key padding mask (read only when HAS_PAD)
+    KVR,                 # int32 [B,4] padding spans (read only when HAS_PAD)
     LSE_T,               # fp32 [B,Hq,S] contiguous: LSE of S/T (LSE itself when the temperature is off)
-    DELTA,               # fp32 [B,Hq,S] contiguous, Δ_T
-    DQ,                  # out: [B,Hq,S,D] contiguous, q's dtype
+    DELTA,               # fp32 [M,B,Hq,S] contiguous, Δ_T
+    DQ,                  # out: [M,B,Hq,S,D] contiguous, q's dtype
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_gb, stride_gh, stride_gs, stride_gd,
+    stride_gm, stride_gb, stride_gh, stride_gs, stride_gd,
     stride_mb, stride_ms,
-    n_q_heads, group, seq_len,
+    n_q_heads, n_bh, group, seq_len,
     scale, softcap, inv_temp, window,
     dq_factor,           # scale · q_scale
     seq_bucket,          # autotune key only
@@ -416,15 +629,18 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
     TEMP_MODE: tl.constexpr, FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of one query block, one program per (query block, batch·query head).
-
-    P_T = exp2(S·log2e·(1/T) − LSE_T·log2e) (only P_T is needed here), dP = dO Vᵀ, dS = P_T ⊙ (dP − Δ_T)
-    (⊙ (1 − tanh²)), dQ = Σ over the visible key blocks of dS K, times scale·q_scale at the store.
-    """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_q_heads
-    h = pid_bh % n_q_heads
+    """dQ of one query block, one program per (cotangent·batch·query head, query block); causal: the last
+    (heaviest) query blocks first. Loops over the key tiles its queries see: dQ = Σ dS K, times scale·q_scale at
+    the store (only P_T is needed here)."""
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
+    z = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    bh = z % n_bh
+    cot = z // n_bh
+    b = bh // n_q_heads
+    h = bh % n_q_heads
     hkv = h // group
     start_m = pid_m * BLOCK_M
 
@@ -433,111 +649,165 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
-    qd_mask = row_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                 + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=qd_mask, other=0.0)
-    if not FAST_MMA:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    row_off = pid_bh.to(tl.int64) * seq_len + offs_m
-    lset2 = tl.load(LSE_T + row_off, mask=row_ok, other=float("inf")) * _LOG2E
-    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-    m_base = KPM + b.to(tl.int64) * stride_mb
+    q, do = _load_pair(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                       + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                       DO + cot.to(tl.int64) * stride_gm + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+                       + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd, row_ok, d_ok, True, MASK_D,
+                       FAST_MMA)
+    lset2 = tl.load(LSE_T + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + z.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    k_tile = (K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+              + offs_n0[:, None] * stride_ks + offs_d[None, :] * stride_kd)
+    v_tile = (V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+              + offs_n0[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+    kpm_b = KPM + b.to(tl.int64) * stride_mb
+
+    # x·ct = S·log2e/T (x = raw q·k, or the soft-capped score in log2 units); T off: inv_temp = 1.
+    if HAS_SOFTCAP:
+        ct = inv_temp
+        cap_in = scale / softcap
+        cap_out = softcap * _LOG2E
+    else:
+        ct = scale * _LOG2E * inv_temp
+        cap_in = 1.0
+        cap_out = 1.0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        k, v, s2, tanh = _key_block_scores(
-            q, k_base, v_base, m_base, offs_m, start_n + offs_n0, offs_d, d_ok, stride_ks, stride_kd, stride_vs,
-            stride_vd, stride_ms, seq_len, scale, softcap, window, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD,
-            FAST_MMA, DOT_PRECISION)
-        if TEMP_MODE == 0:
-            pt = tl.exp2(s2 - lset2[:, None])
-        elif TEMP_MODE == 2:
-            pt = tl.exp2(s2 * 0.5 - lset2[:, None])
-        else:
-            pt = tl.exp2(s2 * inv_temp - lset2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = pt * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - tanh * tanh)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    lo, u_lo, u_hi, n_left, n_masked = _key_stages(start_m, seq_len, window, KVR + b * 4, BLOCK_M, BLOCK_N,
+                                                   CAUSAL, HAS_WINDOW, HAS_PAD)
+    for start_n in tl.range(u_lo, u_hi, BLOCK_N):            # unmasked stage
+        k, v, x, tanh = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
+                                  stride_ms, seq_len, window, cap_in, cap_out, False, MASK_D, CAUSAL, HAS_WINDOW,
+                                  HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+        dq = _dq_tile(q, do, k, v, x, tanh, lset2, delta, dq, ct, HAS_SOFTCAP, DOT_PRECISION)
+    for it in tl.range(0, n_masked):                         # masked stage
+        start_n = tl.where(it < n_left, lo + it * BLOCK_N, u_hi + (it - n_left) * BLOCK_N)
+        k, v, x, tanh = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
+                                  stride_ms, seq_len, window, cap_in, cap_out, True, MASK_D, CAUSAL, HAS_WINDOW,
+                                  HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+        dq = _dq_tile(q, do, k, v, x, tanh, lset2, delta, dq, ct, HAS_SOFTCAP, DOT_PRECISION)
 
-    tl.store(DQ + row_off[:, None] * HEAD_DIM + offs_d[None, :], (dq * dq_factor).to(DQ.dtype.element_ty),
-             mask=qd_mask)
+    dq_off = (z.to(tl.int64) * seq_len + start_m) * HEAD_DIM + (tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM
+                                                                + offs_d[None, :])
+    tl.store(DQ + dq_off, (dq * dq_factor).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-# Under the interpreter: one fixed configuration, small and with BLOCK_M != BLOCK_N so that the CPU tests cross
-# block boundaries and unaligned window/causal ranges.
+# Under the interpreter: one fixed configuration, small and with BLOCK_M != BLOCK_N, so that the CPU tests cross
+# block boundaries and meet every kind of tile (inside the band, on its edge, outside it) at small sequence lengths.
+# dK/dV: BLOCK_M is the stacked tile (BLOCK_M // G positions of all G heads).
 _INTERPRET_CONFIGS = {
     "fwd": dict(BLOCK_M=32, BLOCK_N=16),
-    "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
     "dq": dict(BLOCK_M=32, BLOCK_N=16),
 }
 
 
-def _gpu_configs(kind: str, block_d: int, fp32: bool):
-    """Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim and operand type.
+# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *only) per operand type, padded head dim
+# (≤ 64, 128, 256) and kernel; ``only`` restricts an entry to "T off" / "T on" / "T = 2" (the temperature
+# statistics: none, any T, the one-exp T = 2 path) and/or "no softcap". dK/dV: BLOCK_M = stacked query rows, BLOCK_N = keys (the rows of its accumulators).
+#
+# Screened without a GPU by ``bench/compile_report.py`` (sm_90a; bench/results/compile_report.md): every entry
+# compiles with no register spill and no ptxas serialisation warning for every feature combination it serves.
+# A warpgroup (4 warps) gets 64 accumulator rows of its own; no entry lays 8 warps over 64 rows (both warpgroups
+# would compute the same S tile and its exponentials) except at head dim 256, where it is the only spill-free
+# layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill — the forward's
+# 128×128 with two accumulators, dK/dV with 64 stacked rows at head dim 128 — are left out: a spilling config
+# cannot win on the device and fails the report. At head dim 256 the dK/dV tiles (and some dQ tiles) are under 64
+# rows, so ptxas uses Ampere-style mma.sync there, not warpgroup MMAs: register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a
+# correctness path, not a fast one) and need small tiles.
+_HOPPER_CONFIGS = {
+    64: {
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap"),
+                (128, 128, 8, 2, "T = 2", "no softcap")],
+        "dkdv": [(64, 128, 8, 2), (64, 64, 4, 2, "no softcap")],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "no softcap")],
+    },
+    128: {
+        "fwd": [(128, 64, 8, 2, "T off"), (128, 64, 8, 3, "T off"), (64, 64, 4, 2, "T off"), (64, 64, 4, 3, "T off"),
+                (128, 64, 8, 2, "T = 2", "no softcap"), (128, 32, 8, 2, "T on"), (64, 32, 4, 2, "T on")],
+        "dkdv": [(32, 128, 8, 2)],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2, "no softcap")],
+    },
+    256: {
+        "fwd": [(64, 32, 8, 2), (64, 32, 4, 2, "T off"), (64, 64, 8, 2, "T off")],
+        "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2)],
+        "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+    },
+}
+_FP32_CONFIGS = {
+    64: {"fwd": [(32, 32, 8, 1), (32, 16, 4, 1), (64, 32, 8, 1)], "dkdv": [(16, 16, 4, 1), (32, 32, 8, 1)],
+         "dq": [(64, 32, 8, 1), (32, 16, 4, 1)]},
+    256: {"fwd": [(16, 16, 4, 1)], "dkdv": [(16, 32, 8, 1)], "dq": [(16, 16, 4, 1)]},
+}
+_FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 
-    Screened without a GPU: compiled for sm_90a and kept where ptxas reports no (or few) register spills with
-    every feature on; the autotuner picks among them on the device. fp32 operands go through "ieee" dots
-    (FMA, no tensor cores: a correctness path, not a fast one) and need small tiles.
-    """
-    if fp32:
-        table = {
-            "fwd": [(32, 32, 8, 1), (32, 16, 4, 1), (64, 32, 8, 1)],
-            "dkdv": [(16, 16, 4, 1), (32, 32, 8, 1)],
-            "dq": [(64, 32, 8, 1), (32, 16, 4, 1)],
-        } if block_d <= 128 else {
-            "fwd": [(16, 16, 4, 1)],
-            "dkdv": [(16, 32, 8, 1)],
-            "dq": [(16, 16, 4, 1)],
-        }
-    elif block_d <= 128:
-        table = {
-            "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
-            "dkdv": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
-            "dq": [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
-        }
-    else:   # head dim 256: two fp32 [BLOCK, 256] accumulators per program, so smaller tiles / more warps
-        table = {
-            "fwd": [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-            "dkdv": [(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
-            "dq": [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
-        }
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in table[kind]]
+
+def _gpu_configs(kind: str, block_d: int, fp32: bool, temp_mode: int, softcap: bool) -> list:
+    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``); temp_mode as TEMP_MODE."""
+    table = _FP32_CONFIGS if fp32 else _HOPPER_CONFIGS
+    entries = table[64 if block_d <= 64 else block_d][kind]
+    skip = ({"T on", "T = 2"} if temp_mode == 0 else {"T off"} | ({"T = 2"} if temp_mode == 1 else set()))
+    skip |= {"no softcap"} if softcap else set()
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
+            for m, n, w, s, *only in entries if not skip & set(only)]
 
 
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
+            "delta": _attn_bwd_delta_kernel}
 _TUNERS: dict = {}
-_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_PAD", "TEMP_MODE", "FAST_MMA"]
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_PAD", "TEMP_MODE",
+             "FAST_MMA"]
+# Tuning results persist in Triton's cache directory across processes (triton ≥ 3.2 has the option).
+_CACHE_RESULTS = ({"cache_results": True}
+                  if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+_DELTA_BLOCK = 32 if _INTERPRET else 64
 
 
-def _launch(kind: str, block_d: int, grid_len, args: tuple, meta: dict) -> None:
-    """Run kernel ``kind`` on grid ``(cdiv(grid_len, block), second)``: fixed blocks under the interpreter,
-    autotuned on a GPU (one autotuner per kernel, padded head dim and operand type, built on first use; it
-    re-tunes per power-of-two sequence-length bucket and feature set)."""
-    tiled_len, second = grid_len
+class Launch(NamedTuple):
+    """One kernel launch, as the launchers plan it: kernel ``kind`` on the grid
+    ``(programs, cdiv(tiled_len, BLOCK))`` with these arguments and constexpr flags (block sizes excluded:
+    they come from the configuration). ``bench/compile_report.py`` compiles exactly these for sm_90a."""
+    kind: str            # "fwd", "dkdv", "dq" (autotuned) or "delta" (one fixed block)
+    block_d: int         # padded head dim: selects the configuration table
+    tiled_len: int       # the sequence axis the BLOCK tiles (grid axis 1)
+    programs: int        # grid axis 0: (cotangent·)batch·heads
+    args: tuple
+    meta: dict
+
+    def configs(self) -> list:
+        """The block configurations this launch may run with on a GPU (the autotuner's candidates)."""
+        if self.kind == "delta":
+            return [triton.Config(dict(BLOCK_M=_DELTA_BLOCK), num_warps=4, num_stages=1)]
+        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta["TEMP_MODE"],
+                            self.meta["HAS_SOFTCAP"])
+
+
+def _run(launch: Launch) -> None:
+    """Run a planned launch: fixed blocks under the interpreter, autotuned on a GPU (one autotuner per kernel,
+    padded head dim, operand type, temperature mode and soft-capping on/off, built on first use; it re-tunes per power-of-two
+    sequence-length bucket and feature set, and keeps its results in Triton's cache across processes)."""
+    kind, tiled_len, programs = launch.kind, launch.tiled_len, launch.programs
     block_name = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if kind == "delta":
+        _KERNELS[kind][(programs, triton.cdiv(tiled_len, _DELTA_BLOCK))](
+            *launch.args, **launch.meta, BLOCK_M=_DELTA_BLOCK)
+        return
     if _INTERPRET:
         cfg = _INTERPRET_CONFIGS[kind]
-        _KERNELS[kind][(triton.cdiv(tiled_len, cfg[block_name]), second)](*args, **meta, **cfg)
+        _KERNELS[kind][(programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta, **cfg)
         return
-    fp32 = not meta["FAST_MMA"]
-    tuner = _TUNERS.get((kind, block_d, fp32))
+    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"])
+    tuner = _TUNERS.get(key)
     if tuner is None:
-        tuner = triton.autotune(configs=_gpu_configs(kind, block_d, fp32), key=_TUNE_KEY)(_KERNELS[kind])
-        _TUNERS[(kind, block_d, fp32)] = tuner
-    tuner[lambda cfg: (triton.cdiv(tiled_len, cfg[block_name]), second)](*args, **meta)
+        tuner = triton.autotune(configs=launch.configs(), key=_TUNE_KEY, **_CACHE_RESULTS)(_KERNELS[kind])
+        _TUNERS[key] = tuner
+    tuner[lambda cfg: (programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta)
 
 
 def _check_inputs(q: torch.Tensor) -> None:
@@ -568,8 +838,24 @@ def _temperature_mode(temperature) -> int:
     return 2 if float(temperature) == 2.0 else 1
 
 
+def _padding_spans(real: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, 4]`` per sequence, from the key padding mask ``real`` ``[B, S]`` (nonzero = real token):
+    (first real key, last real key + 1, and the same two when every key between them is real — left or right
+    padding — else (S, 0), an empty span). Computed on the device, no host synchronisation: the kernels skip key
+    tiles outside the first span and run the unmasked stage only inside the second."""
+    seq_len = real.shape[1]
+    real = real != 0
+    idx = torch.arange(seq_len, device=real.device, dtype=torch.int32)
+    first = torch.where(real, idx, seq_len).amin(1)
+    end = torch.where(real, idx + 1, 0).amax(1)
+    whole = real.sum(1, dtype=torch.int32) == end - first
+    spans = (first, end, torch.where(whole, first, seq_len), torch.where(whole, end, 0))
+    return torch.stack(spans, 1).to(torch.int32).contiguous()
+
+
 def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature):
-    """Launch arguments shared by the kernels: flags, runtime scalars and the padding mask."""
+    """Launch arguments shared by the kernels: flags, runtime scalars, the padding mask and its spans. (The
+    launchers have checked that q is a CUDA tensor unless interpreting, so 16-bit inputs mean tensor-core dots.)"""
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     if q_heads % kv_heads:
@@ -577,9 +863,11 @@ def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temp
     block_d = max(16, triton.next_power_of_2(head_dim))
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(device=q.device, dtype=torch.uint8)
-    else:
-        kpm = torch.ones(1, 1, dtype=torch.uint8, device=q.device)   # never read
-    fast_mma = (not _INTERPRET) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        kvr = _padding_spans(kpm)
+    else:   # never read
+        kpm = torch.ones(1, 1, dtype=torch.uint8, device=q.device)
+        kvr = torch.zeros(1, 4, dtype=torch.int32, device=q.device)
+    fast_mma = (not _INTERPRET) and q.dtype in (torch.float16, torch.bfloat16)
     mode = _temperature_mode(temperature)
     scalars = dict(
         scale=float(scale),
@@ -594,7 +882,7 @@ def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temp
         HAS_PAD=key_padding_mask is not None, FAST_MMA=fast_mma,
         DOT_PRECISION="tf32" if fast_mma else "ieee",   # 16-bit operands ignore it; fp32 operands stay exact
     )
-    return batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, mode, scalars, meta
+    return batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, scalars, meta
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -612,12 +900,19 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window=None, softcap=No
     """
     _check_inputs(q)
     with _on_device(q):
-        return _forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature,
-                        need_backward)
+        (out, lse, lse_t, o_t), launches = forward_plan(
+            q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
+            key_padding_mask=key_padding_mask, temperature=temperature, need_backward=need_backward)
+        for launch in launches:
+            _run(launch)
+    return out.to(q.dtype), lse, lse_t, o_t
 
 
-def _forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature, need_backward):
-    batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, mode, s, meta = _common(
+def forward_plan(q, k, v, *, scale, causal, sliding_window=None, softcap=None, key_padding_mask=None,
+                 temperature=None, need_backward=True):
+    """The outputs :func:`attention_forward` will fill (allocated, not yet written; ``out`` possibly in float32
+    under the interpreter) and the list of :class:`Launch` that fill them. Works on ``meta`` tensors too."""
+    batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, s, meta = _common(
         q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature)
     mode = mode if need_backward else 0      # the forward value does not depend on T
     out = torch.empty(batch, q_heads, seq_len, head_dim, dtype=_store_dtype(q.dtype), device=q.device)
@@ -628,64 +923,87 @@ def _forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, 
     else:
         lse_t, o_t = None, None
     if out.numel() == 0:
-        return out.to(q.dtype), lse, lse_t, o_t
-    args = (q, k, v, kpm, out, lse, lse if lse_t is None else lse_t, out if o_t is None else o_t,
+        return (out, lse, lse_t, o_t), []
+    args = (q, k, v, kpm, kvr, out, lse, lse if lse_t is None else lse_t, out if o_t is None else o_t,
             *q.stride(), *k.stride(), *v.stride(), *kpm.stride(),
             q_heads, q_heads // kv_heads, seq_len,
-            s["scale"], s["softcap"], s["inv_temp"], s["window"], s["seq_bucket"])
-    _launch("fwd", block_d, (seq_len, batch * q_heads), args, dict(meta, TEMP_MODE=mode))
-    return out.to(q.dtype), lse, lse_t, o_t
+            s["scale"], s["softcap"], s["inv_temp"] if mode else 1.0, s["window"], s["seq_bucket"])
+    return (out, lse, lse_t, o_t), [Launch("fwd", block_d, seq_len, batch * q_heads, args, dict(meta, TEMP_MODE=mode))]
 
 
 def attention_backward(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, causal, sliding_window=None,
                        softcap=None, key_padding_mask=None, temperature=None, q_scale=None, k_scale=None,
                        v_scale=None):
-    """GIM backward of :func:`attention_forward`: ``(dq, dk, dv)`` in the inputs' dtypes and shapes.
+    """GIM backward of :func:`attention_forward`: ``(dq, dk, dv)``, in the inputs' dtypes.
 
     ``out, lse, lse_t, o_t`` are what the forward returned (lse_t/o_t needed when the temperature is on).
     dS = P_T ⊙ (dP − rowsum(dP ⊙ P_T)), dV = Pᵀ dO with the true P; dq, dk, dv times q_scale, k_scale, v_scale
     (None = 1).
+
+    ``grad_out`` is ``[B,Hq,S,D]`` (one cotangent: dq ``[B,Hq,S,D]``, dk/dv ``[B,Hkv,S,D]``) or a stack of M
+    cotangents ``[M,B,Hq,S,D]`` against the same forward: then dq is ``[M,B,Hq,S,D]`` and dk/dv ``[M,B,Hkv,S,D]``,
+    entry m the gradients for cotangent m (the backward is linear in dO). q, k, v, out, lse, lse_t and o_t are
+    shared by the M cotangents — indexed, never copied; only Δ_T (an fp32 ``[M,B,Hq,S]``) is per cotangent. The
+    kernels run once over a grid M times larger, so the M backward passes share their launches and their
+    programs fill the GPU together.
     """
     _check_inputs(q)
     with _on_device(q):
-        return _backward(grad_out, q, k, v, out, lse, lse_t, o_t, scale, causal, sliding_window, softcap,
-                         key_padding_mask, temperature, q_scale, k_scale, v_scale)
+        (dq, dk, dv), launches = backward_plan(
+            grad_out, q, k, v, out, lse, lse_t, o_t, scale=scale, causal=causal, sliding_window=sliding_window,
+            softcap=softcap, key_padding_mask=key_padding_mask, temperature=temperature, q_scale=q_scale,
+            k_scale=k_scale, v_scale=v_scale)
+        for launch in launches:
+            _run(launch)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _backward(grad_out, q, k, v, out, lse, lse_t, o_t, scale, causal, sliding_window, softcap, key_padding_mask,
-              temperature, q_scale, k_scale, v_scale):
-    batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, mode, s, meta = _common(
+def backward_plan(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, causal, sliding_window=None,
+                  softcap=None, key_padding_mask=None, temperature=None, q_scale=None, k_scale=None, v_scale=None):
+    """``(dq, dk, dv)`` as :func:`attention_backward` will fill them, and the :class:`Launch` list (Δ_T, dK/dV,
+    dQ) that fills them. Works on ``meta`` tensors too."""
+    batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, s, meta = _common(
         q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature)
     if mode and (lse_t is None or o_t is None):
         raise ValueError("attention_backward: the temperature is on but the forward saved no lse_t/o_t "
                          "(call attention_forward with need_backward=True)")
-    dq = torch.empty(batch, q_heads, seq_len, head_dim, dtype=_store_dtype(q.dtype), device=q.device)
-    dk = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=_store_dtype(k.dtype), device=q.device)
-    dv = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=_store_dtype(v.dtype), device=q.device)
+    stacked = grad_out.dim() == 5
+    g5 = grad_out if stacked else grad_out.unsqueeze(0)
+    if g5.dim() != 5 or tuple(g5.shape[1:]) != tuple(q.shape):
+        raise ValueError(f"attention_backward: grad_out must be [B,Hq,S,D] = {list(q.shape)} or [M,B,Hq,S,D] "
+                         f"(a stack of M cotangents), got {list(grad_out.shape)}")
+    n_cot = g5.shape[0]
+    lead = (n_cot,) if stacked else ()
+    dq = torch.empty(*lead, batch, q_heads, seq_len, head_dim, dtype=_store_dtype(q.dtype), device=q.device)
+    dk = torch.empty(*lead, batch, kv_heads, seq_len, head_dim, dtype=_store_dtype(k.dtype), device=q.device)
+    dv = torch.empty(*lead, batch, kv_heads, seq_len, head_dim, dtype=_store_dtype(v.dtype), device=q.device)
     if dq.numel() == 0:
-        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+        return (dq.zero_(), dk.zero_(), dv.zero_()), []
     group = q_heads // kv_heads
     o_src = o_t if mode else out
-    if grad_out.device != q.device:
-        grad_out = grad_out.to(q.device)
+    if g5.device != q.device:
+        g5 = g5.to(q.device)
 
-    delta = torch.empty(batch, q_heads, seq_len, dtype=torch.float32, device=q.device)
-    delta_block = 32 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_len, delta_block), batch * q_heads)](
-        o_src, grad_out, delta, *o_src.stride(), *grad_out.stride(), q_heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block)
-
+    delta = torch.empty(n_cot, batch, q_heads, seq_len, dtype=torch.float32, device=q.device)
+    launches = [Launch("delta", block_d, seq_len, n_cot * batch * q_heads,
+                       (o_src, g5, delta, *o_src.stride(), *g5.stride(), q_heads, batch * q_heads, seq_len),
+                       dict(HEAD_DIM=head_dim, BLOCK_D=block_d))]
     meta = dict(meta, TEMP_MODE=mode)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *kpm.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), *g5.stride(), *kpm.stride())
     runtime = (s["scale"], s["softcap"], s["inv_temp"], s["window"])
     lse_t_arg = lse_t if mode else lse
-    _launch("dkdv", block_d, (seq_len, batch * kv_heads),
-            (q, k, v, grad_out, kpm, lse, lse_t_arg, delta, dk, dv, *strides, kv_heads, group, seq_len, *runtime,
-             s["scale"] * (1.0 if k_scale is None else float(k_scale)),
-             1.0 if v_scale is None else float(v_scale), s["seq_bucket"]),
-            meta)
-    _launch("dq", block_d, (seq_len, batch * q_heads),
-            (q, k, v, grad_out, kpm, lse_t_arg, delta, dq, *strides, q_heads, group, seq_len, *runtime,
-             s["scale"] * (1.0 if q_scale is None else float(q_scale)), s["seq_bucket"]),
-            meta)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # T = 2: P = P_T²·R with R = exp(2·LSE_T − LSE) ∈ [1, #keys] per row (0 for a row with no key), computed once
+    # here so that the dK/dV kernel spends one exp per score and no per-row work in its loop.
+    p_stat = torch.where(torch.isinf(lse), 0.0, torch.exp(2.0 * lse_t - lse)) if mode == 2 else lse
+    launches.append(Launch(
+        "dkdv", block_d, seq_len, n_cot * batch * kv_heads,
+        (q, k, v, g5, kpm, kvr, p_stat, lse_t_arg, delta, dk, dv, *strides, kv_heads, batch * kv_heads, seq_len,
+         *runtime, s["scale"] * (1.0 if k_scale is None else float(k_scale)),
+         1.0 if v_scale is None else float(v_scale), s["seq_bucket"]),
+        dict(meta, GROUP=group)))
+    launches.append(Launch(
+        "dq", block_d, seq_len, n_cot * batch * q_heads,
+        (q, k, v, g5, kpm, kvr, lse_t_arg, delta, dq, *strides, q_heads, batch * q_heads, group, seq_len,
+         *runtime, s["scale"] * (1.0 if q_scale is None else float(q_scale)), s["seq_bucket"]),
+        meta))
+    return (dq, dk, dv), launches

@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # the layers above each one: a module of the key may import none of them
 UPWARD = {
     "gim_fast.kernels": ("gim_fast",),
-    "gim_fast.ops": ("gim_fast.integration", "gim_fast.engine", "gim_fast.explain", "gim_fast.jobs",
-                     "gim_fast.evaluate", "gim_fast.cli"),
-    "gim_fast.integration": ("gim_fast.engine", "gim_fast.explain", "gim_fast.jobs", "gim_fast.evaluate",
-                             "gim_fast.cli"),
-    "gim_fast.engine": ("gim_fast.explain", "gim_fast.jobs", "gim_fast.evaluate", "gim_fast.cli"),
+    "gim_fast.ops": ("gim_fast.integration", "gim_fast.engine", "gim_fast.explain", "gim_fast.answers",
+                     "gim_fast.jobs", "gim_fast.evaluate", "gim_fast.cli"),
+    "gim_fast.integration": ("gim_fast.engine", "gim_fast.explain", "gim_fast.answers", "gim_fast.jobs",
+                             "gim_fast.evaluate", "gim_fast.cli"),
+    "gim_fast.engine": ("gim_fast.explain", "gim_fast.answers", "gim_fast.jobs", "gim_fast.evaluate",
+                        "gim_fast.cli"),
     "gim_fast.jobs": ("gim_fast.evaluate", "gim_fast.cli"),
     "gim_fast.evaluate": ("gim_fast.cli",),   # gim_fast.cli_args is not gim_fast.cli (compared by dotted parts)
     "gim_fast.cli_args": ("gim_fast",),

@@ -119,6 +119,22 @@ def test_bridge_padded_batch_and_checkpointing(pair):
     assert rel(ours, ref[0]) <= TOL
 
 
+@pytest.mark.parametrize("target", ["logit", "logprob"])
+def test_explain_answer_on_a_bridge(pair, target):
+    """The answer's cotangents go back batched through the bridge's hook points (and its checkpointed layers)."""
+    bridge, reference = pair
+    prompt, answer = random_ids(8, seed=7), random_ids(3, seed=8)
+    ref = gim_fast.explain_answer(reference, prompt, answer, baseline_token_id=0, target=target)
+    before = None
+    for kwargs in ({}, dict(chunk=1), dict(checkpointing=True)):
+        ours = gim_fast.explain_answer(bridge, prompt, answer, baseline_token_id=0, target=target, **kwargs)
+        assert rel(ours.scores, ref.scores) <= TOL, kwargs
+        before = before or snapshot(bridge)  # after a first forward, which sets the bridge's per-call flags
+    with pytest.raises(TypeError, match="generate the answer yourself and call explain_answer"):
+        gim_fast.explain_generation(bridge, None, "t1 t2", max_new_tokens=2)
+    assert_same_state(before, snapshot(bridge))
+
+
 def test_wrapped_hf_model_is_handled_like_the_bridge(pair):
     """The HF model the bridge rebuilt runs the bridge's attention too: it must not silently get plain gradients."""
     bridge, reference = pair
@@ -330,6 +346,11 @@ LEGACY_SCRIPT = textwrap.dedent("""
         ours = gim_fast.explain(model, batch, attention_mask=mask, baseline_token_id=0)
         ref = gim_fast.explain(hf, batch, attention_mask=mask, baseline_token_id=0)
         worst = max(worst, float((ours - ref).abs().max() / ref.abs().max()))
+        prompt, answer = random_ids(7, seed=5), random_ids(3, seed=6)
+        for target in ("logit", "logprob"):  # explain_answer: the cotangents vmapped through the hook points
+            ours = gim_fast.explain_answer(model, prompt, answer, baseline_token_id=0, target=target).scores
+            ref = gim_fast.explain_answer(hf, prompt, answer, baseline_token_id=0, target=target).scores
+            worst = max(worst, float((ours - ref).abs().max() / ref.abs().max()))
         assert_same_state(before, snapshot(model))
         assert all(not hp._forward_hooks for hp in model.hook_dict.values())
     print("worst relative difference", worst)

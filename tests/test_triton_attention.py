@@ -6,6 +6,9 @@ eager backend ``gim_attention_eager``, fed the same (rounded) inputs. Errors are
 
 The interpreter is slow (each program is Python), so the CPU grid is a covering subset of the odd shapes: seq
 1, 37, 130 (not multiples of any block), head dims 64, 80, 256, GQA 1:1, 2:1, 4:1, 7:1, each feature on in some case.
+The interpreter runs small fixed blocks, so these shapes already meet every kind of tile of the kernels' two-stage
+loops — inside the causal/window band (unmasked stage), on its edge (masked stage) and outside it (skipped) — for
+the forward/dQ tiling and the dK/dV tiling alike (``test_cases_cover_every_kind_of_tile`` checks that).
 """
 import os
 import sys
@@ -149,7 +152,7 @@ FP32_CASES = [
     ("padding-window-gqa2", (2, 4, 2, 37, 64), dict(sliding_window=9, softcap=2.5, pad=((5, 3), (0, 36)))),
     ("padding-noncausal-off", (2, 2, 2, 37, 80), dict(causal=False, pad=((0, 30), (10, 0)), **OFF)),
     ("gqa4-s37-d96-padding-T3", (2, 4, 1, 37, 96), dict(temperature=3.0, pad=((12, 37), (0, 0)))),
-    ("mha-s130-d128-window", (1, 2, 2, 130, 128), dict(sliding_window=40)),
+    ("mha-s130-d128-window", (1, 2, 2, 130, 128), dict(sliding_window=70)),
     ("scales-only", (1, 4, 2, 37, 64), dict(temperature=None)),
     ("temperature-only", (1, 4, 2, 37, 64), dict(q_scale=None, k_scale=None, v_scale=None)),
 ]
@@ -164,6 +167,64 @@ def test_fp32_matches_eager_reference(shape, opts):
         opts["key_padding_mask"] = padding_mask(b, s, left=pad[0], right=pad[1])
     q, k, v, do = make_inputs(b, hq, hkv, s, d, torch.float32)
     check_against_reference(q, k, v, do, attn_args(d, **opts), TOL[torch.float32])
+
+
+def _allowed_dense(s, causal, window, real):
+    """bool [s, s]: query i may attend key j (the definition, materialised)."""
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    ok = torch.ones(s, s, dtype=torch.bool)
+    if causal:
+        ok &= j <= i
+    if window is not None:
+        ok &= j > i - window
+    if real is not None:
+        ok &= real.cpu()[None, :]
+    return ok
+
+
+def _tile_kinds(ok, rows, cols, row_starts, col_starts):
+    """Kinds of the tiles [r, r + rows) × [c, c + cols) of ``ok``: "inside" (every pair allowed, the tile inside
+    the sequence), "outside" (no pair allowed), "edge" (the rest)."""
+    s = ok.shape[0]
+    kinds = set()
+    for r in row_starts:
+        for c in col_starts:
+            tile = ok[r:r + rows, c:c + cols]
+            inside = r + rows <= s and c + cols <= s and bool(tile.all())
+            kinds.add("inside" if inside else ("edge" if tile.any() else "outside"))
+    return kinds
+
+
+def test_cases_cover_every_kind_of_tile():
+    """For each feature (causal, sliding window, key padding), the float32 and 16-bit cases together meet tiles of
+    every kind with the interpreter's blocks: forward/dQ tiles (BLOCK_M queries × BLOCK_N keys) and dK/dV tiles
+    (BLOCK_N keys × BLOCK_M // G positions of the G stacked heads, from the key block's first position when
+    causal). Computed from the dense mask, independently of the kernels."""
+    from gim_fast.kernels.attention import _INTERPRET_CONFIGS as blocks
+
+    fm, fn = blocks["fwd"]["BLOCK_M"], blocks["fwd"]["BLOCK_N"]
+    kn = blocks["dkdv"]["BLOCK_N"]
+    seen = {}
+    for _, (b, hq, hkv, s, _), opts in FP32_CASES + LOW_CASES:
+        pad = opts.get("pad")
+        mask = padding_mask(b, s, left=pad[0], right=pad[1]) if pad else None
+        causal, window = opts.get("causal", True), opts.get("sliding_window")
+        pos = blocks["dkdv"]["BLOCK_M"] // min(hq // hkv, blocks["dkdv"]["BLOCK_M"])
+        for r in range(b):
+            ok = _allowed_dense(s, causal, window, None if mask is None else mask[r])
+            row_major = _tile_kinds(ok, fm, fn, range(0, s, fm), range(0, s, fn))
+            key_major = set()
+            for n0 in range(0, s, kn):
+                key_major |= _tile_kinds(ok, pos, kn, range(n0 if causal else 0, s, pos), [n0])
+            for feature, on in (("causal", causal), ("window", window is not None), ("padding", pad is not None)):
+                if on:
+                    seen.setdefault(feature, {"fwd/dq": set(), "dkdv": set()})
+                    seen[feature]["fwd/dq"] |= row_major
+                    seen[feature]["dkdv"] |= key_major
+    for feature, by_tiling in seen.items():
+        for tiling, kinds in by_tiling.items():
+            assert kinds == {"inside", "edge", "outside"}, (feature, tiling, kinds)
+    assert set(seen) == {"causal", "window", "padding"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,6 +323,49 @@ def test_non_contiguous_inputs():
     assert torch.equal(out, out_c)
     for x, y in zip(grads, grads_c):
         assert torch.equal(x, y)
+
+
+def test_padding_with_holes_and_in_the_middle():
+    """Key padding that is not a prefix or suffix: real tokens only in the middle of one row, holes in the other
+    (so no key span is known to be all real and every tile takes the masked stage)."""
+    b, hq, hkv, s, d = 2, 2, 1, 70, 64
+    mask = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    mask[0, :20] = False
+    mask[0, 50:] = False
+    mask[1, 17:19] = False
+    mask[1, 40:60:3] = False
+    q, k, v, do = make_inputs(b, hq, hkv, s, d, torch.float32, seed=10)
+    check_against_reference(q, k, v, do, attn_args(d, key_padding_mask=mask, sliding_window=50),
+                            TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,opts", [
+    ((2, 4, 2, 37, 64), dict(sliding_window=20, pad=((5, 0), (0, 4)))),
+    ((1, 7, 1, 20, 80), dict(softcap=3.0, **OFF)),
+], ids=["gqa2-window-padding-T2", "gqa7-d80-softcap-off"])
+def test_stacked_cotangents_match_separate_calls(shape, opts):
+    """``attention_backward`` with dO ``[M,B,Hq,S,D]``: entry m equals the backward of cotangent m alone, against
+    the same forward statistics (bit for bit under the interpreter: the same programs run)."""
+    b, hq, hkv, s, d = shape
+    n_cot = 2
+    opts = dict(opts)
+    pad = opts.pop("pad", None)
+    args = attn_args(d, key_padding_mask=padding_mask(b, s, left=pad[0], right=pad[1]) if pad else None, **opts)
+    scales = {name: args.pop(name) for name in ("q_scale", "k_scale", "v_scale")}
+    q, k, v, _ = make_inputs(b, hq, hkv, s, d, torch.float32, seed=11)
+    dos = torch.randn(n_cot, b, hq, s, d, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    saved = attention_forward(q, k, v, need_backward=True, **args)
+    dq, dk, dv = attention_backward(dos, q, k, v, *saved, **args, **scales)
+    assert dq.shape == (n_cot, b, hq, s, d) and dk.shape == dv.shape == (n_cot, b, hkv, s, d)
+    for m in range(n_cot):
+        single = attention_backward(dos[m], q, k, v, *saved, **args, **scales)
+        for name, stacked, one in zip(("dq", "dk", "dv"), (dq[m], dk[m], dv[m]), single):
+            if INTERPRET:
+                assert torch.equal(stacked, one), name
+            else:
+                assert rel_err(stacked, one) < 1e-6, name
+    with pytest.raises(ValueError, match=r"\[M,B,Hq,S,D\]"):
+        attention_backward(dos[:, :, :1], q, k, v, *saved, **args, **scales)
 
 
 def test_signature_matches_torch_backend():

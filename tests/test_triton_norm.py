@@ -150,7 +150,7 @@ def test_rms_norm_agrees_with_torch_backend(dtype):
         x_ref = x.detach().clone().requires_grad_()
         dy = rand((3, 4, 576), dtype, gen)
         y = frozen_rms_norm_triton(x, module.weight.detach(), EPS, offset, exact_rstd=True)
-        y_ref = FrozenRMSNorm.apply(x_ref, module.weight.detach(), EPS, offset)
+        y_ref = FrozenRMSNorm.apply(x_ref, module.weight.detach(), EPS, offset)[0]
         assert torch.equal(y, y_ref)
         y.backward(dy)
         y_ref.backward(dy)
@@ -169,12 +169,12 @@ def test_rms_norm_mixed_dtypes_and_partial_grads():
     assert y.dtype == torch.float32 and torch.equal(y, y_hf)
     y.sum().backward()  # weight only: x does not require grad
     w_ref = module.weight.detach().clone().requires_grad_()
-    FrozenRMSNorm.apply(x, w_ref, EPS, 0.0).sum().backward()
+    FrozenRMSNorm.apply(x, w_ref, EPS, 0.0)[0].sum().backward()
     assert rel_err(w.grad, w_ref.grad) <= 1e-5
     xg = x.clone().requires_grad_()  # input only: the weight is frozen
     frozen_rms_norm_triton(xg, module.weight.detach(), EPS, 0.0).sum().backward()
     xg_ref = x.clone().requires_grad_()
-    FrozenRMSNorm.apply(xg_ref, module.weight.detach(), EPS, 0.0).sum().backward()
+    FrozenRMSNorm.apply(xg_ref, module.weight.detach(), EPS, 0.0)[0].sum().backward()
     assert xg.grad.dtype == torch.bfloat16 and torch.equal(xg.grad, xg_ref.grad)
 
 
@@ -264,7 +264,7 @@ def test_layer_norm_agrees_with_torch_backend_in_backward():
     x_ref = x.detach().clone().requires_grad_()
     dy = rand((2, 5, 576), torch.float32, gen)
     frozen_layer_norm_triton(x, module.weight.detach(), module.bias.detach(), module.eps).backward(dy)
-    FrozenLayerNorm.apply(x_ref, module.weight.detach(), module.bias.detach(), module.eps).backward(dy)
+    FrozenLayerNorm.apply(x_ref, module.weight.detach(), module.bias.detach(), module.eps)[0].backward(dy)
     assert rel_err(x.grad, x_ref.grad) <= 1e-6
 
 

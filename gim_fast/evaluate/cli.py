@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_args import BACKENDS, UsageError, positive_number
+from ..cli_args import BACKENDS, UsageError, positive_int, positive_number
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
@@ -30,7 +30,26 @@ def _n(text: str):
     return value
 
 
-_temperature = positive_number(finite=True)
+_positive_temperature = positive_number(finite=True)
+
+
+def _temperature(text: str):
+    """argparse type of one --temperatures value: a finite number > 0, or 'none' (alone: no sweep)."""
+    if text.strip().lower() == "none":
+        return None
+    return _positive_temperature(text)
+
+
+_temperature.__name__ = "temperature or none"
+
+
+def _sweep(temperatures: list) -> list[float]:
+    """The parsed --temperatures: 'none' must stand alone and means no sweep."""
+    if None in temperatures:
+        if len(temperatures) > 1:
+            raise UsageError("--temperatures: 'none' (no sweep) cannot be combined with temperatures")
+        return []
+    return temperatures
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -61,16 +80,17 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="examples per model: the first N the model answers right, in a seeded random order "
                         "(default: all of them)")
     p.add_argument("--temperatures", nargs="*", type=_temperature, default=list(SWEEP_TEMPERATURES), metavar="T",
-                   help="GIM softmax temperatures of the sweep (default 1 1.5 2 3 5; none: no sweep)")
+                   help="GIM softmax temperatures of the sweep (default 1 1.5 2 3 5; 'none' or nothing: no sweep)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="the example order and the random method (default 0)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
+    p.add_argument("--batch-size", type=positive_int(1), default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"examples per attribution batch (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="GIM attention backend (default auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="converted-model cache (default "
                                                                      "$GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int(1), default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
     return p
@@ -79,20 +99,38 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     import torch
 
+    from ..data import countries
+    from ..models import check_model_name
+    from ..outputs import check_output_dir
+    from ..settings import resolve_backend
     from .methods import get_method
     from .report import write_results
-    from .run import _capital_shots, evaluate_model, unavailable_notes
+    from .run import _capital_shots, evaluate_model, jsonl_candidates, unavailable_notes
 
+    # every argument is checked before the first model loads
+    args.temperatures = _sweep(args.temperatures)
     for name in args.methods:
         try:
             get_method(name)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if _capital_shots(args.data) is None and not Path(args.data).is_file():
         raise UsageError(f"--data must be 'capitals', 'capitals-<k>shot' or a JSON Lines file; no such file: "
                          f"{args.data!r}")
+    try:
+        if _capital_shots(args.data) is None:
+            jsonl_candidates(args.data)
+        else:
+            countries()                                # the packages holding the prompts are installed
+        check_output_dir(args.out)
+        resolve_backend(args.backend, torch.device("cpu"))      # the models are evaluated where they load
+    except (ValueError, ModuleNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    for model in args.models:
+        try:
+            check_model_name(model, cache_dir=args.cache_dir)
+        except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{model}: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -130,7 +168,8 @@ def _command(args) -> str:
     from .run import DEFAULT_BATCH_SIZE
 
     parts = ["gim-fast", "evaluate", "--models", *args.models, "--data", args.data, "--methods", *args.methods,
-             "--n", "all" if args.n is None else str(args.n), "--temperatures", *[f"{t:g}" for t in args.temperatures],
+             "--n", "all" if args.n is None else str(args.n),
+             "--temperatures", *([f"{t:g}" for t in args.temperatures] or ["none"]),
              "--seed", str(args.seed), "--out", args.out]
     if args.batch_size != DEFAULT_BATCH_SIZE:
         parts += ["--batch-size", str(args.batch_size)]

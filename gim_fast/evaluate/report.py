@@ -5,6 +5,7 @@ import csv
 import math
 from pathlib import Path
 
+from ..display import plural
 from .run import ModelResult, mean_abs, example_rows, mean_se, summary_rows, write_json
 
 __all__ = ["write_results", "markdown_table", "plot_temperature_sweep"]
@@ -116,7 +117,9 @@ def sweep_table(results: list[ModelResult], measure: str = "logit") -> str:
 def plot_temperature_sweep(results: list[ModelResult], path: Path) -> Path | None:
     """Comprehensiveness and sufficiency of GIM against the softmax temperature, one line per model (the standard
     error as a band), gradient × input as a dashed reference; top row the paper's raw-logit metrics, bottom row
-    the probability variant. None if matplotlib is missing."""
+    the probability variant. None (and no file) if there is no sweep or matplotlib is missing."""
+    if not any(r.methods[n].n for r in results for _, n in _sweep_names(r)):
+        return None
     try:
         import matplotlib
 
@@ -189,7 +192,7 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
           f"wall time {wall_seconds / 60:.1f} min.", ""]
     for r in results:
         sel = r.selection
-        md.append(f"- {r.model}: {len(sel.examples)} examples: the first {len(sel.examples)} of "
+        md.append(f"- {r.model}: {plural(len(sel.examples), 'example')}: the first {len(sel.examples)} of "
                   f"{sel.candidates} shuffled candidates that the model answers right ({sel.correct} right; "
                   f"{sel.total} in the data set); baseline token {r.baseline_token!r}; time {r.seconds['total']:.0f} s "
                   f"(attributions {r.seconds['attribute']:.0f} s, metrics {r.seconds['metrics']:.0f} s).")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..display import plural
 from ..settings import GIMSettings
 from . import metrics as M
 from .methods import METHODS, Method, MethodUnavailable, attnlrp_unavailable, get_method, temperature_method
@@ -141,8 +142,16 @@ def jsonl_examples(path, model, tokenizer, n: int | None = None, *, seed: int = 
     """Examples from a JSON Lines file: ``{"text": ..., "target": ...}`` per line. The target is the text that
     should follow (its first token is explained; rows the model gets wrong are dropped); without a target the
     model's top prediction is explained. Rows are shuffled with ``seed``."""
+    candidates = jsonl_candidates(path)
+    random.Random(seed).shuffle(candidates)
+    return _select(model, tokenizer, candidates, n, batch_rows)
+
+
+def jsonl_candidates(path) -> list[tuple]:
+    """The rows of an evaluation JSON Lines file as (id, text, target, answer); ValueError naming the line of the
+    first bad one. Needs no model: the command line checks the file before loading any."""
     candidates = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:     # a leading byte-order mark is dropped
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -156,8 +165,7 @@ def jsonl_examples(path, model, tokenizer, n: int | None = None, *, seed: int = 
             if target is not None and not isinstance(target, str):
                 raise ValueError(f'{path}:{line_no}: "target" must be a string (the text that follows)')
             candidates.append((str(row.get("id", line_no)), row["text"], target, target or ""))
-    random.Random(seed).shuffle(candidates)
-    return _select(model, tokenizer, candidates, n, batch_rows)
+    return candidates
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -281,8 +289,9 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
         selection = jsonl_examples(data, model, tokenizer, n, seed=seed, batch_rows=batch_rows)
     t_select = time.perf_counter() - t1
     examples = selection.examples
-    say(f"{model_name}: {len(examples)} examples ({selection.correct} of {selection.candidates} candidates answered "
-        f"right; data set has {selection.total}), loaded in {t_load:.1f} s, selected in {t_select:.1f} s")
+    say(f"{model_name}: {plural(len(examples), 'example')} ({selection.correct} of {selection.candidates} "
+        f"candidates answered right; data set has {selection.total}), loaded in {t_load:.1f} s, "
+        f"selected in {t_select:.1f} s")
     if not examples:
         raise ValueError(f"{model_name}: no example left to evaluate (the model answered none right)")
 
@@ -323,7 +332,7 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
             continue
         res.seconds, res.extra = seconds, extra
         method_scores[name] = scores
-        say(f"{model_name}: {name}: attributed {len(examples)} examples in {seconds:.1f} s")
+        say(f"{model_name}: {name}: attributed {plural(len(examples), 'example')} in {seconds:.1f} s")
     t_attr = time.perf_counter() - t_attr
 
     t_metrics = time.perf_counter()
@@ -337,7 +346,7 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
         results[name].sufficiency_prob = [s for _, s in per]
     for alias, target in sweep_alias.items():
         results[alias] = results[target]
-    say(f"{model_name}: metrics for {len(method_scores)} methods in {t_metrics:.1f} s")
+    say(f"{model_name}: metrics for {plural(len(method_scores), 'method')} in {t_metrics:.1f} s")
     seconds = {"load": t_load, "select": t_select, "attribute": t_attr, "metrics": t_metrics,
                "total": time.perf_counter() - t0}
     return ModelResult(model_name, selection, full["logit"], results, seconds, tokenizer.decode([baseline]),

@@ -40,6 +40,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..ops.cotangents import unbatched_forward_only
 from ..ops.grad_scale import scale_grad
 from ..settings import GIMSettings
 from .families import Family, family_of
@@ -118,11 +119,16 @@ class PatternWithGIMGradient(torch.autograd.Function):
     minimum get P_T = 0; a row with every key masked by −inf (left padding) passes no gradient.
     """
 
+    vmap = staticmethod(unbatched_forward_only)
+
     @staticmethod
-    def forward(ctx, pattern: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
-        ctx.temperature = temperature
-        ctx.save_for_backward(scores)
+    def forward(pattern: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
         return pattern.view_as(pattern)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, scores, ctx.temperature = inputs
+        ctx.save_for_backward(scores)
 
     @staticmethod
     def backward(ctx, grad_p: torch.Tensor):

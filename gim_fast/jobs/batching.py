@@ -5,12 +5,13 @@ the same batches, and every batch is computed with exactly the same neighbours a
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .inputs import RawRow, RowError
 
-__all__ = ["Row", "Batch", "TargetResolver", "tokenize_rows", "pack", "assign_ranks"]
+__all__ = ["Row", "Batch", "TargetResolver", "max_chars_per_token", "tokenize_rows", "pack", "assign_ranks"]
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,93 @@ class TargetResolver:
         return int(ids[0])
 
 
+# Tokenizer pipeline steps (``tokenizers`` JSON type names) after which the text has at least as many units (characters,
+# or bytes for byte-level models) as the input has characters: none of them drops or merges characters.
+_KEEP_NORMALIZERS = {"Prepend", "Lowercase", "NFD", "NFKD", "ByteLevel"}   # + "Replace" of a string by a longer one
+_KEEP_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts"}  # + "Split"/"Punctuation" unless "Removed"
+
+
+def _steps(step: dict | None, sequence_key: str) -> list[dict]:
+    """The steps of a normalizer or pre-tokenizer (its JSON form), sequences flattened."""
+    if step is None:
+        return []
+    if step.get("type") == "Sequence":
+        return [s for inner in step.get(sequence_key, ()) for s in _steps(inner, sequence_key)]
+    return [step]
+
+
+def _keeps_characters(step: dict, kept: set[str]) -> bool:
+    kind = step.get("type")
+    if kind == "Replace":
+        pattern = step.get("pattern", {})
+        return "String" in pattern and len(step.get("content", "")) >= len(pattern["String"]) > 0
+    if kind in ("Split", "Punctuation"):
+        return step.get("behavior", "Isolated") != "Removed"
+    return kind in kept
+
+
+def _state(component) -> dict | None:
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def max_chars_per_token(tokenizer) -> int | None:
+    """L such that no token stands for more than L characters of the input text, or None when that cannot be known.
+
+    Then a text of more than ``max_length × L`` characters has more than ``max_length`` tokens, and is rejected
+    without being tokenized (a 100 MB line would take minutes and many GB). L is the longest vocabulary entry (in
+    characters; for byte-level models in bytes, which is at least the characters); markers such as ``##`` or
+    ``<0x41>`` only make it larger, which is safe. The bound holds only when no step of the tokenizer drops or merges
+    characters, which is checked on its pipeline: a ``tokenizers`` (fast) tokenizer whose normalizer, pre-tokenizer
+    and model keep every character (e.g. byte-level BPE as in Llama 3/SmolLM2/GPT-2, or SentencePiece-style BPE with
+    byte fallback as in Gemma/Llama 2), and whose added tokens do not swallow the whitespace around them. Anything
+    else (whitespace-collapsing or Unicode-composing normalizers, WordPiece/WordLevel, fused unknown tokens, slow
+    tokenizers) returns None, and rows are then tokenized whole.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        normalizers = _steps(_state(backend.normalizer), "normalizers")
+        pre_tokenizers = _steps(_state(backend.pre_tokenizer), "pretokenizers")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not (all(_keeps_characters(s, _KEEP_NORMALIZERS) for s in normalizers)
+            and all(_keeps_characters(s, _KEEP_PRE_TOKENIZERS) for s in pre_tokenizers)):
+        return None
+    model = backend.model
+    kind = type(model).__name__
+    byte_level = any(s.get("type") == "ByteLevel" for s in normalizers + pre_tokenizers)
+    if kind == "BPE":
+        # an unknown character is dropped (no unk token) or merged with its neighbours (fuse_unk), unless every
+        # byte has a token (byte-level alphabet, or byte fallback)
+        if not (byte_level or model.byte_fallback or (model.unk_token is not None and not model.fuse_unk)):
+            return None
+    elif kind == "Unigram":
+        if not getattr(model, "byte_fallback", False):   # unknown characters are fused into one unk token
+            return None
+    else:                                                # WordPiece/WordLevel: a whole unknown word is one token
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added.values()):
+        return None
+    return max(map(len, tokenizer.get_vocab()), default=0) or None
+
+
 def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: int | None, vocab_size: int,
                   targets: TargetResolver, chunk: int = 1024) -> Iterable[Row | RowError]:
-    """Rows with token ids (tokenized in chunks with the tokenizer's own defaults), checked one by one."""
+    """Rows with token ids (tokenized in chunks with the tokenizer's own defaults), checked one by one.
+
+    A row longer than ``max_length`` tokens is a RowError; when :func:`max_chars_per_token` gives a bound, a row
+    with more characters than ``max_length`` tokens can hold is one without being tokenized (bounded time and
+    memory, exact: a row it rejects has more than ``max_length`` tokens)."""
     pending: list[RawRow | RowError] = []
+    per_token = max_chars_per_token(tokenizer) if max_length is not None else None
+    max_chars = None if per_token is None else max_length * per_token
+
+    def too_long(r: RawRow) -> RowError:
+        return RowError(r.line, r.id, f"too long: {len(r.text)} characters, more than the {max_chars} that "
+                                      f"--max-length {max_length} tokens can hold (no token of this tokenizer "
+                                      f"stands for more than {per_token} characters)", r.text)
 
     def flush():
         texts = [r.text for r in pending if isinstance(r, RawRow)]
@@ -120,6 +204,8 @@ def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: in
         pending.clear()
 
     for r in raw:
+        if max_chars is not None and isinstance(r, RawRow) and len(r.text) > max_chars:
+            r = too_long(r)
         pending.append(r)
         if len(pending) >= chunk:
             yield from flush()

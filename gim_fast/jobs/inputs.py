@@ -4,7 +4,9 @@ Every reader yields, in file order, either a :class:`RawRow` or a :class:`RowErr
 malformed JSON, a missing text field, ...), each with its 1-based line number (the row number for Parquet, the
 first line of the record for CSV). Nothing is skipped silently: a row that cannot be used becomes a RowError.
 A problem with the whole file (no such file, an unknown format, a text column that does not exist) raises
-:class:`InputError`.
+:class:`InputError`; :func:`check_input` finds those before anything else is done. Text files may start with a
+UTF-8 byte-order mark. A row's id is its ``id_field``; without one, its ``id`` field when it has one, else its
+line number.
 """
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FORMATS", "InputError", "RawRow", "RowError", "detect_format", "read_rows", "fingerprint"]
+__all__ = ["FORMATS", "DEFAULT_ID_FIELD", "InputError", "RawRow", "RowError", "detect_format", "check_input",
+           "read_rows", "fingerprint"]
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "text")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
              ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
+DEFAULT_ID_FIELD = "id"   # without --id-field, a row that has this field keeps it as its id
+_SHOWN_TEXT = 200         # characters of a bad row's text kept in errors.jsonl
 
 
 class InputError(ValueError):
@@ -39,18 +44,20 @@ class RawRow:
 
 @dataclass(frozen=True)
 class RowError:
-    """A row that is not attributed, and why."""
+    """A row that is not attributed, and why. ``text`` is the row's text, or its raw line when it has no usable
+    text (None only when there is neither), cut to its first 200 characters: a huge bad row is not kept."""
 
     line: int
     id: str | None
     reason: str
     text: str | None = None
 
+    def __post_init__(self):
+        if self.text is not None and len(self.text) > _SHOWN_TEXT:
+            object.__setattr__(self, "text", self.text[:_SHOWN_TEXT] + "…")
+
     def as_dict(self) -> dict:
-        out = {"line": self.line, "id": self.id, "reason": self.reason}
-        if self.text is not None:
-            out["text"] = self.text if len(self.text) <= 200 else self.text[:200] + "…"
-        return out
+        return {"line": self.line, "id": self.id, "reason": self.reason, "text": self.text}
 
 
 def detect_format(path: str | os.PathLike, format: str | None = None) -> str:
@@ -75,23 +82,26 @@ def fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _row_id(value, line: int) -> str:
-    return str(line) if value is None else str(value)
-
-
-def _from_record(record, line: int, text_field: str, target_field: str | None, id_field: str | None):
-    """A RawRow or RowError from one mapping (a JSON object, a CSV record, a Parquet row)."""
-    raw_id = record.get(id_field) if id_field else None
-    if id_field and raw_id is None:
-        return RowError(line, None, f"missing id field {id_field!r}")
-    row_id = _row_id(raw_id, line)
+def _from_record(record, line: int, text_field: str, target_field: str | None, id_field: str | None,
+                 raw: str | None = None):
+    """A RawRow or RowError from one mapping (a JSON object, a CSV record, a Parquet row); ``raw`` is the row as
+    written in the file, shown for a row without a usable text."""
+    if id_field:
+        raw_id = record.get(id_field)
+        if raw_id is None:
+            return RowError(line, None, f"missing id field {id_field!r}", raw)
+    else:
+        raw_id = record.get(DEFAULT_ID_FIELD)
+        if raw_id in ("", None):
+            raw_id = line
+    row_id = str(raw_id)
     if text_field not in record:
-        return RowError(line, row_id, f"missing text field {text_field!r}")
+        return RowError(line, row_id, f"missing text field {text_field!r}", raw)
     text = record[text_field]
     if text is None:
-        return RowError(line, row_id, "empty text (null)")
+        return RowError(line, row_id, "empty text (null)", raw)
     if not isinstance(text, str):
-        return RowError(line, row_id, f"text field {text_field!r} is not a string but {type(text).__name__}")
+        return RowError(line, row_id, f"text field {text_field!r} is not a string but {type(text).__name__}", raw)
     if not text.strip():
         return RowError(line, row_id, "empty text", text)
     target = record.get(target_field) if target_field else None
@@ -103,11 +113,16 @@ def _from_record(record, line: int, text_field: str, target_field: str | None, i
     return RawRow(line, row_id, text, target)
 
 
+def _open(path):
+    """A text file for reading: UTF-8, a leading byte-order mark dropped, line endings kept as written."""
+    return open(path, encoding="utf-8-sig", errors="strict", newline="")
+
+
 def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
-    with open(path, encoding="utf-8", errors="strict", newline="") as f:
+    with _open(path) as f:
         for line, raw in enumerate(_lines(f, path), start=1):
             if not raw.strip():
-                yield RowError(line, None, "empty line")
+                yield RowError(line, None, "empty line", raw)
                 continue
             try:
                 record = json.loads(raw)
@@ -119,7 +134,7 @@ def _read_jsonl(path, text_field, target_field, id_field) -> Iterator[RawRow | R
             if not isinstance(record, dict):
                 yield RowError(line, None, f"not a JSON object but {type(record).__name__}", raw)
                 continue
-            yield _from_record(record, line, text_field, target_field, id_field)
+            yield _from_record(record, line, text_field, target_field, id_field, raw)
 
 
 def _lines(f, path) -> Iterator[str]:
@@ -136,10 +151,8 @@ def _lines(f, path) -> Iterator[str]:
 
 
 def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
-    if target_field or id_field:
-        raise InputError("a plain-text input has no fields: --target-field and --id-field need JSON Lines, CSV or "
-                         "Parquet")
-    with open(path, encoding="utf-8", newline="") as f:
+    _check_text_fields(target_field, id_field)
+    with _open(path) as f:
         for line, text in enumerate(_lines(f, path), start=1):
             if not text.strip():
                 yield RowError(line, str(line), "empty text", text)
@@ -147,15 +160,27 @@ def _read_text(path, text_field, target_field, id_field) -> Iterator[RawRow | Ro
                 yield RawRow(line, str(line), text)
 
 
+def _check_text_fields(target_field, id_field) -> None:
+    if target_field or id_field:
+        raise InputError("a plain-text input has no fields: --target-field and --id-field need JSON Lines, CSV or "
+                         "Parquet")
+
+
+def _csv_header(reader, path) -> list[str] | None:
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the header of {os.fspath(path)!r}: {e}") from None
+
+
 def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[RawRow | RowError]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with _open(path) as f:
         reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
+        header = _csv_header(reader, path)
+        if header is None:
             return
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read the header of {os.fspath(path)!r}: {e}") from None
         _check_columns(path, header, text_field, target_field, id_field)
         first = reader.line_num + 1
         while True:
@@ -172,7 +197,7 @@ def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[R
             line, first = first, reader.line_num + 1
             if len(fields) != len(header):
                 if not fields or fields == [""]:
-                    yield RowError(line, None, "empty line")
+                    yield RowError(line, None, "empty line", "")
                 else:
                     yield RowError(line, None, f"malformed CSV record: {len(fields)} fields where the header has "
                                                f"{len(header)}", delimiter.join(fields))
@@ -182,7 +207,7 @@ def _read_csv(path, text_field, target_field, id_field, delimiter) -> Iterator[R
                 record[id_field] = None
             if target_field and record.get(target_field) == "":
                 record[target_field] = None
-            yield _from_record(record, line, text_field, target_field, id_field)
+            yield _from_record(record, line, text_field, target_field, id_field, delimiter.join(fields))
 
 
 def _check_columns(path, columns, text_field, target_field, id_field) -> None:
@@ -193,15 +218,21 @@ def _check_columns(path, columns, text_field, target_field, id_field) -> None:
                              f"{shown}")
 
 
-def _read_parquet(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+def _parquet_file(path):
     import pyarrow.parquet as pq
 
     try:
-        file = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own ArrowInvalid/OSError kinds
         raise InputError(f"cannot read {os.fspath(path)!r} as Parquet: {e}") from None
-    columns = [c for c in (text_field, target_field, id_field) if c]
-    _check_columns(path, file.schema_arrow.names, text_field, target_field, id_field)
+
+
+def _read_parquet(path, text_field, target_field, id_field) -> Iterator[RawRow | RowError]:
+    file = _parquet_file(path)
+    names = file.schema_arrow.names
+    _check_columns(path, names, text_field, target_field, id_field)
+    default_id = DEFAULT_ID_FIELD if id_field is None and DEFAULT_ID_FIELD in names else None
+    columns = [c for c in (text_field, target_field, id_field or default_id) if c]
     line = 0
     for batch in file.iter_batches(columns=list(dict.fromkeys(columns)), batch_size=8192):
         for record in batch.to_pylist():
@@ -218,6 +249,26 @@ def _read_records(records: Iterable, text_field, target_field, id_field) -> Iter
             yield RowError(line, None, f"a row must be a string or a dict, got {type(record).__name__}")
             continue
         yield _from_record(record, line, text_field, target_field, id_field)
+
+
+def check_input(path: str | os.PathLike, *, format: str | None = None, text_field: str = "text",
+                target_field: str | None = None, id_field: str | None = None) -> str:
+    """What can be known about the input file before reading its rows: its format, that it exists, and that the
+    named columns exist (CSV/TSV header, Parquet schema; JSON Lines rows are checked one by one). Returns the
+    format; raises :class:`InputError`."""
+    kind = detect_format(path, format)
+    if not Path(path).is_file():
+        raise InputError(f"no such input file: {os.fspath(path)!r}")
+    if kind == "text":
+        _check_text_fields(target_field, id_field)
+    elif kind in ("csv", "tsv"):
+        with _open(path) as f:
+            header = _csv_header(csv.reader(f, delimiter="," if kind == "csv" else "\t"), path)
+        if header is not None:
+            _check_columns(path, header, text_field, target_field, id_field)
+    elif kind == "parquet":
+        _check_columns(path, _parquet_file(path).schema_arrow.names, text_field, target_field, id_field)
+    return kind
 
 
 def read_rows(source, *, format: str | None = None, text_field: str = "text", target_field: str | None = None,

@@ -25,7 +25,9 @@ import torch
 from ..settings import GIMSettings
 from . import writer
 from .batching import Batch, Row, TargetResolver, assign_ranks, pack, tokenize_rows
-from .inputs import InputError, RowError, detect_format, fingerprint, read_rows
+from ..outputs import check_output_dir
+from ..settings import resolve_backend
+from .inputs import InputError, RowError, check_input, detect_format, fingerprint, read_rows
 
 __all__ = ["attribute_dataset", "DatasetRun", "RowResult", "BadRowError", "DEFAULT_BATCH_TOKENS"]
 
@@ -82,6 +84,20 @@ def _rank_and_world() -> tuple[int, int, bool]:
     if not 0 <= rank < world:
         raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world, False
+
+
+def _check_device(device) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {device!r} is not a device; accepted: cpu, cuda, cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available here; use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type != "cpu":
+        raise InputError(f"device {device!r}: accepted: cpu, cuda, cuda:N")
 
 
 def _device(device, rank: int, world: int) -> torch.device:
@@ -168,8 +184,7 @@ def _compute(model, batch: Batch, baseline: int, settings: GIMSettings, device, 
     given = batch.rows[0].target_id is not None
     targets = torch.tensor([r.target_id for r in batch.rows], device=device) if given else None
     positions = torch.full((size,), length - 1, dtype=torch.long, device=device)
-    with torch.enable_grad():
-        result = attribute(model, ids.to(device), mask.to(device), positions, targets, baseline, settings)
+    result = attribute(model, ids.to(device), mask.to(device), positions, targets, baseline, settings)
     scores = result.scores.float().cpu().numpy()
     target_ids = result.target_ids.cpu().tolist()
     logits = result.target_logits.float().cpu().tolist()
@@ -242,7 +257,8 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
             arguments against an existing directory raise :class:`~gim_fast.jobs.writer.JobError`.
         text_field, target_field, id_field: column names. A row's target is a token string (one token) or an id
             (``target_type``: ``"auto"``, ``"token"``, ``"id"``); a row without one explains the model's top
-            prediction. Without ``id_field`` a row's id is its line number.
+            prediction. Without ``id_field`` a row's id is its ``id`` field when it has one (a JSON key, a CSV or
+            Parquet column), else its line number.
         batch_tokens, batch_size: the padded-token budget of one batch, and an optional cap on its rows.
         max_length: rows with more tokens are bad rows (default: the model's ``max_position_embeddings``).
         strict: raise :class:`BadRowError` at the first bad row instead of setting bad rows aside.
@@ -270,10 +286,21 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
     if target_type not in ("auto", "token", "id"):
         raise ValueError(f"target_type must be 'auto', 'token' or 'id', got {target_type!r}")
+    # everything that can be checked without the model fails now, before a model is loaded
     if isinstance(data, (str, os.PathLike)):
-        detect_format(data, format)       # an unknown suffix fails now, before a model is loaded
-        if not Path(data).is_file():
-            raise InputError(f"no such input file: {os.fspath(data)!r}")
+        check_input(data, format=format, text_field=text_field, target_field=target_field, id_field=id_field)
+    if out is not None:
+        check_output_dir(out)
+    if device not in (None, "auto"):
+        _check_device(device)
+    if isinstance(baseline_token, (int, str)) and str(baseline_token).strip().startswith("-") \
+            and str(baseline_token).strip()[1:].isdigit():
+        raise InputError(f"baseline token id {baseline_token} is negative; a token id is >= 0")
+    if isinstance(model, (str, os.PathLike)):
+        from ..models import check_model_name
+
+        check_model_name(model, cache_dir=cache_dir)
+        resolve_backend(settings.backend, _device(device, 0, 1), dtype)
     options = dict(data=data, model=model, tokenizer=tokenizer, out=out, format=format, text_field=text_field,
                    target_field=target_field, id_field=id_field, target_type=target_type, batch_tokens=batch_tokens,
                    batch_size=batch_size, max_length=max_length, strict=strict, settings=settings,
@@ -373,7 +400,8 @@ def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, ta
             computed_tokens = sum(b.tokens for b in todo)
             manifest = None
             if out is not None:
-                manifest = _finish(out, plan, html_report, own_group or _group_active(), rank)
+                special = getattr(tokenizer, "all_special_ids", ()) or ()
+                manifest = _finish(out, plan, html_report, own_group or _group_active(), rank, special)
             ended = time.perf_counter()
             elapsed = ended - compute_started
             run.manifest = manifest
@@ -487,22 +515,22 @@ def _compute_all(model, todo: list[Batch], baseline, settings, device, tokenizer
         bar.close()
 
 
-def _finish(out: Path, plan: list[Batch], html_report: int, group: bool, rank: int) -> dict | None:
+def _finish(out: Path, plan: list[Batch], html_report: int, group: bool, rank: int, special_ids=()) -> dict | None:
     """Mark the job complete when every batch is in a shard. With a process group, every rank waits until all
     shards are written and rank 0 alone completes the manifest (two ranks rewriting it at once would race);
     separate processes without a group each try, and whichever gets there last completes it."""
     if not group:
-        manifest = _try_finalize(out, plan, html_report)
+        manifest = _try_finalize(out, plan, html_report, special_ids)
         return manifest if manifest is not None else writer.read_manifest(out)
     import torch.distributed as dist
 
     dist.barrier()                  # every rank's shards are on disk
-    manifest = _try_finalize(out, plan, html_report) if rank == 0 else None
+    manifest = _try_finalize(out, plan, html_report, special_ids) if rank == 0 else None
     dist.barrier()                  # the manifest is complete before any rank reports
     return manifest if manifest is not None else writer.read_manifest(out)
 
 
-def _try_finalize(out: Path, plan: list[Batch], html_report: int) -> dict | None:
+def _try_finalize(out: Path, plan: list[Batch], html_report: int, special_ids=()) -> dict | None:
     manifest = writer.read_manifest(out)
     if manifest is None:       # rank 0 has not written it yet: it will finish the job itself
         return None
@@ -510,11 +538,12 @@ def _try_finalize(out: Path, plan: list[Batch], html_report: int) -> dict | None
     if html_report:
         done = writer.done_batches(out, manifest["config_sha256"])
         if len(done) >= len(plan):
-            report = _write_report(out, html_report, manifest)
+            report = _write_report(out, html_report, manifest, special_ids)
     return writer.finalize_manifest(out, manifest, planned_batches=len(plan), report=report)
 
 
-def _write_report(out: Path, n: int, manifest: dict) -> str:
+def _write_report(out: Path, n: int, manifest: dict, special_ids=()) -> str:
+    from ..display import plural
     from ..html import rows_from_table, write_html
 
     lines = writer.read_results(out, columns=["line"])
@@ -523,10 +552,10 @@ def _write_report(out: Path, n: int, manifest: dict) -> str:
     else:
         cutoff = lines["line"][min(n, len(lines)) - 1].as_py()
         table = writer.read_results(out, filters=[("line", "<=", cutoff)])
-        rows = rows_from_table(table.slice(0, n))
+        rows = rows_from_table(table.slice(0, n), special_ids)
     config = manifest["config"]
     write_html(out / writer.REPORT, rows, title=f"GIM attributions: {config.get('model')}",
-               subtitle=f"first {len(rows)} rows of {config.get('input')}")
+               subtitle=f"first {plural(len(rows), 'row')} of {config.get('input')}")
     return writer.REPORT
 
 

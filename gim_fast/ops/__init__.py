@@ -119,7 +119,7 @@ def frozen_rms_norm(x, weight, eps, *, offset=0.0, backend="auto"):
 
         # r from torch's own reduction, so the forward stays the module's bit for bit (see norm_triton)
         return frozen_rms_norm_triton(x, weight, float(eps), float(offset), exact_rstd=True)
-    return FrozenRMSNorm.apply(x, weight, float(eps), float(offset))
+    return FrozenRMSNorm.apply(x, weight, float(eps), float(offset))[0]
 
 
 def frozen_layer_norm(x, weight, bias, eps, *, backend="auto"):
@@ -137,4 +137,4 @@ def frozen_layer_norm(x, weight, bias, eps, *, backend="auto"):
         from .norm_triton import frozen_layer_norm_triton
 
         return frozen_layer_norm_triton(x, weight, bias, float(eps))
-    return FrozenLayerNorm.apply(x, weight, bias, float(eps))
+    return FrozenLayerNorm.apply(x, weight, bias, float(eps))[0]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_eager import compute_dtype
+from .cotangents import backward_op, unbatched_forward_only
 from .masks import allowed_tile, key_range
 
 # Elements of one score tile (B·Hq·rows·keys) the automatic chunk size aims for: 2^22 (16 MB in float32); the
@@ -113,18 +114,24 @@ def _sdpa_backward(q, k, v, grad_out, scale, causal, temperature):
 class ChunkedGIMAttention(torch.autograd.Function):
     """Row-chunked attention with the GIM backward; see the module docstring for the math."""
 
+    vmap = staticmethod(unbatched_forward_only)
+
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature = inputs[:9]
+        ctx.save_for_backward(q, k, v, key_padding_mask)
+        ctx.args = (scale, causal, sliding_window, softcap, 1.0 if temperature is None else float(temperature),
+                    *inputs[9:])
+        ctx.sdpa = _use_sdpa(causal, sliding_window, softcap, key_padding_mask, q.dtype)
+
+    @staticmethod
+    def forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask,
                 temperature, q_scale, k_scale, v_scale, chunk_size):
         batch, q_heads, seq_len, head_dim = q.shape
         kv_heads = k.shape[1]
         group = q_heads // kv_heads
         ct = compute_dtype(q.dtype)
-        ctx.save_for_backward(q, k, v, key_padding_mask)
-        ctx.args = (scale, causal, sliding_window, softcap, 1.0 if temperature is None else float(temperature),
-                    q_scale, k_scale, v_scale, chunk_size)
-        ctx.sdpa = _use_sdpa(causal, sliding_window, softcap, key_padding_mask, q.dtype)
-        if ctx.sdpa:
+        if _use_sdpa(causal, sliding_window, softcap, key_padding_mask, q.dtype):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
         out = torch.empty(batch, kv_heads, group, seq_len, head_dim, dtype=q.dtype, device=q.device)
         for q_start in range(0, seq_len, chunk_size):
@@ -138,6 +145,13 @@ class ChunkedGIMAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = backward_op(_Cotangents(ctx), grad_out, q, k, v, key_padding_mask)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def backward_one(ctx, grad_out, q, k, v, key_padding_mask):
+        """The backward for one cotangent (``backward`` without vmap), given the saved tensors (a checkpointed
+        layer's saved tensors may be read only once)."""
         scale, causal, sliding_window, softcap, t, q_scale, k_scale, v_scale, chunk_size = ctx.args
         batch, q_heads, seq_len, head_dim = q.shape
         kv_heads = k.shape[1]
@@ -178,6 +192,92 @@ class ChunkedGIMAttention(torch.autograd.Function):
 
         return (finish(dq, q_scale, q), finish(dk, k_scale, k), finish(dv, v_scale, v),
                 None, None, None, None, None, None, None, None, None, None)
+
+
+class _Cotangents:
+    """The backward of one ``ChunkedGIMAttention`` call for one cotangent, or for a stack of them
+    (``gim_fast.ops.cotangents``)."""
+
+    grads = 1
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def one(self, grad_out, q, k, v, key_padding_mask):
+        return ChunkedGIMAttention.backward_one(self.ctx, grad_out, q, k, v, key_padding_mask)[:3]
+
+    def many(self, grad_out, q, k, v, key_padding_mask):
+        scale, causal, sliding_window, softcap, t, q_scale, k_scale, v_scale, _ = self.ctx.args
+        return chunked_backward_many(grad_out, q, k, v, scale=scale, causal=causal, sliding_window=sliding_window,
+                                     softcap=softcap, key_padding_mask=key_padding_mask, temperature=t,
+                                     q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+
+
+def many_chunk_size(cotangents: int, batch: int, q_heads: int, seq_len: int, sliding_window: int | None) -> int:
+    """Query rows per tile when ``cotangents`` share it: the dP/dS tiles of the whole stack stay about
+    ``_TILE_ELEMENTS`` elements."""
+    return max(16, auto_chunk_size(cotangents * batch, q_heads, seq_len, sliding_window))
+
+
+def chunked_backward_many(grad_out, q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,
+                          temperature, q_scale, k_scale, v_scale, chunk_size=None):
+    """GIM attention backward for a stack of C cotangents ``grad_out [C, B, Hq, S, D]`` → dq ``[C, B, Hq, S, D]``,
+    dk, dv ``[C, B, Hkv, S, D]``; the math of the module docstring, per cotangent.
+
+    Each query tile's scores, P, P_T and O_T = P_T V are computed once and shared by the C cotangents, which are
+    folded into the GEMMs: dP = dO Vᵀ and dQ = dS K stack the C cotangents' rows (C·G·c rows against one K/V
+    tile), dV = Pᵀ dO puts them side by side (C·D columns), dK = dSᵀ Q is one GEMM per cotangent. The row sums
+    come from the small side, Δ_T = rowsum(dP ⊙ P_T) = rowsum(dO ⊙ O_T), and enter dP's GEMM as its initial
+    value, so that besides the GEMMs the C-fold score tiles see one elementwise pass (× P_T).
+    """
+    count = grad_out.shape[0]
+    batch, q_heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    bh = batch * kv_heads
+    ct = compute_dtype(q.dtype)
+    t = 1.0 if temperature is None else float(temperature)
+    if chunk_size is None:
+        chunk_size = many_chunk_size(count, batch, q_heads, seq_len, sliding_window)
+    grad = grad_out.to(ct).unflatten(2, (kv_heads, group))  # a view at any strides: each tile copies its rows
+    # accumulators in the layouts the tiles' GEMMs produce (a tile adds a contiguous block of rows)
+    dq = torch.empty(bh, count, group, seq_len, head_dim, dtype=ct, device=q.device)
+    dk = torch.zeros(bh, count, seq_len, head_dim, dtype=ct, device=q.device)
+    dv = torch.zeros(bh, seq_len, count * head_dim, dtype=ct, device=q.device)
+    for q_start in range(0, seq_len, chunk_size):
+        q_end = min(seq_len, q_start + chunk_size)
+        c = q_end - q_start
+        rows = group * c
+        scores, tanh, (lo, hi), q_tile, k_tile, v_tile = _tile(
+            q, k, v, q_start, q_end, ct, group, scale, softcap, causal, sliding_window, key_padding_mask)
+        n = hi - lo
+        probs, probs_t = _softmaxes(scores, t)
+        del scores
+        o_t = (probs_t @ v_tile).reshape(bh, 1, rows, head_dim)                    # O_T = P_T V, shared
+        weight = probs_t if tanh is None else probs_t * (1.0 - tanh * tanh)        # × soft-cap derivative
+        do = grad[:, :, :, :, q_start:q_end].permute(1, 2, 0, 3, 4, 5)             # [B, Hkv, C, G, c, D]
+        # dV = Pᵀ dO with the true P: the C cotangents as C·D columns of one GEMM
+        do_cols = do.permute(0, 1, 3, 4, 2, 5).reshape(bh, rows, count * head_dim)
+        dv[:, lo:hi].baddbmm_(probs.view(bh, rows, n).transpose(1, 2), do_cols)
+        del probs
+        # dS = P_T ⊙ (dP − Δ_T): the C cotangents' rows stacked, [B·Hkv, C·G·c, n]
+        do_rows = do.reshape(bh, count, rows, head_dim)
+        delta = (do_rows * o_t).sum(-1, keepdim=True).neg_().view(bh, count * rows, 1)
+        grad_s = torch.baddbmm(delta, do_rows.reshape(bh, count * rows, head_dim),
+                               v_tile.reshape(bh, n, head_dim).transpose(1, 2))
+        grad_s.view(bh, count, rows, n).mul_(weight.view(bh, 1, rows, n))
+        dq[:, :, :, q_start:q_end] = torch.bmm(grad_s, k_tile.reshape(bh, n, head_dim)).view(
+            bh, count, group, c, head_dim)
+        dk[:, :, lo:hi] += torch.matmul(grad_s.view(bh, count, rows, n).transpose(-1, -2),
+                                        q_tile.reshape(bh, 1, rows, head_dim))
+    # to [C, B, H, S, D] with the GIM factors (scale: dS was not multiplied by it)
+    dq = dq.view(batch, kv_heads, count, group, seq_len, head_dim).permute(2, 0, 1, 3, 4, 5)
+    dk = dk.view(batch, kv_heads, count, seq_len, head_dim).permute(2, 0, 1, 3, 4)
+    dv = dv.view(batch, kv_heads, seq_len, count, head_dim).permute(3, 0, 1, 2, 4)
+    factors = (scale * (1.0 if q_scale is None else q_scale), scale * (1.0 if k_scale is None else k_scale),
+               1.0 if v_scale is None else v_scale)
+    return tuple((g * f).reshape(count, *like.shape).to(like.dtype)
+                 for g, f, like in zip((dq, dk, dv), factors, (q, k, v)))
 
 
 def gim_attention_chunked(q, k, v, *, scale, causal, sliding_window, softcap, key_padding_mask,

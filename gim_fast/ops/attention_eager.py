@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .cotangents import unbatched_forward_only
 from .grad_scale import scale_grad
 from .masks import allowed_tile
 
@@ -19,11 +20,16 @@ class TemperedSoftmax(torch.autograd.Function):
     T × the true gradient of softmax(S / T). Entries masked with −inf get P = P_T = 0 and no gradient.
     """
 
+    vmap = staticmethod(unbatched_forward_only)
+
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, temperature: float) -> torch.Tensor:
-        ctx.temperature = temperature
-        ctx.save_for_backward(scores)
+    def forward(scores: torch.Tensor, temperature: float) -> torch.Tensor:
         return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        scores, ctx.temperature = inputs
+        ctx.save_for_backward(scores)
 
     @staticmethod
     def backward(ctx, grad_p: torch.Tensor):

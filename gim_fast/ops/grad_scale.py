@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import torch
 
+from .cotangents import unbatched_forward_only
+
 
 class ScaleGrad(torch.autograd.Function):
     """y = x;  dx = scale · dy."""
 
+    vmap = staticmethod(unbatched_forward_only)
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
+    def forward(x: torch.Tensor, scale: float) -> torch.Tensor:
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

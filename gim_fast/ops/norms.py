@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cotangents import unbatched_forward_only
+
 
 def _rms_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, rstd: torch.Tensor):
     """The module's own forward given ``rstd``; identical op order to the Hugging Face norms."""
@@ -50,17 +52,24 @@ def frozen_rms_norm_eager(x, weight, eps, offset=0.0):
 
 
 class FrozenRMSNorm(torch.autograd.Function):
-    """RMSNorm whose backward is ``dx = dy · (offset + w) · r``."""
+    """RMSNorm whose backward is ``dx = dy · (offset + w) · r``. Returns ``(y, r)``; r is not differentiable."""
+
+    vmap = staticmethod(unbatched_forward_only)
 
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
+    def forward(x, weight, eps, offset):
         rstd = _rstd(x, eps)
-        ctx.offset, ctx.x_dtype = offset, x.dtype
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, rstd)
-        return _rms_forward(x, weight, eps, offset, rstd)
+        return _rms_forward(x, weight, eps, offset, rstd), rstd
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):
+        x, weight, _, ctx.offset = inputs
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_rstd=None):
         x, weight, rstd = ctx.saved_tensors
         offset = ctx.offset
         grad_x = grad_w = None
@@ -98,18 +107,26 @@ def frozen_layer_norm_eager(x, weight, bias, eps):
 
 
 class FrozenLayerNorm(torch.autograd.Function):
-    """LayerNorm whose backward is ``dx = (g − mean(g)) / σ`` with ``g = dy · w``."""
+    """LayerNorm whose backward is ``dx = (g − mean(g)) / σ`` with ``g = dy · w``. Returns ``(y, mean, 1/σ)``
+    (``torch.native_layer_norm``'s outputs); mean and 1/σ are not differentiable."""
+
+    vmap = staticmethod(unbatched_forward_only)
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        out, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    def forward(x, weight, bias, eps):
+        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        _, mean, rstd = output
         ctx.x_dtype, ctx.bias_dtype = x.dtype, (bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(mean, rstd)
         keep_x = ctx.needs_input_grad[1]
         ctx.save_for_backward(x if keep_x else None, mean if keep_x else None, weight, rstd)
-        return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_mean=None, _grad_rstd=None):
         x, mean, weight, rstd = ctx.saved_tensors
         ct = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
         rstd = rstd.to(ct)

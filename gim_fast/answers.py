@@ -1,0 +1,276 @@
+"""Attribution of a whole answer: every answer token × every prompt and answer token, from one forward pass.
+
+``explain_answer(model, prompt_ids, answer_ids)`` explains each answer token m, predicted at the position just
+before it (P + m − 1 without padding), over every token of prompt + answer: row m of the result equals
+``explain(model, (prompt + answer)[: P + m], target_token_id=answer[m])`` up to float rounding. The forward
+pass runs once; the backward is linear in its cotangent, so the M targets are M cotangents pushed back through
+the same saved activations, ``chunk`` of them per backward pass (``gim_fast.engine.attribute_targets``).
+``total=True`` attributes the sum of the M targets with one backward pass. ``explain_generation`` generates the
+answer with the model's own ``generate`` first.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from .engine import TARGETS, attribute_targets
+from .explain import as_id_tensor, as_mask, check_vocabulary, checked_call, resolve_baseline
+from .integration import eval_mode, tlens
+from .integration.model_io import model_io
+from .settings import GIMSettings
+
+__all__ = ["AnswerAttribution", "explain_answer", "explain_generation"]
+
+_DEFAULTS = GIMSettings()
+
+
+@dataclass
+class AnswerAttribution:
+    """The attribution of an answer of M tokens after a prompt of P tokens (columns: prompt then answer).
+
+    For a single prompt (1-D ``prompt_ids``); a batch adds a leading batch dim to every tensor and makes
+    ``tokens`` a list per row.
+
+    scores:          ``[M, P + M]``: row m attributes answer token m (its logit or log-probability, predicted
+                     at ``target_positions[m]``) to every token; 0 after that position and at padding.
+                     ``[1, P + M]`` with ``total=True``: the attribution of the sum over the answer.
+    target_ids:      ``[M]`` the answer tokens (padded answer positions: the pad value given).
+    target_logits:   ``[M]`` their raw logits; ``target_logprobs``: ``[M]`` their log-probabilities (0 at padding).
+    target_positions: ``[M]`` the position (column) whose output predicts each answer token.
+    attention_mask:  ``[P + M]`` 1 for real tokens, 0 for padding (prompt padding, then answer padding).
+    answer_mask:     ``[M]`` 1 for real answer tokens.
+    prompt_length:   P, the number of prompt columns (the answer starts at column P).
+    tokens:          with a tokenizer: each column's token, decoded alone ('' at padding); else None.
+    target, total:   what was explained (``"logit"``/``"logprob"``) and whether rows were summed.
+    chunk:           how many cotangents each backward pass carried; checkpointing: whether decoder layers
+                     were checkpointed (both chosen from the memory estimate unless given).
+    """
+
+    scores: torch.Tensor
+    target_ids: torch.Tensor
+    target_logits: torch.Tensor
+    target_logprobs: torch.Tensor
+    target_positions: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+    prompt_length: int
+    tokens: list | None
+    target: str
+    total: bool
+    chunk: int = 1
+    checkpointing: bool = False
+
+    @property
+    def answer_scores(self) -> torch.Tensor:
+        """The scores of the answer columns alone: ``[..., M or 1, M]``."""
+        return self.scores[..., self.prompt_length:]
+
+    @property
+    def prompt_scores(self) -> torch.Tensor:
+        """The scores of the prompt columns alone: ``[..., M or 1, P]``."""
+        return self.scores[..., :self.prompt_length]
+
+
+def _as_positive_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a positive int or None, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a positive int or None, got {type(value).__name__}") from None
+    if value < 1:
+        raise ValueError(f"{what} must be a positive int or None, got {value}")
+    return value
+
+
+def max_positions(model) -> int | None:
+    """The longest input the model's position embeddings cover (None when the config does not say)."""
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _answer_mask(answer_mask, answer: torch.Tensor) -> torch.Tensor:
+    mask = as_mask(answer_mask, answer, "answer_mask", "answer_ids")
+    # real answer tokens first: each row's answer is contiguous and right-padded
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("answer_mask must be right-padded: each row's real answer tokens (1) first, then "
+                         "padding (0)")
+    return mask
+
+
+def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="logit", total=False,
+                   baseline_token_id=None, attention_mask=None, answer_mask=None,
+                   freeze_norm=_DEFAULTS.freeze_norm, softmax_temperature=_DEFAULTS.softmax_temperature,
+                   q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale, v_scale=_DEFAULTS.v_scale,
+                   gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend,
+                   chunk=None, checkpointing="auto") -> AnswerAttribution:
+    """GIM attribution of every token of an answer to every token before it, from one forward pass.
+
+    Args:
+        model: as for ``explain`` (a Hugging Face causal LM of a supported family, or a TransformerLens model).
+        prompt_ids: ``[P]`` or ``[B, P]`` token ids (tensor or lists); a batch is padded like ``explain``'s
+            input, with ``attention_mask`` (1 = real token; left or right padding).
+        answer_ids: ``[M]`` (the same answer after every prompt) or ``[B, M]`` token ids; answers of different
+            lengths are right-padded, with ``answer_mask`` (1 = real answer token, real tokens first).
+        tokenizer: gives the baseline token (as in ``explain``) and ``.tokens``.
+        target: ``"logit"`` explains each answer token's raw logit (as ``explain``); ``"logprob"`` its
+            log-probability (log_softmax of the whole logits row at that position).
+        total: one row, the attribution of the sum of the answer's targets, from a single backward pass
+            (for a whole answer's log-probability: ``target="logprob", total=True``).
+        baseline_token_id, freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale,
+            backend, checkpointing: as for ``explain``.
+        chunk: how many answer tokens' cotangents one backward pass carries (default: as many as the memory
+            estimate allows, at most M). ``chunk=1`` runs one backward per answer token, through the same forward.
+
+    Returns:
+        An ``AnswerAttribution``: ``.scores`` ``[M, P + M]`` (``[1, P + M]`` with ``total=True``; a batch adds a
+        leading ``B``), row m equal to ``explain(model, (prompt + answer)[: P + m], target_token_id=answer[m])``
+        up to float rounding, 0 after its position; float32 (float64 for a float64 model).
+    """
+    settings = checked_call(model, checkpointing, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+                            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
+                            up_scale=up_scale, backend=backend)
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
+    if not isinstance(total, bool):
+        raise TypeError(f"total must be True or False, got {total!r}")
+    if chunk is not None:
+        chunk = _as_positive_int(chunk, "chunk")
+
+    prompt = as_id_tensor(prompt_ids, "prompt_ids")
+    squeeze = prompt.dim() == 1
+    prompt_mask = as_mask(attention_mask, prompt, "attention_mask", "prompt_ids")
+    if squeeze:
+        prompt, prompt_mask = prompt[None], prompt_mask[None]
+    batch = prompt.shape[0]
+    try:
+        answer = as_id_tensor(answer_ids, "answer_ids")
+    except ValueError as err:
+        if "is empty" in str(err):
+            raise ValueError(f"answer_ids is empty: an answer needs at least one token ({err})") from None
+        raise
+    if answer.dim() == 1:
+        if answer_mask is not None and torch.as_tensor(answer_mask).dim() != 1:
+            raise ValueError("answer_mask must have the shape of answer_ids")
+        answer = answer[None].expand(batch, -1)
+        answer_mask = None if answer_mask is None else torch.as_tensor(answer_mask)[None].expand(batch, -1)
+    elif squeeze:
+        raise ValueError(f"answer_ids is 2-D {tuple(answer.shape)} but prompt_ids is 1-D; give one answer [M] for "
+                         "one prompt, or a batch of prompts [B, P] with answers [B, M]")
+    elif answer.shape[0] != batch:
+        raise ValueError(f"answer_ids has {answer.shape[0]} rows for {batch} prompts; give one answer per prompt "
+                         "(or one 1-D answer for all)")
+    amask = _answer_mask(answer_mask, answer)
+
+    io = model_io(model)
+    check_vocabulary(prompt, prompt_mask, io.vocab_in, "prompt_ids")
+    check_vocabulary(answer, amask, min(io.vocab_in, io.vocab_out), "answer_ids")
+    lengths = prompt_mask.sum(-1) + amask.sum(-1)
+    limit = max_positions(model)
+    if limit is not None and int(lengths.max()) > limit:
+        row = int(lengths.argmax())
+        raise ValueError(
+            f"prompt + answer is {int(lengths[row])} tokens (row {row}: {int(prompt_mask[row].sum())} + "
+            f"{int(amask[row].sum())}) but the model's positions end at {limit} (max_position_embeddings); "
+            "shorten the prompt or the answer")
+    baseline = resolve_baseline(baseline_token_id, tokenizer)
+    if not 0 <= baseline < io.vocab_in:
+        raise ValueError(f"baseline_token_id {baseline} is outside the vocabulary [0, {io.vocab_in})")
+
+    prompt_len, count = prompt.shape[1], answer.shape[1]
+    # The model sees each row's prompt left-padded (a stable sort puts the padding first), so that prompt and
+    # answer are contiguous: a sliding window counts columns, and a gap of padding would shorten it. Scores are
+    # put back in the caller's columns afterwards.
+    order = torch.sort(prompt_mask, dim=-1, stable=True).indices
+    ids = torch.cat([prompt.gather(1, order), answer], 1)
+    mask = torch.cat([prompt_mask.gather(1, order), amask], 1)
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, baseline))  # padding may hold any id
+    targets = torch.where(amask.bool(), answer, torch.zeros_like(answer))
+    positions = (prompt_len - 1 + torch.arange(count))[None].repeat(batch, 1)  # token m is predicted at P + m − 1
+
+    device = io.weight.device
+    result = attribute_targets(model, ids.to(device), mask.to(device), positions.to(device), targets.to(device),
+                               amask.to(device), baseline, settings, target=target, total=total, chunk=chunk,
+                               checkpointing=checkpointing)
+    columns = torch.cat([order, torch.arange(prompt_len, prompt_len + count).expand(batch, -1)], 1).to(device)
+    scores = torch.zeros_like(result.scores).scatter_(
+        2, columns[:, None].expand(-1, result.scores.shape[1], -1), result.scores)
+    # in the caller's columns, answer token 0 is predicted at the last real prompt token
+    positions[:, 0] = prompt_len - 1 - prompt_mask.flip(-1).argmax(-1)
+    mask = torch.cat([prompt_mask, amask], 1)
+    ids = torch.cat([prompt, answer], 1)
+    tokens = None
+    if tokenizer is not None:
+        tokens = [[tokenizer.decode([int(i)]) if real else "" for i, real in zip(row, row_mask)]
+                  for row, row_mask in zip(ids.tolist(), mask.tolist())]
+    out = AnswerAttribution(
+        scores=scores, target_ids=answer.to(device).clone(),
+        target_logits=result.target_logits, target_logprobs=result.target_logprobs,
+        target_positions=positions.to(device), attention_mask=mask.to(device), answer_mask=amask.to(device),
+        prompt_length=prompt_len, tokens=tokens, target=target, total=total, chunk=result.chunk,
+        checkpointing=result.checkpointing)
+    if squeeze:
+        for name in ("scores", "target_ids", "target_logits", "target_logprobs", "target_positions",
+                     "attention_mask", "answer_mask"):
+            setattr(out, name, getattr(out, name)[0])
+        out.tokens = None if tokens is None else tokens[0]
+    return out
+
+
+def explain_generation(model, tokenizer, prompt, max_new_tokens=32, *, target="logit", total=False,
+                       baseline_token_id=None, freeze_norm=_DEFAULTS.freeze_norm,
+                       softmax_temperature=_DEFAULTS.softmax_temperature, q_scale=_DEFAULTS.q_scale,
+                       k_scale=_DEFAULTS.k_scale, v_scale=_DEFAULTS.v_scale, gate_scale=_DEFAULTS.gate_scale,
+                       up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend, chunk=None, checkpointing="auto",
+                       **generate_kwargs) -> AnswerAttribution:
+    """Generate an answer with the model's own ``generate`` (greedy unless ``generate_kwargs`` say otherwise),
+    then attribute it with ``explain_answer``.
+
+    ``prompt``: a string, tokenized with ``tokenizer`` as it tokenizes by default (special tokens included);
+    apply a chat template first if the model needs one. Generation stops at ``max_new_tokens`` or at the
+    end-of-sequence token; the answer is what was generated before that token (an answer that is only EOS is an
+    error). Every other keyword goes to ``model.generate``. The answer's text is ``tokenizer.decode`` of
+    ``result.target_ids``.
+    """
+    gim = dict(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale, k_scale=k_scale,
+               v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale, backend=backend)
+    checked_call(model, checkpointing, **gim)  # before generating
+    settings = dict(gim, target=target, total=total, baseline_token_id=baseline_token_id, chunk=chunk,
+                    checkpointing=checkpointing)
+    if tlens.is_transformer_lens_model(model):
+        raise TypeError("explain_generation generates with a Hugging Face model's generate(); for a TransformerLens "
+                        "model, generate the answer yourself and call explain_answer(model, prompt_ids, answer_ids)")
+    if not isinstance(prompt, str) or not prompt:
+        raise TypeError(f"prompt must be a non-empty string, got {prompt!r}")
+    max_new_tokens = _as_positive_int(max_new_tokens, "max_new_tokens")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    limit = max_positions(model)
+    if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's positions ({limit}); shorten the prompt or lower max_new_tokens")
+
+    device = model.get_input_embeddings().weight.device
+    eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    eos = set() if eos is None else set([eos] if isinstance(eos, int) else eos)
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens)
+    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is None and eos:
+        kwargs["pad_token_id"] = min(eos)
+    kwargs.update(generate_kwargs)
+    with eval_mode(model), torch.no_grad():
+        out = model.generate(prompt_ids[None].to(device), attention_mask=torch.ones_like(prompt_ids)[None].to(device),
+                             **kwargs)
+    generated = out[0, len(prompt_ids):].tolist()
+    stop = next((i for i, t in enumerate(generated) if t in eos), len(generated))
+    answer = generated[:stop]
+    if not answer:
+        raise ValueError("the model generated no answer tokens (its first token was the end-of-sequence token); "
+                         "nothing to attribute")
+    return explain_answer(model, prompt_ids, torch.tensor(answer), tokenizer=tokenizer, **settings)
