@@ -61,7 +61,8 @@ def installed(tmp_path_factory):
 
 def _env():
     """This process's environment without anything that could point back at the source tree."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "GIM_FAST_LXT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "GIM_FAST_LXT")}
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
