@@ -19,8 +19,9 @@ Providers, side by side in one run, on the same model:
 Each (provider, length) is measured in a fresh child process so that peak memory is that call's alone: on CUDA
 ``max_memory_allocated`` above what the loaded model holds; on the CPU the peak resident set sampled every
 millisecond during the calls, above the resident set before them (for ``attnlrp``: the worker process's, which has
-already run one forward for the logit check). Times are p20/p50/p80 over ``--repeats`` calls after one warm-up call. ``--longest`` then doubles the length per provider until it fails (a refusal by gim_fast's
-memory estimate, an out-of-memory error, a killed process or ``--max-seconds``) and records the longest that ran.
+already run one forward for the logit check). Times are p20/p50/p80 over ``--repeats`` calls after one warm-up call.
+``--longest`` then doubles the length per provider until it fails (a refusal by gim_fast's memory estimate, an
+out-of-memory error, a killed process or ``--max-seconds``) and records the longest that ran.
 Rows go to ``<out>/explain_<model>_<device>.csv/.json``, with a log-log plot of time and memory (matplotlib) and a
 markdown summary of the ratios.
 """
@@ -243,7 +244,8 @@ def summary(rows) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     by = {(r["provider"], r["seq"]): r for r in rows}
     lrp = "attnlrp" in providers
-    lines = ["| tokens | " + " | ".join(providers) + " | GIM / plain | eager / GIM |" + (" AttnLRP / GIM |" if lrp else ""),
+    lines = ["| tokens | " + " | ".join(providers) + " | GIM / plain | eager / GIM |"
+             + (" AttnLRP / GIM |" if lrp else ""),
              "|---:|" + "---|" * (len(providers) + 2 + lrp)]
     for s in seqs:
         cells = []
