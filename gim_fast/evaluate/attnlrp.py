@@ -256,7 +256,10 @@ def conservation_by_block(model, input_ids: torch.Tensor, target: int) -> dict:
 
 def prepare(model, batches: list[torch.Tensor]) -> dict:
     """Before timed attributions of ``batches``: start the worker, load the model, compare the logits of every
-    row (:func:`check_logits`) and run one attribution as a warm-up (first-call costs stay out of the timings)."""
+    row (:func:`check_logits`) and attribute every batch once as a warm-up (first-call and first-shape costs stay
+    out of the timings, as the evaluation does for the gradient methods)."""
     checks = check_logits(model, batches)
-    worker_for(model).attribute(torch.as_tensor(batches[0])[:1].long().cpu())
+    worker = worker_for(model)
+    for ids in batches:
+        worker.attribute(torch.as_tensor(ids).long().cpu())
     return checks

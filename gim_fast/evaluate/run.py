@@ -307,10 +307,14 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
         todo.pop(alias, None)
 
     batches = _groups(examples, batch_size)
-    # warm-up (one-time costs: oneDNN kernels, our attention functions, captum's import) outside the timings
+    # warm-up outside the timings: one-time costs (oneDNN kernels for every batch shape, our attention functions,
+    # captum's import) would otherwise be charged to whichever method runs first; AttnLRP's worker warms up the same
+    # way in its prepare()
     first = examples[batches[0][0]]
     M.target_logits(model, first.input_ids[None], first.target_id)
-    METHODS["gim"].attribute(model, first.input_ids[None], [first.target_id], baseline, backend=backend)
+    for idx in batches:
+        METHODS["gim"].attribute(model, torch.stack([examples[i].input_ids for i in idx]),
+                                 [examples[i].target_id for i in idx], baseline, backend=backend)
     if any(m.kind == "ig" for m in todo.values()):
         try:
             import captum.attr  # noqa: F401
