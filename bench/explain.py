@@ -8,15 +8,20 @@ Providers, side by side in one run, on the same model:
     plain        plain gradient × input through the model's own attention (SDPA; eager for Gemma 2) in the same
                  engine — frozen weights, target logits only: the cost floor of any gradient method
     gim-explain  gim-explain 0.1.4 as it is (partial GIM on these models; full logits, weight gradients kept)
+    attnlrp      AttnLRP, LXT 2.1's efficient rules, in the side worker of gim_fast.evaluate.attnlrp (transformers
+                 4.52, its own copy of the model, this process's thread count); its logits are checked against
+                 the model's before timing (a random-weight --config model is saved to a temporary folder first)
 
     python bench/explain.py --model smollm2-135m --seqlens 256 512 1024 2048            # CPU, real SmolLM2
     python bench/explain.py --config llama-3.1-8b --seqlens 1024 2048 4096 8192 --longest   # GPU, random bf16
+    python bench/explain.py --model smollm2-135m --seqlens 512 1024 2048 4096 --providers gim-torch plain attnlrp
 
 Each (provider, length) is measured in a fresh child process so that peak memory is that call's alone: on CUDA
 ``max_memory_allocated`` above what the loaded model holds; on the CPU the peak resident set sampled every
-millisecond during the calls, above the resident set before them. Times are p20/p50/p80 over ``--repeats`` calls
-after one warm-up call. ``--longest`` then doubles the length per provider until it fails (a refusal by gim_fast's
-memory estimate, an out-of-memory error, a killed process or ``--max-seconds``) and records the longest that ran.
+millisecond during the calls, above the resident set before them (for ``attnlrp``: the worker process's, which has
+already run one forward for the logit check). Times are p20/p50/p80 over ``--repeats`` calls after one warm-up call.
+``--longest`` then doubles the length per provider until it fails (a refusal by gim_fast's memory estimate, an
+out-of-memory error, a killed process or ``--max-seconds``) and records the longest that ran.
 Rows go to ``<out>/explain_<model>_<device>.csv/.json``, with a log-log plot of time and memory (matplotlib) and a
 markdown summary of the ratios.
 """
@@ -28,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import environment, is_oom, write_rows  # noqa: E402
 
-PROVIDERS = ("gim-triton", "gim-torch", "gim-eager", "plain", "gim-explain")
+PROVIDERS = ("gim-triton", "gim-torch", "gim-eager", "plain", "gim-explain", "attnlrp")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -69,20 +75,39 @@ def _call(provider, model, ids):
         import gim
 
         return gim.explain(model, ids, baseline_token_id=0)
+    if provider == "attnlrp":
+        from gim_fast.evaluate import attnlrp
+
+        return attnlrp.worker_for(model).attribute(ids[None].cpu())["scores"]   # the top prediction, as explain
     raise ValueError(provider)
 
 
-class _RssSampler:
-    """Resident set of this process before (``base``) and at its peak (``peak``) while the block runs, sampled
-    every millisecond: the CPU's counterpart of CUDA's peak-memory statistics."""
+def _start_attnlrp(model, ids, scratch) -> int:
+    """Give the worker the model's files (a random-weight model is saved first), check its logits at this length
+    and return its pid (whose memory is the one measured)."""
+    from gim_fast.evaluate import attnlrp
 
-    def __init__(self):
+    reason = attnlrp.unavailable()
+    if reason:
+        raise RuntimeError(reason)
+    if not (Path(getattr(model.config, "_name_or_path", "") or "nowhere") / "config.json").is_file():
+        model.save_pretrained(scratch)
+        model.config._name_or_path = str(scratch)
+    attnlrp.check_logits(model, [ids[None]])
+    return attnlrp.worker_for(model).pid
+
+
+class _RssSampler:
+    """Resident set of a process (this one, or ``pid``) before (``base``) and at its peak (``peak``) while the
+    block runs, sampled every millisecond: the CPU's counterpart of CUDA's peak-memory statistics."""
+
+    def __init__(self, pid: int | str = "self"):
         self.base = self.peak = 0
+        self._statm = f"/proc/{pid}/statm"
         self._stop = threading.Event()
 
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
+    def rss(self) -> int:
+        with open(self._statm) as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self):
@@ -111,18 +136,30 @@ def child(args) -> dict:
     ids = ids.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     row = {}
+    measured_pid = "self"
+    if args.provider == "attnlrp":   # LXT's own code in the side worker: no checkpointing, the worker's memory
+        if device.type != "cpu":
+            return {"status": "skipped", "detail": "the AttnLRP worker runs on the CPU only"}
+        scratch = tempfile.TemporaryDirectory(prefix="attnlrp-model-")
+        try:
+            measured_pid = _start_attnlrp(model, ids, scratch.name)
+        except Exception as err:  # noqa: BLE001 - no side install, a refused logit check: a result row
+            return {"status": "error", "detail": str(err).splitlines()[0][:300]}
     try:
-        from gim_fast.memory import plan_checkpointing
+        if args.provider == "attnlrp":
+            row["checkpointing"] = False
+        else:
+            from gim_fast.memory import plan_checkpointing
 
-        row["checkpointing"] = plan_checkpointing(
-            model, args.seq, 1, backend="eager" if args.provider == "gim-eager" else "torch", num_targets=1)
+            row["checkpointing"] = plan_checkpointing(
+                model, args.seq, 1, backend="eager" if args.provider == "gim-eager" else "torch", num_targets=1)
     except gim_fast.InsufficientMemoryError as err:
         return {"status": "refused", "detail": str(err).splitlines()[0]}
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        sampler = _RssSampler() if device.type == "cpu" else None
+        sampler = _RssSampler(measured_pid) if device.type == "cpu" else None
         times = []
         start_all = time.perf_counter()
         with sampler or contextlib.nullcontext():
@@ -144,6 +181,8 @@ def child(args) -> dict:
     except gim_fast.InsufficientMemoryError as err:
         return {"status": "refused", "detail": str(err).splitlines()[0]}
     except Exception as err:  # noqa: BLE001 - an OOM is a result
+        if args.provider == "attnlrp" and "(code -9)" in str(err):
+            return {"status": "killed", "detail": "the AttnLRP worker was killed (out of memory)"}
         if not is_oom(err):
             raise
         return {"status": "oom", "detail": str(err).splitlines()[0][:200]}
@@ -199,12 +238,15 @@ def _plot(rows, path: Path, title: str) -> bool:
 
 
 def summary(rows) -> str:
-    """Markdown: per length, each provider's p50 and memory, and the ratios to ``plain`` and to ``gim-eager``."""
+    """Markdown: per length, each provider's p50 and memory, and the ratios to ``plain`` and to ``gim-eager`` (and
+    AttnLRP's time and memory over GIM's, when it ran)."""
     seqs = sorted({r["seq"] for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     by = {(r["provider"], r["seq"]): r for r in rows}
-    lines = ["| tokens | " + " | ".join(providers) + " | GIM / plain | eager / GIM |",
-             "|---:|" + "---|" * (len(providers) + 2)]
+    lrp = "attnlrp" in providers
+    lines = ["| tokens | " + " | ".join(providers) + " | GIM / plain | eager / GIM |"
+             + (" AttnLRP / GIM |" if lrp else ""),
+             "|---:|" + "---|" * (len(providers) + 2 + lrp)]
     for s in seqs:
         cells = []
         for p in providers:
@@ -221,7 +263,14 @@ def summary(rows) -> str:
         plain, eager = by.get(("plain", s), {}), by.get(("gim-eager", s), {})
         ratio = f"{best['p50_s'] / plain['p50_s']:.2f}×" if best and plain.get("status") == "ok" else ""
         speed = f"{eager['p50_s'] / best['p50_s']:.1f}×" if best and eager.get("status") == "ok" else ""
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {ratio} | {speed} |")
+        line = f"| {s} | " + " | ".join(cells) + f" | {ratio} | {speed} |"
+        if lrp:
+            other = by.get(("attnlrp", s), {})
+            both = best and other.get("status") == "ok"
+            mem = (f", {other['peak_mem_bytes'] / best['peak_mem_bytes']:.2f}× memory"
+                   if both and other.get("peak_mem_bytes") and best.get("peak_mem_bytes") else "")
+            line += f" {other['p50_s'] / best['p50_s']:.2f}× time{mem} |" if both else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -256,7 +305,8 @@ def main(argv=None):
         print(json.dumps(child(args)), flush=True)
         return
 
-    providers = args.providers or [p for p in PROVIDERS if cuda or p != "gim-triton"]
+    # attnlrp (a side install, CPU only) runs when asked for
+    providers = args.providers or [p for p in PROVIDERS if (cuda or p != "gim-triton") and p != "attnlrp"]
     name = args.config or args.model
     env = environment(torch.device("cuda" if cuda else "cpu"))
     base = dict(model=name + (f" ({args.layers} layers)" if args.layers else ""), batch=1, dtype=args.dtype)

@@ -1,13 +1,12 @@
 """The compared attribution methods: what each computes, batch independence, IG's completeness bookkeeping,
-the random baseline's determinism, and AttnLRP's reported unavailability."""
+the random baseline's determinism (AttnLRP: tests/test_attnlrp.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import gim_fast
-from gim_fast.evaluate.methods import (METHODS, MethodUnavailable, attnlrp_unavailable, get_method,
-                                       temperature_method)
+from gim_fast.evaluate.methods import METHODS, get_method, temperature_method
 from tiny_models import random_ids, tiny_model
 
 BASELINE = 7
@@ -98,19 +97,6 @@ def test_random_is_seeded_per_example():
     assert (a >= 0).all() and not torch.equal(a[0], a[1])
     c = random.attribute(None, ids, [1, 2, 3], 0, example_keys=["x", "y", "z"], seed=1).scores
     assert not torch.equal(a, c)
-
-
-def test_attnlrp_reports_why_it_cannot_run(llama):
-    reason = attnlrp_unavailable()
-    try:
-        import lxt.efficient  # noqa: F401
-    except Exception:   # noqa: BLE001 - missing, or broken with transformers 5 (the expected case)
-        assert reason and "lxt" in reason
-        with pytest.raises(MethodUnavailable, match="lxt"):
-            METHODS["attnlrp"].attribute(llama, random_ids(4, batch=1), [1], 0)
-    else:   # pragma: no cover - lxt imports (an old transformers): the evaluation still refuses clearly
-        with pytest.raises(MethodUnavailable):
-            METHODS["attnlrp"].attribute(llama, random_ids(4, batch=1), [1], 0)
 
 
 def test_method_names():

@@ -61,7 +61,8 @@ def installed(tmp_path_factory):
 
 def _env():
     """This process's environment without anything that could point back at the source tree."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "GIM_FAST_LXT")}
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
@@ -92,6 +93,10 @@ def test_installed_package_imports_outside_the_source_tree(installed):
             assert not module.__file__.startswith({str(ROOT)!r}), module.__file__
         spec = importlib.util.find_spec("kernels")      # Hugging Face's package, if installed; never ours
         assert spec is None or not spec.origin.startswith((sys.prefix, {str(ROOT)!r})), spec
+        from gim_fast.evaluate import attnlrp         # AttnLRP's worker ships, its side install is this env's
+        assert attnlrp.WORKER.is_file() and str(attnlrp.WORKER).startswith(sys.prefix), attnlrp.WORKER
+        assert attnlrp.side_dir() == __import__("pathlib").Path(sys.prefix) / "lxt", attnlrp.side_dir()
+        assert "no AttnLRP side install at " + str(attnlrp.side_dir()) in attnlrp.unavailable()
         print("ok", gim_fast.__file__)
     """)
     done = _run([env_python, "-c", code], cwd=outside, env=_env())

@@ -70,7 +70,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                     "drop when 50/80/90/95/99% of the least important tokens are replaced; lower is better), both "
                     "divided by the target logit. Writes OUT/summary.csv, OUT/examples.csv, OUT/faithfulness.md "
                     "(method x model table), OUT/temperature_sweep.png/.csv and OUT/run.json.",
-        epilog=f"Methods: {', '.join(METHODS)}, and gim_t<T> (GIM at temperature T). Data: 'capitals' (the prompts "
+        epilog=f"Methods: {', '.join(METHODS)}, and gim_t<T> (GIM at temperature T); attnlrp runs LXT 2.1 in a "
+               "worker process from the side install of transformers 4.52 that `make venv` puts in .venv/lxt "
+               "(GIM_FAST_LXT points elsewhere). Data: 'capitals' (the prompts "
                "'The capital of {country} is' from the country-capitals package, kept when the model predicts the "
                "capital's first token) or a JSON Lines file with a 'text' and optionally a 'target' per line. "
                "--task context instead asks 'What is the capital of {country}?' over a context of one-sentence "

@@ -16,14 +16,16 @@ logit at the last position. All gradient methods use the same baseline: the base
                             Gauss–Legendre (captum's default), target = the raw logit; also returns its
                             completeness gap Σ scores − (f(x) − f(baseline))
 ``random``                  |N(0, 1)| per token from a generator seeded per example (the paper's random baseline)
-``attnlrp``                 AttnLRP through ``lxt``: only where ``lxt`` imports (it does not with transformers 5)
+``attnlrp``                 AttnLRP, LXT 2.1's efficient rules, run by a worker process in the side install of
+                            transformers 4.52 + lxt 2.1 (``gim_fast.evaluate.attnlrp``) on the same model files:
+                            embeddings × modified gradient of the raw logit (zero baseline); also returns its
+                            conservation gap Σ scores − f(x)
 ==========================  ==================================================================================
 
 ``gim_t{T}`` (e.g. ``gim_t1.5``) is GIM with every default but the softmax temperature T (the temperature sweep).
 """
 from __future__ import annotations
 
-import importlib
 import zlib
 from dataclasses import dataclass, field
 
@@ -54,6 +56,19 @@ class Method:
     kind: str                              # "gim", "ig", "random" or "attnlrp"
     settings: tuple = ()                   # gim: explain() keyword arguments, as sorted (key, value) pairs
 
+    def prepare(self, model, batches: list[torch.Tensor]) -> dict:
+        """One-time work before the (timed) attributions of ``batches`` (each ``[B, S]``), returning what it
+        checked. Only ``attnlrp`` has any: start its worker, compare its model's logits with ``model``'s on
+        every row (MethodUnavailable if they differ) and warm it up."""
+        if self.kind != "attnlrp":
+            return {}
+        reason = attnlrp_unavailable()
+        if reason:
+            raise MethodUnavailable(reason)
+        from .attnlrp import prepare
+
+        return prepare(model, batches)
+
     def attribute(self, model, input_ids: torch.Tensor, target_ids, baseline_token_id: int, *,
                   example_keys=None, seed: int = 0, backend: str = "auto") -> Output:
         """Scores ``[B, S]`` for ``input_ids [B, S]`` (no padding) and one target token per row.
@@ -71,7 +86,9 @@ class Method:
             return Output(_random(ids.shape, keys, seed))
         if self.kind == "attnlrp":
             reason = attnlrp_unavailable()
-            raise MethodUnavailable(reason or "AttnLRP through lxt is not wired into this evaluation")
+            if reason:
+                raise MethodUnavailable(reason)
+            return _attnlrp(model, ids, targets)
         raise ValueError(f"unknown method kind {self.kind!r}")
 
 
@@ -187,26 +204,17 @@ def _integrated_gradients(model, ids: torch.Tensor, targets: list[int], baseline
 
 # ----------------------------------------------------------------------------------------------- AttnLRP
 
-_LXT_STATE: dict = {}
-
 
 def attnlrp_unavailable() -> str | None:
-    """Why AttnLRP cannot run here (None if ``lxt`` imports; the evaluation still does not run it then)."""
-    if "reason" not in _LXT_STATE:
-        try:
-            importlib.import_module("lxt.efficient")
-        except ModuleNotFoundError as e:
-            _LXT_STATE["reason"] = f"lxt is not installed ({e})" + _LXT_NOTE
-        except Exception as e:   # noqa: BLE001 - any import failure is the answer
-            import transformers
+    """Why AttnLRP cannot run here (no side install of transformers 4.52 + lxt 2.1, see
+    ``gim_fast.evaluate.attnlrp``), or None."""
+    from .attnlrp import unavailable
 
-            _LXT_STATE["reason"] = (f"lxt fails to import with transformers {transformers.__version__}: "
-                                    f"{type(e).__name__}: {e}")
-        else:
-            _LXT_STATE["reason"] = None
-    return _LXT_STATE["reason"]
+    return unavailable()
 
 
-_LXT_NOTE = ("; lxt 2.1 (the current release) fails to import with transformers 5.x (ImportError: cannot import "
-             "name 'find_pruneable_heads_and_indices' from 'transformers.pytorch_utils'); it works with transformers "
-             "4.52.4, which this project does not pin back to")
+def _attnlrp(model, ids, targets) -> Output:
+    from .attnlrp import attribute
+
+    scores, extra = attribute(model, ids, targets)
+    return Output(scores, extra)

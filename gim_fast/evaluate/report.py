@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from ..display import plural
-from .run import ModelResult, example_rows, mean_se, summary_rows, write_json
+from .run import ModelResult, mean_abs, example_rows, mean_se, summary_rows, write_json
 
 __all__ = ["write_results", "markdown_table", "plot_temperature_sweep"]
 
@@ -208,10 +208,22 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
         if ig is not None and ig.n and ig.extra.get("ig_completeness_gap"):
             gaps, diffs = ig.extra["ig_completeness_gap"], ig.extra["ig_logit_difference"]
             md.append(f"- {r.model}: Integrated Gradients' completeness gap |Σ scores − (f(x) − f(baseline))| "
-                      f"averages {sum(abs(g) for g in gaps) / len(gaps):.2f} against |f(x) − f(baseline)| of "
-                      f"{sum(abs(d) for d in diffs) / len(diffs):.2f} (50 steps): it is not a ground truth.")
+                      f"averages {mean_abs(gaps):.2f} against |f(x) − f(baseline)| of "
+                      f"{mean_abs(diffs):.2f} (50 steps): it is not a ground truth.")
+        lrp = r.methods.get("attnlrp")
+        if lrp is not None and lrp.n and lrp.extra.get("attnlrp_conservation_gap"):
+            gaps, logits = lrp.extra["attnlrp_conservation_gap"], lrp.extra["attnlrp_logit"]
+            side = lrp.checks.get("attnlrp_side", {})
+            md.append(f"- {r.model}: AttnLRP (lxt {side.get('lxt', '?')}, transformers {side.get('transformers', '?')} "
+                      f"in the side process): the side model's logits equal this environment's to "
+                      f"{lrp.checks.get('attnlrp_logit_max_rel_diff', float('nan')):.1e} (max |Δ| / max |logit|, all "
+                      f"{lrp.checks.get('attnlrp_prompts_checked', 0)} prompts); its conservation gap |Σ R − f(x)| "
+                      f"averages {mean_abs(gaps):.2f} against |f(x)| of {mean_abs(logits):.2f} (relevance "
+                      "conserved at every rule but the softmax's, which absorbs the rest).")
     for name, reason in notes.items():
         md.append(f"- ¹ `{name}`: {reason}")
+    for r in results:   # methods that could not run on one model (e.g. AttnLRP refused by its logit check)
+        md += [f"- ¹ {r.model}, `{name}`: {m.unavailable}" for name, m in r.methods.items() if m.unavailable]
     sweep = sweep_table(results)
     if sweep:
         md += ["", "## Temperature sweep (GIM, other settings at their defaults)", "", "Raw target logit (paper):", "",
@@ -225,7 +237,8 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
         "wall_seconds": round(wall_seconds, 1), "notes": notes,
         "models": [{"model": r.model, "seconds": {k: round(v, 2) for k, v in r.seconds.items()},
                     "examples": [ex.key for ex in r.selection.examples], "candidates": r.selection.candidates,
-                    "correct": r.selection.correct, "total": r.selection.total, "baseline_token": r.baseline_token}
+                    "correct": r.selection.correct, "total": r.selection.total, "baseline_token": r.baseline_token,
+                    "checks": {name: m.checks for name, m in r.methods.items() if m.checks}}
                    for r in results],
     })
     files["run"] = out / "run.json"
