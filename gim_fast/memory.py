@@ -5,7 +5,7 @@ no weight gradients, nothing saved for them) and adds what the allocator and the
 B·S = N tokens, model element size b, attention math element size c (4; 8 for float64), hidden H, MLP width I,
 Hq/Hkv heads of dim D:
 
-    saved by each layer   attention (torch)    q, k, v after RoPE                b·N·(Hq + 2·Hkv)·D
+    saved by each layer   attention (torch)    q, k, v after RoPE, float32 LSE   b·N·(Hq + 2·Hkv)·D + 4·N·Hq
                           attention (triton)   + O (b), O_T (float32), LSE, LSE_T
                                                                                  (b + 4)·N·Hq·D + 8·N·Hq
                           attention (eager)    q, repeated k and v (float32), the masked scores and P (and
@@ -14,11 +14,12 @@ Hq/Hkv heads of dim D:
                           gated MLP            gate, act(gate), up               3·b·N·I   (GPT-2's MLP: 4·b·N·I)
                           frozen norms         one statistic per row (nothing for dx = dy·W: weights frozen)
     one layer's backward  the MLP phase        ∂ of down's input, of act, of up  3·b·N·I
-                          the attention phase  (after the layer's MLP tensors were freed) SDPA (one unpadded row,
-                                               no window): 4·b·N·(Hq + 2·Hkv)·D + float32 dQ; row-chunked
-                                               (windows, soft-caps, padded batches, float64, stacked
-                                               cotangents): float32 dQ/dK/dV, their scaled copies, K/V tiles
-                                               and three score tiles; eager: three more S×S matrices
+                          the attention phase  (after the layer's MLP tensors were freed) torch: the row-tiled
+                                               GIM backward, float32 dQ/dK/dV, their scaled copies, K/V in
+                                               float32 and four score tiles (five with soft-capping), or torch's
+                                               fused backward where it may run instead (the plain gradient:
+                                               4·b·N·(Hq + 2·Hkv)·D + float32 dQ), whichever is larger;
+                                               eager: three more S×S matrices
                           + the gradient flowing down the residual stream, b·N·H; × ``cotangents`` when M
                           cotangents are pushed back at once
     inputs                the embeddings, the baseline's and (× cotangents) their gradient: (2 + M)·b·N·H
@@ -163,7 +164,7 @@ def _layer_saved(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) ->
         saved += [(c * n * d.q_heads * d.head_dim, 3), (c * batch * d.q_heads * seq * seq, 4 if d.softcap else 2),
                   (batch * seq * seq, 1)]
     else:
-        saved += [(b * n * d.q_heads * d.head_dim, 1), (b * n * d.kv_heads * d.head_dim, 2)]
+        saved += [(b * n * d.q_heads * d.head_dim, 1), (b * n * d.kv_heads * d.head_dim, 2), (c * n * d.q_heads, 1)]
         if backend == "triton":
             saved += [(b * n * d.q_heads * d.head_dim, 1), (4 * n * d.q_heads * d.head_dim, 1), (4 * n * d.q_heads, 2)]
     saved.append((b * n * d.intermediate, 3 if d.gated else 4))
@@ -171,9 +172,9 @@ def _layer_saved(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) ->
 
 
 def _uses_chunked(d: Dims, batch: int, c: int, backend: str, cotangents: int) -> bool:
-    """Whether the torch backend may take its row-chunked path (else torch's SDPA, both ways)."""
-    return backend == "torch" and (d.softcap or c == 8 or cotangents > 1 or batch > 1
-                                   or d.sliding_window is not None)
+    """Whether the torch backend may take its row-tiled backward (float32 math): always, with GIM's temperature
+    on (only the plain gradient after the CPU flash forward takes torch's fused backward)."""
+    return backend == "torch"
 
 
 def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: str, cotangents: int) -> Tensors:
@@ -186,20 +187,19 @@ def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: 
         return [(c * batch * d.q_heads * seq * seq, 3)]
     if backend == "triton":
         return [(b * q, 2), (b * kv, 4), (4 * n * d.q_heads, 1)]
-    # the row-chunked path (soft-capping, sliding windows, padded batches, float64): float32 dQ/dK/dV, their
-    # scaled copies, the K/V tiles and three score tiles
-    rows = auto_chunk_size(batch, d.q_heads, seq, d.sliding_window)
+    # the row-tiled GIM backward (ops/attention_chunked.attention_backward): float32 dQ/dK/dV and their scaled
+    # copies, K/V in float32, the row tiles of Q and dO, and the score-sized tile buffers (S/T then dP, P_T, P,
+    # dS; with soft-capping also 1 − tanh²)
+    rows = auto_chunk_size(batch, d.q_heads, d.kv_heads, seq, d.sliding_window)
     keys = seq if d.sliding_window is None else min(seq, d.sliding_window + rows)
-    chunked = [(c * q, 2), (c * kv, 4), (b * q, 1), (b * kv, 2), (c * batch * d.kv_heads * keys * d.head_dim, 2),
-               (c * batch * d.q_heads * rows * keys, 3)]
-    # SDPA both ways: dO, two outputs, dQ/dK/dV and their scaled copies, a float32 dQ accumulator
-    sdpa = [(b * q, 4), (b * kv, 8), (4 * q, 1)]
-    if not _uses_chunked(d, batch, c, backend, cotangents):
-        return sdpa
-    if d.softcap or c == 8 or cotangents > 1:  # always chunked (a stack of cotangents too)
-        return chunked
-    # windowed layers mixed with full ones (Gemma 3), or a batch of rows that may turn out to be padded: either
-    return max(sdpa, chunked, key=_bytes)
+    tiled = [(c * q, 2), (c * kv, 4), (b * q, 1), (b * kv, 2), (c * batch * d.kv_heads * keys * d.head_dim, 2),
+             (c * batch * d.q_heads * rows * keys, 5 if d.softcap else 4)]
+    if d.softcap or c == 8 or cotangents > 1:  # never torch's fused backward
+        return tiled
+    # torch's fused backward (the plain gradient after the CPU flash forward): dO, dQ/dK/dV, their copies, a
+    # float32 dQ accumulator; the estimate does not know the temperature, so the larger of the two
+    fused = [(b * q, 4), (b * kv, 8), (4 * q, 1)]
+    return max(fused, tiled, key=_bytes)
 
 
 def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat16, backend: str = "torch",
