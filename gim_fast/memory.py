@@ -130,11 +130,13 @@ def _scaled(group: Tensors, factor: int) -> Tensors:
 @dataclass
 class MemoryEstimate:
     """Bytes an attribution needs, per part (the last part is the allocator and framework margin), and
-    whether checkpointing was assumed. ``tensors`` is the sum without the margin."""
+    whether checkpointing was assumed. ``tensors`` is the sum without the margin; ``layer_saved`` what one decoder
+    layer keeps for its backward (a forward's working set per layer)."""
 
     checkpointing: bool
     parts: dict[str, int] = field(default_factory=dict)
     tensors: int = 0
+    layer_saved: int = 0
 
     @property
     def total(self) -> int:
@@ -171,10 +173,13 @@ def _layer_saved(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) ->
     return saved
 
 
-def _uses_chunked(d: Dims, batch: int, c: int, backend: str, cotangents: int) -> bool:
-    """Whether the torch backend may take its row-tiled backward (float32 math): always, with GIM's temperature
-    on (only the plain gradient after the CPU flash forward takes torch's fused backward)."""
-    return backend == "torch"
+def _cast_holes(d: Dims, batch: int, c: int, backend: str, cotangents: int) -> bool:
+    """Whether a 16-bit torch-backend call leaves the heap holes of float32 copies (``_CAST_HOLES``): measured on
+    the calls whose forward runs in row tiles too (soft-capping, windows, padded batches) or that push a stack of
+    cotangents back; one unpadded row (the CPU flash forward, then the row-tiled backward) measured without them
+    (SmolLM2-135M, Gemma-3-270M, two Llama-3.1-8B layers, 512–8,192 tokens, bfloat16)."""
+    return backend == "torch" and (d.softcap or c == 8 or cotangents > 1 or batch > 1
+                                   or d.sliding_window is not None)
 
 
 def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: str, cotangents: int) -> Tensors:
@@ -250,14 +255,14 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     if device.type == "cpu":
         heap_sizes = [size for group in groups.values() for size, count in group if count > 0 and size < _HEAP_BLOCK]
         margin = (_CPU_FACTOR - 1) * tensors + _HEAP_HOLES * max(heap_sizes, default=0) + _FRAMEWORK
-        if b < c and (backend == "eager" or _uses_chunked(d, batch, c, backend, cotangents)):
+        if b < c and (backend == "eager" or _cast_holes(d, batch, c, backend, cotangents)):
             margin += _CAST_HOLES * c * n * (d.q_heads + 2 * d.kv_heads) * d.head_dim + _CAST_FIXED
         if not can_release_heap():
             margin += (_HEAP_FACTOR - 1) * sum(_heap_bytes(group) for group in groups.values())
         parts["allocator (CPU heap) and framework"] = int(margin)
     else:
         parts[f"allocator ({device.type}) and framework"] = int((_CUDA_FACTOR - 1) * tensors) + _FRAMEWORK
-    return MemoryEstimate(checkpointing, parts, tensors)
+    return MemoryEstimate(checkpointing, parts, tensors, _bytes(saved))
 
 
 def available_memory(device: torch.device) -> int:

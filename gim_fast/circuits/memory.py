@@ -21,7 +21,7 @@ patching (one circuit run, no gradient):
 
 ``delta_layers`` picks E: every layer when it fits the free memory, fewer otherwise (each compact layer costs one
 output-projection product per use). For Llama-3.1-8B in bf16, 64 prompts × 32 tokens, every layer expanded: Δ =
-16.5 GiB, 28.1 GiB in all, 46.3 GB with the weights: one 80 GB GPU (``python bench/circuits.py --estimate``).
+16.5 GiB, 28.5 GiB in all, 46.7 GB with the weights: one 80 GB GPU (``python bench/circuits.py --estimate``).
 """
 from __future__ import annotations
 
@@ -95,12 +95,11 @@ def estimate_circuit_memory(config, seq_len: int, batch: int = 1, *, dtype=torch
         + 4 * 16 * tokens * d.hidden,
         "scores": scores,
     }
-    one_layer = next(v for k, v in forward.parts.items() if k.startswith("activations")) // d.layers
     est.patching = {
         "corrupt run's node outputs": record,
         **delta_parts,
         f"residual reads, {INPUT_CHUNK} inputs at a time (transient)": 4 * chunk * hidden,
-        "forward working set (one layer)": one_layer,
+        "forward working set (one layer)": forward.layer_saved,
     }
     return est
 
