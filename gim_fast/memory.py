@@ -36,8 +36,8 @@ The margin on top of the tensors, by device (the README's memory section has the
   sub-modules (``integration.released_heap``), which leaves ``_CPU_FACTOR`` × the tensors, plus up to
   ``_HEAP_HOLES`` holes the size of the largest heap-sized tensor between two trims, plus ``_FRAMEWORK`` for
   what the first call loads (BLAS buffers, oneDNN kernels, code pages); with reduced-precision weights, where
-  gim_fast's own attention code (eager, row-chunked) computes in float32, ``_CAST_HOLES`` × float32 Q, K, V +
-  ``_CAST_FIXED``. Without glibc nothing is handed back: tensors under the threshold count ``_HEAP_FACTOR`` times.
+  gim_fast's own attention code (eager, row-chunked) computes in float32, ``_CAST_HOLES`` × float32 Q, K, V (+
+  ``_CAST_FIXED`` for the eager backend). Without glibc nothing is handed back: tensors under the threshold count ``_HEAP_FACTOR`` times.
 * CUDA: the caching allocator rounds every block up (to 512 B, or 2 MiB segments) and cuBLAS keeps a workspace:
   ``_CUDA_FACTOR`` × the tensors + ``_FRAMEWORK`` (not yet checked against a GPU).
 
@@ -64,8 +64,9 @@ _HEAP_HOLES = 4
 _FRAMEWORK = 28 << 20
 # CPU, attention math in float32 on reduced-precision inputs by gim_fast's own code (the eager backend, the torch
 # backend's row-chunked path): its float32 copies and results, allocated and freed inside one module (no trim
-# between), leave holes: this many times float32 Q, K and V, plus _CAST_FIXED (measured on SmolLM2-135M and
-# Gemma-3-270M in bfloat16, 512–2,048 tokens).
+# between), leave holes: this many times float32 Q, K and V, plus _CAST_FIXED for the eager backend (measured on
+# SmolLM2-135M and Gemma-3-270M in bfloat16, 512–2,048 tokens; the torch backend's row tiles re-measured at 512–4,096
+# after they became its one backward, 2026-12-01: no fixed part needed).
 _CAST_HOLES = 3
 _CAST_FIXED = 16 << 20
 # CPU without malloc_trim (not glibc): the heap keeps its high-water mark; tensors under _HEAP_BLOCK may cost twice.
@@ -256,7 +257,8 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
         heap_sizes = [size for group in groups.values() for size, count in group if count > 0 and size < _HEAP_BLOCK]
         margin = (_CPU_FACTOR - 1) * tensors + _HEAP_HOLES * max(heap_sizes, default=0) + _FRAMEWORK
         if b < c and (backend == "eager" or _cast_holes(d, batch, c, backend, cotangents)):
-            margin += _CAST_HOLES * c * n * (d.q_heads + 2 * d.kv_heads) * d.head_dim + _CAST_FIXED
+            margin += (_CAST_HOLES * c * n * (d.q_heads + 2 * d.kv_heads) * d.head_dim
+                       + (_CAST_FIXED if backend == "eager" else 0))
         if not can_release_heap():
             margin += (_HEAP_FACTOR - 1) * sum(_heap_bytes(group) for group in groups.values())
         parts["allocator (CPU heap) and framework"] = int(margin)
