@@ -93,6 +93,22 @@ def _rcp(x):
 
 
 @triton.jit
+def _exp_factors(scale, softcap, unit, HAS_SOFTCAP: tl.constexpr):
+    """``(c, cap_in, cap_out)``: with x = raw q·k, or the soft-capped score tanh(q·k · cap_in) · cap_out (in log2
+    units), x·c = S·log2e·unit. Soft-capping: c = 1, cap_in = scale/softcap, cap_out = softcap·log2e·unit; else
+    c = scale·log2e·unit, cap_in = cap_out = 1."""
+    if HAS_SOFTCAP:
+        c = 1.0
+        cap_in = scale / softcap
+        cap_out = softcap * _LOG2E * unit
+    else:
+        c = scale * _LOG2E * unit
+        cap_in = 1.0
+        cap_out = 1.0
+    return c, cap_in, cap_out
+
+
+@triton.jit
 def _tanh(x):
     """tanh(x) = 1 − 2/(1 + e^{2x}): an EX2, an RCP and three FMA-class instructions; ±1 for large |x| (e → ∞
     or 0), absolute error ~1e-7 (what the scores need: they enter exponentials and 1 − tanh², both absolute)."""
@@ -360,14 +376,7 @@ def _attn_fwd_kernel(
 
     # Exponent units: c turns x (raw q·k, or the soft-capped score in log2 units) into w; ct into w/T.
     unit = 0.5 if TEMP_MODE == 2 else 1.0
-    if HAS_SOFTCAP:
-        c = 1.0
-        cap_in = scale / softcap
-        cap_out = softcap * _LOG2E * unit
-    else:
-        c = scale * _LOG2E * unit
-        cap_in = 1.0
-        cap_out = 1.0
+    c, cap_in, cap_out = _exp_factors(scale, softcap, unit, HAS_SOFTCAP)
     ct = c * inv_temp
     # Lazy rescaling bound, in m's units: every P (and P_T, for T < 1) of a tile stays ≤ 2^8 (fp16-safe).
     rescale_at = 8.0 * unit / tl.maximum(inv_temp, 1.0)
@@ -613,14 +622,7 @@ def _attn_bwd_dkdv_kernel(
                       True, MASK_D, FAST_MMA)
 
     # Exponent factors: x·c = S·log2e, x·ct = S·log2e/T (x = raw q·k, or the soft-capped score in log2 units).
-    if HAS_SOFTCAP:
-        c = 1.0
-        cap_in = scale / softcap
-        cap_out = softcap * _LOG2E
-    else:
-        c = scale * _LOG2E
-        cap_in = 1.0
-        cap_out = 1.0
+    c, cap_in, cap_out = _exp_factors(scale, softcap, 1.0, HAS_SOFTCAP)
     ct = c * inv_temp
 
     if ROWS_MAJOR:
@@ -742,14 +744,8 @@ def _attn_bwd_dq_kernel(
     kpm_b = KPM + b.to(tl.int64) * stride_mb
 
     # x·ct = S·log2e/T (x = raw q·k, or the soft-capped score in log2 units); T off: inv_temp = 1.
-    if HAS_SOFTCAP:
-        ct = inv_temp
-        cap_in = scale / softcap
-        cap_out = softcap * _LOG2E
-    else:
-        ct = scale * _LOG2E * inv_temp
-        cap_in = 1.0
-        cap_out = 1.0
+    c, cap_in, cap_out = _exp_factors(scale, softcap, 1.0, HAS_SOFTCAP)
+    ct = c * inv_temp
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, u_lo, u_hi, n_left, n_masked = _key_stages(start_m, seq_len, window, KVR + b * 4, BLOCK_M, BLOCK_N,
