@@ -24,7 +24,9 @@ ALONE = {
     "temperature": dict(OFF, softmax_temperature=2.0),
     "temperature_3": dict(OFF, softmax_temperature=3.0),
     "qkv_scale": dict(OFF, q_scale=0.25, k_scale=0.25, v_scale=0.5),
-    "gate_up_scale": dict(OFF, gate_scale=0.5, up_scale=0.5),
+    "gate_up_scale": dict(OFF, gate_scale=0.5, up_scale=0.5),   # equal: one scale on the MLP's input
+    "gate_up_unequal": dict(OFF, gate_scale=0.5, up_scale=0.3),  # unequal: one on each projection's output
+    "gate_only": dict(OFF, gate_scale=0.3),
     "all": ON,
 }
 
@@ -72,7 +74,7 @@ def test_each_modification_matches_reference(family, which):
                                   **settings)
         assert rel_err(scores, ref) <= 1e-10, backend
     plain, _ = plain_gradient_x_input(model, ids, baseline=0, target=target)
-    if not (family == "gpt2" and which == "gate_up_scale"):  # GPT-2 has no gated MLP: nothing to change
+    if not (family == "gpt2" and which.startswith("gate_")):  # GPT-2 has no gated MLP: nothing to change
         assert rel_err(scores, plain) > 1e-6, "the modification changed nothing"
 
 
@@ -167,3 +169,25 @@ def test_norm_forward_bit_identical_under_gim(family):
     for name, module in norms:
         for x, y in captured[name]:
             assert torch.equal(y, module(x)), name  # outside GIM: the module's own forward
+
+
+@pytest.mark.parametrize("by_name", [False, True], ids=["positional", "keyword"])
+def test_equal_gate_up_scales_scale_the_mlp_input_gradient(by_name):
+    """gate_scale == up_scale goes on the MLP's input (one multiplication over H): its input gradient is the
+    scale times the plain one, whether the MLP's input is passed by position or by name."""
+    model = tiny_model("llama", torch.float64)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+
+    def input_grad():
+        leaf = x.clone().requires_grad_(True)
+        out = mlp(x=leaf) if by_name else mlp(leaf)
+        return torch.autograd.grad((out * weights).sum(), leaf)[0]
+
+    plain = input_grad()
+    with gim_fast.GIM(model, **dict(OFF, gate_scale=0.5, up_scale=0.5)):
+        scaled = input_grad()
+    assert rel_err(scaled, 0.5 * plain) <= 1e-14
+    assert rel_err(input_grad(), plain) == 0.0  # the hook is gone after the context

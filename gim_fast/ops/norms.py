@@ -77,7 +77,9 @@ class FrozenRMSNorm(torch.autograd.Function):
         grad = grad_out.to(ct)
         if ctx.needs_input_grad[0]:
             w_eff = 1.0 if weight is None else offset + weight.to(ct)  # no weight: y = x · r
-            grad_x = (grad * w_eff * rstd.to(ct)).to(ctx.x_dtype)
+            # (w_eff · r) first: one [.., S, H] factor, then one pass over grad (under vmap over many cotangents
+            # the factor is unbatched, computed once for the whole stack)
+            grad_x = (grad * (rstd.to(ct) * w_eff)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             normed = x.to(torch.float32) * rstd
             if offset == 0.0:  # Llama order: the weight multiplies the already-cast activations
