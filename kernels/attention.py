@@ -798,7 +798,8 @@ _INTERPRET_CONFIGS = {
 # soft-capping at T ≠ 2 (8 B). At head dim 256 no S/dP tile 64 keys wide fits in 255 registers a thread (dQ
 # 128×64: 296–572 B of spills, dK/dV 64 or 128 stacked rows × 64 keys, either tiling: 844–6740 B), so the dQ
 # tile is 32 keys wide and the dK/dV tiles 16 keys (rows) or 32 stacked rows (keys, Ampere-style mma.sync):
-# register pressure, not choice. fp32 operands go through "ieee" dots (FMA, no tensor cores: a correctness path,
+# register pressure, not choice (also with K/V through TMA descriptors or dK and dV in separate kernels:
+# bench/results/compile_d256_search.md). fp32 operands go through "ieee" dots (FMA, no tensor cores: a correctness path,
 # not a fast one) and need small tiles.
 _HOPPER_CONFIGS = {
     64: {
