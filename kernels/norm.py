@@ -156,7 +156,7 @@ def _rms_norm_bwd_kernel(
 ):
     """Frozen RMSNorm backward over a block of rows.
 
-    dx = (dy · w_eff) · r,  w_eff = offset + w (1 without a weight: y = x · r), in COMPUTE, cast to x's dtype
+    dx = dy · (w_eff · r),  w_eff = offset + w (1 without a weight: y = x · r), in COMPUTE, cast to x's dtype
     dw_part[p] = Σ_{rows of p} dy · n,  n = (x₃₂ · r).to(x.dtype) (Llama) or x₃₂ · r (GEMMA)
     """
     pid = tl.program_id(0)
@@ -173,7 +173,7 @@ def _rms_norm_bwd_kernel(
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(COMPUTE)
         r = tl.load(RSTD + row)
         if NEED_DX:
-            dx = dy * w_eff * r.to(COMPUTE)
+            dx = dy * (w_eff * r.to(COMPUTE))  # the torch backend's order: bit for bit the same
             tl.store(DX + row * stride_dx + cols, _round_to(dx, DX.dtype.element_ty), mask=mask)
         if NEED_DW:
             normed = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) * r

@@ -63,9 +63,14 @@ def test_gim_changes_what_it_should_while_inside():
         assert not model.training
         norm = model.model.norm
         assert "forward" in norm.__dict__
-        assert len(model.model.layers[0].mlp.gate_proj._forward_hooks) == 1
+        mlp = model.model.layers[0].mlp
+        assert "forward" in mlp.__dict__  # the product through ops.gated_product
+        # equal gate and up scales (the defaults): one input-gradient scale on the MLP, none on the projections
+        assert len(mlp._forward_pre_hooks) == 1 and not mlp.gate_proj._forward_hooks
     assert model.config._attn_implementation == "sdpa" and model.training
     assert "forward" not in model.model.norm.__dict__
+    mlp = model.model.layers[0].mlp
+    assert "forward" not in mlp.__dict__ and not mlp._forward_pre_hooks and not mlp.gate_proj._forward_hooks
 
 
 def test_gim_around_a_custom_gradient_method():

@@ -2,8 +2,9 @@
 
 On entry, per instance and nothing global: the model goes to eval mode; its attention implementation becomes
 gim_fast's (registered with transformers' ``AttentionInterface``/``AttentionMaskInterface``); every norm's
-``forward`` is swapped for the frozen-statistic one; the gate and up projections of gated MLPs get a hook that
-scales their gradient. On exit, also after an exception, all of it is undone. The forward pass stays the
+``forward`` is swapped for the frozen-statistic one; gated MLPs get their own forward with the product
+``act(gate) · up`` through ``ops.gated_product`` (same value; a backward that serves a stack of cotangents
+cheaply) and a hook that scales the gate and up gradients (on the MLP's input when the two scales are equal). On exit, also after an exception, all of it is undone. The forward pass stays the
 model's own: same modules, same order, same values.
 
 TransformerLens models (a ``TransformerBridge``, or a legacy ``HookedTransformer``) compute attention in their own
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from .. import ops
@@ -123,6 +125,27 @@ def _scale_output_grad(scale: float):
     return hook
 
 
+def _activation_vjp(act: nn.Module):
+    """``(g, x) -> x ⊙ act'(g)`` from torch's own derivative op for the activations of the supported families
+    (SiLU; GELU, exact or tanh), else None (``ops.gated_product`` then uses forward mode)."""
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return lambda g, x: torch.ops.aten.silu_backward(x, g)
+    approximate = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "GELUActivation": "none"}.get(name)
+    if isinstance(act, nn.GELU):
+        approximate = act.approximate
+    if approximate is not None:
+        return lambda g, x: torch.ops.aten.gelu_backward(x, g, approximate=approximate)
+    return None
+
+
+def _gated_mlp_forward(mlp: nn.Module):
+    """The gated MLP's own forward, ``down(act(gate(x)) · up(x))`` (every gated family's), with the product through
+    ``ops.gated_product``: same value, a backward that shares its factors across a stack of cotangents."""
+    act_vjp = _activation_vjp(mlp.act_fn)
+    return lambda x: mlp.down_proj(ops.gated_product(mlp.act_fn, mlp.gate_proj(x), mlp.up_proj(x), act_vjp))
+
+
 def _scale_input_grad(scale: float):
     def hook(module, args, kwargs):
         if args:
@@ -200,6 +223,7 @@ class GIM:
             if mlp_type is not None:
                 for module in self.model.modules():
                     if isinstance(module, mlp_type):
+                        _swap_forward(module, _gated_mlp_forward(module), stack)
                         _scale_gate_up(module, settings.gate_scale, settings.up_scale, stack)
         except BaseException:
             stack.close()

@@ -3,6 +3,7 @@
 ``gim_attention``     attention whose backward follows the GIM rule (temperature, q/k/v scales)
 ``frozen_rms_norm``   RMSNorm whose backward treats the RMS as a constant
 ``frozen_layer_norm`` LayerNorm whose backward treats the standard deviation as a constant
+``gated_product``     a gated MLP's act(g) · u, with a backward that shares its factors across stacked cotangents
 
 Each takes ``backend=``: ``"eager"`` (materialised, the reference), ``"torch"`` (row-chunked, O(S) memory,
 any device), ``"triton"`` (fused kernels, CUDA) or ``"auto"`` (``triton`` on CUDA, ``torch`` elsewhere). Results do not depend on the backend beyond
@@ -17,9 +18,10 @@ import torch
 from ..settings import check_backend, check_scale, check_temperature, resolve_backend
 from .attention_chunked import gim_attention_chunked
 from .attention_eager import gim_attention_eager
+from .gated import gated_product
 from .norms import FrozenLayerNorm, FrozenRMSNorm, frozen_layer_norm_eager, frozen_rms_norm_eager
 
-__all__ = ["gim_attention", "frozen_rms_norm", "frozen_layer_norm"]
+__all__ = ["gim_attention", "frozen_rms_norm", "frozen_layer_norm", "gated_product"]
 
 
 def _check_attention_inputs(q, k, v, key_padding_mask, sliding_window, softcap, causal):
