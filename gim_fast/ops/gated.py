@@ -59,6 +59,7 @@ class GatedProduct(torch.autograd.Function):
         g, u, act, act_vjp = inputs
         ctx.rule = _Cotangents(act, act_vjp)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # act(g) is returned only to be saved: no zeros for its gradient
         ctx.save_for_backward(g, u, output[1])
 
     @staticmethod
