@@ -4,8 +4,9 @@ On entry, per instance and nothing global: the model goes to eval mode; its atte
 gim_fast's (registered with transformers' ``AttentionInterface``/``AttentionMaskInterface``); every norm's
 ``forward`` is swapped for the frozen-statistic one; gated MLPs get their own forward with the product
 ``act(gate) · up`` through ``ops.gated_product`` (same value; a backward that serves a stack of cotangents
-cheaply) and a hook that scales the gate and up gradients (on the MLP's input when the two scales are equal). On exit, also after an exception, all of it is undone. The forward pass stays the
-model's own: same modules, same order, same values.
+cheaply) and a hook that scales the gate and up gradients (on the MLP's input when the two scales are equal).
+On exit, also after an exception, all of it is undone. The forward pass stays the model's own: same modules,
+same order, same values.
 
 TransformerLens models (a ``TransformerBridge``, or a legacy ``HookedTransformer``) compute attention in their own
 code, so for them GIM goes through their hook points instead (``tlens.apply_gim``); TransformerLens is imported
