@@ -8,7 +8,7 @@ from .ablation import LDS_ABLATIONS, TOP_K
 from .context_methods import CONTEXT_METHODS
 from .context_run import ContextModelResult, ContextRow, ContextSelection
 from ..display import plural
-from .report import _write_csv
+from .report import _write_csv, run_facts
 from .run import mean_se, write_json
 
 __all__ = ["write_context_results", "read_context_results", "markdown_context_table", "summary_rows"]
@@ -141,9 +141,8 @@ def write_context_results(results: list[ContextModelResult], out: Path, *, comma
     _write_csv(files["examples"], example_rows(results))
     md = ["# Context attribution against ablation (ContextCite's metrics)", "",
           f"Command: `{command}`", "",
-          f"Environment: {environment.get('device')}, torch {environment.get('torch')}, transformers "
-          f"{environment.get('transformers')}, {environment.get('date')}; seed {seed}; wall time "
-          f"{wall_seconds / 60:.1f} min. Timings are indicative when the machine was shared.", ""]
+          f"Environment: {run_facts(environment, seed, wall_seconds)}. Timings are indicative when the machine "
+          "was shared.", ""]
     for result in results:
         prompt = "the tokenizer's chat template" if result.chat else "a plain prompt (no chat template)"
         md.append(f"- {result.model} ({prompt}): " + "; ".join(

@@ -15,6 +15,13 @@ _ORDER = ("gim", "grad_x_input", "freeze_norm_only", "temperature_only", "qkv_sc
           "integrated_gradients", "attnlrp", "random")
 
 
+def run_facts(environment: dict, seed: int, wall_seconds: float) -> str:
+    """A report header's facts about its run: device, versions, date, seed and wall time."""
+    return (f"{environment.get('device')}, torch {environment.get('torch')}, transformers "
+            f"{environment.get('transformers')}, {environment.get('date')}; seed {seed}; wall time "
+            f"{wall_seconds / 60:.1f} min")
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -187,9 +194,7 @@ def write_results(results: list[ModelResult], out: Path, *, command: str, enviro
 
     md = ["# Faithfulness: comprehensiveness and sufficiency (GIM paper definitions)", "",
           f"Command: `{command}`", "",
-          f"Data: {data}; environment: {environment.get('device')}, torch {environment.get('torch')}, "
-          f"transformers {environment.get('transformers')}, {environment.get('date')}; seed {seed}; "
-          f"wall time {wall_seconds / 60:.1f} min.", ""]
+          f"Data: {data}; environment: {run_facts(environment, seed, wall_seconds)}.", ""]
     for r in results:
         sel = r.selection
         md.append(f"- {r.model}: {plural(len(sel.examples), 'example')}: the first {len(sel.examples)} of "
