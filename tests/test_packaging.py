@@ -1,4 +1,4 @@
-"""A regular (non-editable) install works: the wheel holds every subpackage, kernels/ as gim_fast.kernels only.
+"""A regular (non-editable) install works: the wheel holds every subpackage, kernels/ as gim_fast/kernels only.
 
 The wheel is built from a copy of the source (so the tree gets no build/ or egg-info), installed with pip *without*
 -e into a fresh virtual environment that cannot see the source tree: its only view of the dependencies is a .pth
@@ -74,8 +74,6 @@ def test_wheel_holds_every_subpackage_and_no_top_level_kernels(installed):
     assert tops == {"gim_fast", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
     packages = {str(p.parent.relative_to(ROOT)).replace(os.sep, ".")
                 for p in (ROOT / "gim_fast").rglob("__init__.py")}
-    packages |= {"gim_fast." + str(p.parent.relative_to(ROOT)).replace(os.sep, ".")
-                 for p in (ROOT / "kernels").rglob("__init__.py")}
     in_wheel = {n[:-len("/__init__.py")].replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert in_wheel == packages
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "gim_fast").rglob("*.py")}
@@ -87,12 +85,13 @@ def test_installed_package_imports_outside_the_source_tree(installed):
     env_python, _, outside, _ = installed
     code = textwrap.dedent(f"""
         import importlib.util, sys
-        import gim_fast, gim_fast.evaluate, gim_fast.jobs, gim_fast.ops, gim_fast.kernels, gim_fast.integration
-        for module in (gim_fast, gim_fast.kernels):
+        import gim_fast, gim_fast.evaluate, gim_fast.jobs, gim_fast.ops, gim_fast.integration
+        import gim_fast.kernels.attention, gim_fast.kernels.norm   # kernels/: a folder without __init__.py
+        for module in (gim_fast, gim_fast.kernels.attention, gim_fast.kernels.norm):
             assert module.__file__.startswith(sys.prefix), (module.__file__, sys.prefix)
             assert not module.__file__.startswith({str(ROOT)!r}), module.__file__
         spec = importlib.util.find_spec("kernels")      # Hugging Face's package, if installed; never ours
-        assert spec is None or not spec.origin.startswith((sys.prefix, {str(ROOT)!r})), spec
+        assert spec is None or not spec.origin.startswith((sys.prefix, {str(ROOT / "kernels")!r})), spec
         from gim_fast.evaluate import attnlrp         # AttnLRP's worker ships, its side install is this env's
         assert attnlrp.WORKER.is_file() and str(attnlrp.WORKER).startswith(sys.prefix), attnlrp.WORKER
         assert attnlrp.side_dir() == __import__("pathlib").Path(sys.prefix) / "lxt", attnlrp.side_dir()
