@@ -33,9 +33,11 @@ LXT_AS_GIM = dict(freeze_norm=True, softmax_temperature=None, q_scale=0.25, k_sc
 # ------------------------------------------------------------------------------------------- without the worker
 
 
-def test_side_packages_are_the_makefiles():
-    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("LXT_SIDE"))
-    assert tuple(line.split(":=")[1].split()) == attnlrp.SIDE_PACKAGES
+def test_side_packages_are_the_locked_ones():
+    """`make venv` installs the side folder from requirements/side-lxt.txt: the same pins as SIDE_PACKAGES."""
+    locked = [line.split()[0] for line in (ROOT / "requirements" / "side-lxt.txt").read_text().splitlines()
+              if "==" in line]
+    assert tuple(locked) == attnlrp.SIDE_PACKAGES
 
 
 def test_legacy_config_translation():

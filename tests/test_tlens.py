@@ -289,7 +289,7 @@ def test_transformer_lens_is_not_imported_for_hf_models():
 # --------------------------------------------------------------------------------------------------------------
 # The legacy HookedTransformer (TransformerLens 3.x), in a subprocess with the side install on its path
 
-LEGACY_DIR = Path(os.environ.get("GIM_FAST_TL_LEGACY", ROOT / ".venv" / "tl-legacy"))
+LEGACY_DIR = Path(os.environ.get("GIM_FAST_TL_LEGACY", Path(sys.prefix) / "tl-legacy"))
 
 LEGACY_SCRIPT = textwrap.dedent("""
     import sys, warnings
