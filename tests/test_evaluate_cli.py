@@ -112,3 +112,34 @@ def test_evaluate_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--n", "0"])
     assert e.value.code == 2
+
+
+def test_evaluate_with_every_method_unavailable_fails(tmp_path, capsys, monkeypatch):
+    """AttnLRP alone without its side install: refused before any model loads (exit 2, the reason named)."""
+    monkeypatch.setenv("GIM_FAST_LXT", str(tmp_path / "no-side-install"))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--models", "smollm2-135m", "--n", "1", "--methods", "attnlrp", "--temperatures",
+                 "none", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "every method asked for is unavailable" in err and "no AttnLRP side install" in err
+    assert not out.exists()
+
+
+def test_evaluate_fails_when_no_method_computed_a_score(smollm2, tmp_path, capsys, monkeypatch):
+    """A method that turns out unavailable only once the model is loaded (AttnLRP's worker refusing it): when no
+    method computed anything the run writes nothing and exits 1 with each reason."""
+    import dataclasses
+
+    from gim_fast.evaluate.methods import METHODS, Method, MethodUnavailable
+
+    class Refused(Method):
+        def prepare(self, model, batches):
+            raise MethodUnavailable("the worker refused this model")
+
+    monkeypatch.setitem(METHODS, "random", Refused(**{f.name: getattr(METHODS["random"], f.name)
+                                                       for f in dataclasses.fields(Method)}))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--models", "smollm2-135m", "--n", "1", "--methods", "random", "--temperatures",
+                 "none", "--out", str(out), "--quiet"]) == 1
+    assert "random: unavailable: the worker refused this model" in capsys.readouterr().err
+    assert not (out / "summary.csv").exists()

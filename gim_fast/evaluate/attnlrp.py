@@ -2,9 +2,13 @@
 
 lxt 2.1 fails to import with transformers 5 (it needs ``transformers.pytorch_utils.find_pruneable_heads_and_indices``)
 and works with transformers 4.52. So AttnLRP runs in ``lxt_worker.py``, a process started with this Python
-(the same torch) and the side install first on ``PYTHONPATH``: ``.venv/lxt`` beside this environment's packages
-(``sys.prefix/lxt``; ``$GIM_FAST_LXT`` overrides it), which ``make venv`` fills with :data:`SIDE_PACKAGES` using
-``pip install --no-deps --target``. One worker serves the whole run (closed at exit, or by :func:`close_all`); it
+(the same torch) on an isolated path: the side install ``.venv/lxt`` (``sys.prefix/lxt``; ``$GIM_FAST_LXT``
+overrides it), which ``make venv`` fills with :data:`SIDE_PACKAGES` using ``pip install --no-deps --target``, then
+a folder of links to exactly the main environment's distributions that the side packages require (their declared
+requirements, followed transitively; see :func:`shared_folder`), then the standard library. Nothing else of this
+environment is visible to the worker (it runs with ``python -S``): a package that transformers 5 adds to the main
+environment (Hugging Face's ``kernels``, which transformers 4.52 would import if it saw it) cannot reach the side
+install. One worker serves the whole run (closed at exit, or by :func:`close_all`); it
 loads the *same model files* as the model it explains (the folder that model was loaded from),
 gets the same token ids and explains the same target (the raw logit at the last position); requests and answers are
 JSON lines over its stdin/stdout, one request per batch.
@@ -28,6 +32,7 @@ import base64
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,10 +40,13 @@ import weakref
 from pathlib import Path
 
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from .methods import MethodUnavailable
 
-__all__ = ["SIDE_PACKAGES", "LOGIT_RTOL", "side_dir", "unavailable", "model_dir", "Worker", "worker_for",
+__all__ = ["SIDE_PACKAGES", "LOGIT_RTOL", "side_dir", "unavailable", "shared_distributions", "shared_folder",
+           "model_dir", "Worker", "worker_for",
            "check_logits", "prepare", "attribute", "conservation_by_block", "close_all"]
 
 # What `make venv` installs into the side folder with --no-deps: everything else transformers 4.52 needs (numpy,
@@ -77,6 +85,51 @@ def unavailable() -> str | None:
     return None
 
 
+def _requirements(dist: importlib.metadata.Distribution) -> list[str]:
+    """The names of the distributions ``dist`` requires unconditionally (no extra) on this machine."""
+    names = []
+    for line in dist.requires or ():
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.append(canonicalize_name(req.name))
+    return names
+
+
+def shared_distributions(side: Path) -> list[importlib.metadata.Distribution]:
+    """The main environment's distributions that the side packages require, directly or through one another:
+    start from the requirements of every distribution in ``side``, take those that ``side`` does not hold from the
+    main environment (where installed: lxt lists packages of its vision and quantisation code that are not), and
+    follow their requirements in turn."""
+    local = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions(path=[str(side)])}
+    todo = [name for dist in local.values() for name in _requirements(dist)]
+    shared: dict[str, importlib.metadata.Distribution] = {}
+    while todo:
+        name = todo.pop()
+        if name in local or name in shared:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        shared[name] = dist
+        todo.extend(_requirements(dist))
+    return sorted(shared.values(), key=lambda d: canonicalize_name(d.metadata["Name"]))
+
+
+def shared_folder(side: Path, folder: Path) -> Path:
+    """Fill ``folder`` with links to the top-level entries (packages, modules, ``.dist-info``) of
+    :func:`shared_distributions`, so that the worker sees those distributions and nothing else of this
+    environment. Returns ``folder``."""
+    for dist in shared_distributions(side):
+        site = Path(dist.locate_file(""))
+        tops = {Path(f).parts[0] for f in dist.files or () if not str(f).startswith("..")}
+        for top in sorted(tops - {"__pycache__"}):
+            link = folder / top
+            if (site / top).exists() and not link.exists():
+                link.symlink_to(site / top, target_is_directory=(site / top).is_dir())
+    return folder
+
+
 def model_dir(model) -> Path:
     """The Hugging Face folder the model was loaded from (the worker loads the same files)."""
     name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
@@ -97,11 +150,13 @@ class Worker:
             raise MethodUnavailable(reason)
         self.side = Path(side or side_dir())
         self.threads = threads or torch.get_num_threads()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.side), *filter(None, [os.environ.get(
-            "PYTHONPATH")])]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self._shared = shared_folder(self.side, Path(tempfile.mkdtemp(prefix="gim_fast_lxt_shared_")))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(self.side), str(self._shared)]), HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         self._stderr = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
-        self._proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, env=env, text=True, bufsize=1)
+        # -S: no site-packages (and no .pth files) of this environment; the path is PYTHONPATH + the standard library
+        self._proc = subprocess.Popen([sys.executable, "-S", str(WORKER)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True, bufsize=1)
         self.loaded: tuple | None = None   # (folder, dtype) of the model the worker holds
         self.info: dict = {}
         self.checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> prompts whose logits agree
@@ -162,6 +217,7 @@ class Worker:
         for stream in (self._proc.stdin, self._proc.stdout):
             stream.close()
         self._stderr.close()
+        shutil.rmtree(self._shared, ignore_errors=True)
 
 
 _WORKERS: dict[tuple, Worker] = {}

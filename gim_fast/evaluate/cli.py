@@ -187,6 +187,9 @@ def run_faithfulness(args) -> int:
     for name, reason in notes.items():
         say(f"{name}: unavailable: {reason}")
     methods = [m for m in args.methods if m not in notes]
+    if not methods:
+        raise UsageError("every method asked for is unavailable: " + "; ".join(
+            f"{name}: {reason}" for name, reason in notes.items()))
     started = time.perf_counter()
     results = []
     for model in args.models:
@@ -197,6 +200,11 @@ def run_faithfulness(args) -> int:
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
             raise UsageError(f"{model}: {e}") from None
     wall = time.perf_counter() - started
+    failed = {f"{r.model}: {name}": m.unavailable for r in results for name, m in r.methods.items() if m.unavailable}
+    if len(failed) == sum(len(r.methods) for r in results):
+        print("gim-fast evaluate: no method computed any score, nothing written: " + "; ".join(
+            f"{name}: unavailable: {reason}" for name, reason in failed.items()), file=sys.stderr)
+        return 1
 
     command = _command(args)
     files = write_results(results, Path(args.out), command=command, environment=_environment(),
