@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..context import generate_answers
+from ..data import context_examples
+from .. import models
 from ..sources import PromptFormat, build_prompt
 from .ablation import LDS_ABLATIONS, TOP_K, ContextAblations, lds, random_masks, top_k_drop
 from .context_methods import CONTEXT_METHODS, run_method
@@ -81,9 +84,6 @@ def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int,
                             progress=None):
     """([(example, prompt, answer_ids)] of up to ``count`` examples answered right (with ``keep_wrong``: answered
     at all), ContextSelection)."""
-    from ..context import generate_answers
-    from ..data import context_examples
-
     say = progress or (lambda _msg: None)
     candidates = context_examples(documents, seed=seed)
     limit = len(candidates) if limit is None else min(limit, len(candidates))
@@ -136,9 +136,7 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
             raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     t0 = time.perf_counter()
     if model_and_tokenizer is None:
-        from ..models import load_pretrained
-
-        model, tokenizer = load_pretrained(model_name, cache_dir=cache_dir)
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
     else:
         model, tokenizer = model_and_tokenizer
     fmt = PromptFormat.resolve(tokenizer)
