@@ -1,6 +1,6 @@
 """The ``torch`` backend of ``gim_attention``: row-tiled GIM attention, O(S) memory, any device.
 
-Routes, by structure (results differ only by float rounding; ``tests/test_attention_torch_routes.py``):
+Routes, by structure (results differ only by float rounding; ``tests/ops/test_attention_torch_routes.py``):
 
     forward    CPU, float32/16-bit, no window, no soft-capping: torch's fused flash op
                ``_scaled_dot_product_flash_attention_for_cpu`` (output and row log-sum-exp LSE; key padding as an

@@ -1,5 +1,5 @@
 """The compared attribution methods: what each computes, batch independence, IG's completeness bookkeeping,
-the random baseline's determinism (AttnLRP: tests/test_attnlrp.py)."""
+the random baseline's determinism (AttnLRP: tests/evaluate/test_attnlrp.py)."""
 from __future__ import annotations
 
 import pytest

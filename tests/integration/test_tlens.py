@@ -29,7 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
 
 from gim_fast.integration import tlens  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFF = dict(freeze_norm=False, softmax_temperature=None, q_scale=None, k_scale=None, v_scale=None, gate_scale=None,
            up_scale=None)
 ALONE = {  # each modification alone (GIM's default value), the others off
