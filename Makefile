@@ -82,7 +82,7 @@ demo: venv
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing reference fails.
 # Its results tables are generated at build time from bench/results (docs/hooks.py).
 docs: venv
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The faithfulness table and plot of the README (bench/results/faithfulness/), both shipped models, every method.
 evaluate: venv
