@@ -33,7 +33,7 @@ from .run import (
 )
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
-DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
+DEFAULT_N = None   # every example the model answers right
 DEFAULT_OUT = "bench/results/faithfulness"
 DEFAULT_CONTEXT_OUT = "bench/results/context"
 TASKS = ("faithfulness", "context")

@@ -28,7 +28,7 @@ __all__ = ["ContextRow", "ContextSelection", "ContextModelResult", "evaluate_con
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (10, 30, 100)
-DEFAULT_COUNTS = (10, 4, 1)   # examples per size: the committed run (bench/results/context; ~2 h on a shared 2-core CPU)
+DEFAULT_COUNTS = (10, 4, 1)   # examples per size, as in the run of bench/results/context
 MAX_NEW_TOKENS = 16
 GENERATION_BATCH = 8
 
