@@ -44,7 +44,7 @@ ifeq ($(LATEST),)
 else
 	$(VPY) -m pip install --upgrade --upgrade-strategy eager -e '.[$(subst $() ,$(comma),$(EXTRAS))]' "$(TORCH_PIN)"
 endif
-	# the --no-deps packages of an earlier install would fail pip check (they are reinstalled just below)
+# the --no-deps packages of an earlier install would fail pip check (they are reinstalled just below)
 	$(VPY) -m pip uninstall -y -q $$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' $(NO_DEPS))
 	$(VPY) -m pip check
 	$(VPY) -m pip install --no-deps --require-hashes -r $(NO_DEPS)

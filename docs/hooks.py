@@ -66,13 +66,15 @@ def results_table(path: str, heading: str | None = None) -> str:
 
 
 def _cell(value: str) -> str:
+    """A CSV value as a table cell: numbers with more than three decimals rounded to three, the rest as written."""
     try:
         number = float(value)
     except ValueError:
         return value.replace("|", "\\|")
-    if number.is_integer() and "." not in value:
+    decimals = value.partition(".")[2]
+    if len(decimals) <= 3 or "e" in value.lower():
         return value
-    return f"{number:.3g}" if abs(number) < 1e-3 and number != 0 else f"{number:.3f}"
+    return f"{number:.3f}"
 
 
 def results_csv(path: str, columns: list[str] | None = None) -> str:
