@@ -1,5 +1,6 @@
-"""The circuit tables of the docs (docs/circuits.md): ``gim-fast circuit`` on every task and model, exact patching, tiny models, the 8B
-memory estimate, all written to ``bench/results/circuits/`` (one folder per run and ``tables.md``).
+"""The circuit tables of the docs (docs/circuits.md): ``gim-fast circuit`` on every task and model, exact patching,
+tiny models, the 8B memory estimate, all written to ``bench/results/circuits/`` (one folder per run and
+``tables.md``).
 
     python bench/circuits.py                 # run what is missing, write and print bench/results/circuits/tables.md
     python bench/circuits.py --table-only    # tables.md from the runs already there
