@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import logging
+import os
 import sys
 
-from .cli_args import (BACKENDS, DTYPES, PROG, UsageError, optional_number, positive_int,  # noqa: F401
-                       positive_number)
+import torch
+
+from . import models
+from .answers import explain_answer_with, explain_generation_with
+from .backends import resolve_backend
+from .circuits.cli import add_subparser as add_circuit_subparser
+from .cli_args import DTYPES, PROG, UsageError, add_settings_args, positive_int, positive_number, settings_from_args
+from .display import format_answer, format_attributions, plural
+from .evaluate.cli import add_subparser as add_evaluate_subparser
+from .explain import explain_with
+from .html import AnswerView, HtmlRow, write_answer_html, write_html
+from .jobs import BadRowError, InputError, JobError, attribute_dataset
+from .jobs.runner import DEFAULT_BATCH_TOKENS
+from .outputs import check_output_file
 
 __all__ = ["main", "build_parser"]
-
-_UNSET = object()
-# CLI option -> keyword of gim_fast.explain
-_SETTINGS = {"temperature": "softmax_temperature", "q_scale": "q_scale", "k_scale": "k_scale",
-             "v_scale": "v_scale", "gate_scale": "gate_scale", "up_scale": "up_scale"}
-
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", metavar="M",
@@ -39,20 +45,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="where converted models are cached (default $GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
-
-
-def _add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """The GIM settings, each with the library's default; 'none' turns a modification off."""
-    group = parser.add_argument_group("GIM settings ('none' turns a modification off)")
-    group.add_argument("--temperature", type=optional_number(0.0, strict=True), default=_UNSET, metavar="T|none",
-                       help="softmax temperature of the attention backward (default 2.0)")
-    for name, default in (("q-scale", 0.25), ("k-scale", 0.25), ("v-scale", 0.5),
-                          ("gate-scale", 0.5), ("up-scale", 0.5)):
-        group.add_argument(f"--{name}", type=optional_number(0.0, strict=False), default=_UNSET, metavar="X|none",
-                           help=f"gradient scale (default {default})")
-    group.add_argument("--no-freeze-norm", dest="freeze_norm", action="store_false",
-                       help="let gradients flow through the normalisation statistics (default: frozen)")
-    group.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend (default auto)")
 
 
 def _add_generate_args(group, exclusive, what: str) -> None:
@@ -88,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--top", type=positive_int(1), default=3, metavar="K",
                         help="source tokens shown per answer token (default 3)")
     _add_model_args(ex)
-    _add_settings_args(ex)
+    add_settings_args(ex)
     ex.add_argument("--html", default=None, metavar="FILE",
                     help="also write the tokens coloured by score to FILE, a self-contained HTML page")
     ex.add_argument("--width", type=positive_int(0), default=40, metavar="N",
@@ -145,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--device", default=None, metavar="DEV",
                     help="cpu, cuda or cuda:N (default: this process's GPU under torchrun, else cuda if available, "
                          "else cpu)")
-    _add_settings_args(at)
+    add_settings_args(at)
     at.add_argument("--baseline", default=None, metavar="TOKEN|ID",
                     help="the baseline token (one-token string or id; default: the tokenizer's ' ' token, else its "
                          "pad or unk token)")
     perf = at.add_argument_group("batching and shards")
     perf.add_argument("--batch-tokens", type=positive_int(1), default=None, metavar="N",
-                      help=f"padded tokens per batch (default {_default_batch_tokens()}; rows longer than this get a "
+                      help=f"padded tokens per batch (default {DEFAULT_BATCH_TOKENS}; rows longer than this get a "
                            "batch of their own); raise it on a GPU")
     perf.add_argument("--batch-size", type=positive_int(1), default=None, metavar="N",
                       help="at most N rows per batch (default: no limit; 1 attributes one row at a time)")
@@ -165,28 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar (default: when stderr is a terminal)")
     at.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
     at.set_defaults(func=_cmd_attribute)
-    from .evaluate.cli import add_subparser as _add_evaluate   # gim-fast evaluate (gim_fast/evaluate/cli.py)
-    _add_evaluate(sub)
-    from .circuits.cli import add_subparser as _add_circuit   # gim-fast circuit (gim_fast/circuits/cli.py)
-    _add_circuit(sub)
+    add_evaluate_subparser(sub)
+    add_circuit_subparser(sub)
     return parser
-
-
-def _default_batch_tokens() -> int:
-    from .jobs.runner import DEFAULT_BATCH_TOKENS
-
-    return DEFAULT_BATCH_TOKENS
-
-
-def _explain_function():
-    import gim_fast
-
-    fn = getattr(gim_fast, "explain", None)
-    if fn is not None and not callable(fn):       # the submodule, if the package does not re-export it
-        fn = getattr(fn, "explain", None)
-    if fn is None:
-        raise RuntimeError("gim_fast.explain is not available in this installation")
-    return fn
 
 
 def _resolve_target(target: str | None, tokenizer, logits) -> tuple[int, str]:
@@ -209,8 +182,6 @@ def _resolve_target(target: str | None, tokenizer, logits) -> tuple[int, str]:
 
 
 def _last_logits(model, input_ids):
-    import torch
-
     with torch.no_grad():
         try:
             out = model(input_ids=input_ids[None], logits_to_keep=1)
@@ -236,34 +207,15 @@ def _model_log():
 
 
 def _load_model(args):
-    import torch
-
-    from .models import load_pretrained
-
     with _model_log():
         try:
-            return load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+            return models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
         except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise UsageError(str(e)) from None
 
 
-def _settings_kwargs(args) -> dict:
-    kwargs = {"freeze_norm": args.freeze_norm, "backend": args.backend}
-    for option, keyword in _SETTINGS.items():
-        value = getattr(args, option)
-        if value is not _UNSET:
-            kwargs[keyword] = value
-    return kwargs
-
-
 def _check_explain_args(args) -> None:
     """Every argument that can be checked before the model loads."""
-    import torch
-
-    from .models import check_model_name
-    from .outputs import check_output_file
-    from .settings import resolve_backend
-
     if args.text == "":
         raise UsageError("TEXT is empty; give the text to explain")
     if (args.answer is not None or args.generate is not None) and args.target is not None:
@@ -275,7 +227,7 @@ def _check_explain_args(args) -> None:
     if target == args.target and target.startswith("-") and target[1:].isdigit():
         raise UsageError(f"--target {args.target}: a token id is >= 0")
     try:
-        check_model_name(args.model, cache_dir=args.cache_dir)
+        models.check_model_name(args.model, cache_dir=args.cache_dir)
         if args.html:
             check_output_file(args.html, "--html")
         resolve_backend(args.backend, torch.device("cpu"), getattr(torch, args.dtype))
@@ -284,8 +236,6 @@ def _check_explain_args(args) -> None:
 
 
 def _cmd_explain(args) -> int:
-    from .display import format_attributions, plural
-
     _check_explain_args(args)
     model, tokenizer = _load_model(args)
 
@@ -298,14 +248,13 @@ def _cmd_explain(args) -> int:
     target_id, how = _resolve_target(args.target, tokenizer, logits)
     rank = int((logits > logits[target_id]).sum()) + 1
 
-    explain = _explain_function()
-    kwargs = _settings_kwargs(args)
+    settings = settings_from_args(args)
     try:
-        scores = explain(model, input_ids, target_token_id=target_id, tokenizer=tokenizer, **kwargs)
+        scores = explain_with(model, input_ids, settings, target_token_id=target_id, tokenizer=tokenizer)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    shown = _settings_line(explain, kwargs)
+    shown = _settings_line(settings)
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), {plural(input_ids.numel(), 'token')}")
     print(f"target: {tokenizer.decode([target_id])!r} (id {target_id}, {how}) after the last token; "
           f"logit {float(logits[target_id]):.4g}, rank {rank}")
@@ -316,8 +265,6 @@ def _cmd_explain(args) -> int:
     color = {"auto": None, "always": True, "never": False}[args.color]
     print(format_attributions(tokens, scores, color=color, width=args.width, special=special))
     if args.html:
-        from .html import HtmlRow, write_html
-
         row = HtmlRow(tokens, scores, label=args.text, target=tokenizer.decode([target_id]),
                       target_logit=float(logits[target_id]), token_ids=input_ids.tolist(), special=special)
         try:
@@ -330,30 +277,24 @@ def _cmd_explain(args) -> int:
 
 def _explain_answer(args, model, tokenizer, input_ids) -> int:
     """``gim-fast explain TEXT --answer A`` / ``--generate N``: every answer token's top source tokens."""
-    import torch
-
-    import gim_fast
-
-    from .display import format_answer, plural
-
-    kwargs = _settings_kwargs(args)
+    settings = settings_from_args(args)
     try:
         if args.answer is not None:
             answer_ids = tokenizer.encode(args.answer, add_special_tokens=False)
             if not answer_ids:
                 raise UsageError(f"--answer {args.answer!r} encodes to no token")
             how = "given"
-            result = gim_fast.explain_answer(model, input_ids, torch.tensor(answer_ids), tokenizer=tokenizer,
-                                             target=args.answer_target, **kwargs)
+            result = explain_answer_with(model, input_ids, torch.tensor(answer_ids), settings, tokenizer=tokenizer,
+                                         target=args.answer_target)
         else:      # explain_generation tokenizes TEXT as above
-            result = gim_fast.explain_generation(model, tokenizer, args.text, max_new_tokens=args.generate,
-                                                 target=args.answer_target, **kwargs)
+            result = explain_generation_with(model, tokenizer, args.text, settings, max_new_tokens=args.generate,
+                                             target=args.answer_target)
             answer_ids = result.target_ids.tolist()
             how = f"generated, greedy, at most {args.generate} tokens"
     except ValueError as e:
         raise UsageError(str(e)) from None
     values = result.target_logits if args.answer_target == "logit" else result.target_logprobs
-    shown = _settings_line(gim_fast.explain_answer, kwargs)
+    shown = _settings_line(settings)
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), prompt {plural(input_ids.numel(), 'token')}, "
           f"answer {plural(len(answer_ids), 'token')} ({how}): {tokenizer.decode(answer_ids)!r}")
     print(f"explained: each answer token's {args.answer_target}; ← its {args.top} highest-scored source tokens "
@@ -364,8 +305,6 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     answer_tokens = result.tokens[input_ids.numel():]
     print(format_answer(result.tokens, answer_tokens, result.scores, values, top=args.top, color=color))
     if args.html:
-        from .html import AnswerView, write_answer_html
-
         view = AnswerView(sources=result.tokens, answer_tokens=answer_tokens, scores=result.scores, label=args.text,
                           joiner="", special=_special_mask(tokenizer, [*input_ids.tolist(), *answer_ids]))
         try:
@@ -384,11 +323,7 @@ def _special_mask(tokenizer, token_ids: list[int]) -> list[bool]:
 
 
 def _cmd_attribute(args) -> int:
-    import torch
-
-    from .jobs import BadRowError, InputError, JobError, attribute_dataset
-
-    kwargs = _settings_kwargs(args)
+    settings = settings_from_args(args)
     optional = {"batch_tokens": args.batch_tokens, "shard_rows": args.shard_rows,
                 "flush_seconds": args.flush_seconds}
     try:
@@ -399,7 +334,7 @@ def _cmd_attribute(args) -> int:
             baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
             cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
             answer_field=args.answer_field, generate=args.generate, answer_target=args.answer_target,
-            **{k: v for k, v in optional.items() if v is not None}, **kwargs)
+            settings=settings, **{k: v for k, v in optional.items() if v is not None})
         with _model_log():
             summary = run.run()
     except (InputError, JobError, BadRowError) as e:
@@ -414,10 +349,6 @@ def _cmd_attribute(args) -> int:
 
 def _print_summary(run, summary: dict) -> None:
     """What the job did: this process's share and speed, and (from the manifest) the whole job."""
-    import os
-
-    from .display import plural
-
     who = f"rank {summary['rank']} of {summary['world_size']}: " if summary["world_size"] > 1 else ""
     done = summary["already_done_batches"]
     resumed = f" ({plural(done, 'batch')} {'was' if done == 1 else 'were'} already done)" if done else ""
@@ -445,23 +376,9 @@ def _print_summary(run, summary: dict) -> None:
               "finish it")
 
 
-def _settings_line(explain, kwargs: dict) -> str:
-    """The GIM settings in effect: explain()'s defaults overridden by what was given."""
-    try:
-        params = inspect.signature(explain).parameters
-    except (TypeError, ValueError):
-        params = {}
-    names = ("freeze_norm", *_SETTINGS.values(), "backend")
-    parts = []
-    for name in names:
-        if name in kwargs:
-            value = kwargs[name]
-        elif name in params and params[name].default is not inspect.Parameter.empty:
-            value = params[name].default
-        else:
-            continue
-        parts.append(f"{name}={value}")
-    return " ".join(parts)
+def _settings_line(settings) -> str:
+    """The GIM settings in effect, ``name=value`` each."""
+    return " ".join(f"{name}={value}" for name, value in settings.as_dict().items())
 
 
 def main(argv: list[str] | None = None) -> int:

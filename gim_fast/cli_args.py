@@ -1,13 +1,15 @@
 """What the command lines share (``gim-fast explain|attribute`` in ``gim_fast.cli``, ``gim-fast evaluate`` in
-``gim_fast.evaluate.cli``, and any later subcommand): the usage error and the argparse types that check every
-argument while it is parsed, before anything is loaded."""
+``gim_fast.evaluate.cli``, and any later subcommand): the usage error, the argparse types that check every
+argument while it is parsed, before anything is loaded, and the GIM settings' options, built from
+``gim_fast.settings`` (a new setting needs no change here)."""
 from __future__ import annotations
 
 import argparse
 import math
 
+from .settings import BACKENDS, GIMSettings, cli_options
+
 PROG = "gim-fast"
-BACKENDS = ("auto", "eager", "torch", "triton")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -65,4 +67,34 @@ def positive_int(minimum: int = 1):
     return parse
 
 
-__all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "positive_number", "optional_number", "positive_int"]
+# the order the settings' options are listed in --help: the numbers first, then the switches and the backend
+_KIND_ORDER = {"temperature": 0, "scale": 0, "switch": 1, "choice": 2}
+_UNSET = object()
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """One option per GIM setting, each with the library's default; 'none' turns a modification off."""
+    group = parser.add_argument_group("GIM settings ('none' turns a modification off)")
+    for option in sorted(cli_options(), key=lambda o: _KIND_ORDER[o.kind]):
+        if option.kind == "switch":
+            group.add_argument(option.flag, dest=option.name, action="store_false", help=option.help)
+        elif option.kind == "choice":
+            group.add_argument(option.flag, dest=option.name, choices=BACKENDS, default=option.default,
+                               help=f"{option.help} (default {option.default})")
+        else:
+            strict, metavar = (True, "T|none") if option.kind == "temperature" else (False, "X|none")
+            group.add_argument(option.flag, dest=option.name, type=optional_number(0.0, strict=strict),
+                               default=_UNSET, metavar=metavar, help=f"{option.help} (default {option.default})")
+
+
+def settings_from_args(args: argparse.Namespace) -> GIMSettings:
+    """The GIM settings the options of :func:`add_settings_args` gave (the library's default where none was)."""
+    given = {o.name: getattr(args, o.name) for o in cli_options() if getattr(args, o.name) is not _UNSET}
+    try:
+        return GIMSettings(**given)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+__all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "positive_number", "optional_number", "positive_int",
+           "add_settings_args", "settings_from_args"]

@@ -12,6 +12,7 @@ except ModuleNotFoundError as e:   # pandas is a dependency of gim-fast; a broke
     raise ModuleNotFoundError(f"attribute_context returns a pandas DataFrame and needs pandas ({e}); install it "
                               "with: pip install pandas", name=e.name) from None
 
+from .html import AnswerView, write_answer_html
 from .sources import ContextPrompt
 
 __all__ = ["ContextAttribution", "context_table"]
@@ -61,8 +62,6 @@ class ContextAttribution(pd.DataFrame):
     def save_html(self, path, *, title: str = "Which sources the answer came from"):
         """Write a self-contained HTML page: the sources × answer-token heatmap, and the sources coloured by their
         score for whichever answer token the pointer is on (``gim_fast.html.AnswerView``). Returns the path."""
-        from .html import AnswerView, write_answer_html
-
         p = self.prompt
         view = AnswerView(sources=list(self["source"]), answer_tokens=list(self.answer_tokens),
                           scores=self._source_scores(), label=p.text[p.query_span[0]:p.query_span[1]],

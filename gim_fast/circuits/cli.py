@@ -11,6 +11,14 @@ import sys
 from pathlib import Path
 
 from ..cli_args import DTYPES, UsageError, positive_int, positive_number
+from ..memory import InsufficientMemoryError
+from .. import models
+from ..outputs import check_output_dir, run_environment
+from .attribution import DEFAULT_IG_STEPS, METHODS
+from .graph import PERCENTAGES
+from .report import markdown_summary, write_results
+from .run import discover
+from .tasks import TASKS
 
 __all__ = ["add_subparser", "run"]
 
@@ -18,8 +26,6 @@ _RANKINGS = {"signed": ("signed",), "absolute": ("absolute",), "both": ("signed"
 
 
 def _methods(text: str) -> list[str]:
-    from .attribution import METHODS
-
     names = [m for m in text.replace(",", " ").split() if m]
     bad = [m for m in names if m not in METHODS]
     if not names or bad:
@@ -53,9 +59,6 @@ def _percent(text: str) -> float:
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``circuit`` on the ``gim-fast`` sub-command parsers."""
-    from .attribution import DEFAULT_IG_STEPS
-    from .graph import PERCENTAGES
-
     p = subparsers.add_parser(
         "circuit", help="circuit discovery (edge attribution patching with GIM, EAP, EAP-IG) and its faithfulness",
         description="Score every edge of the model's graph (embedding, attention heads with their q/k/v inputs, "
@@ -111,14 +114,6 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..memory import InsufficientMemoryError
-    from ..evaluate.cli import _environment   # the same record of the machine as gim-fast evaluate
-    from ..models import check_model_name, load_pretrained
-    from ..outputs import check_output_dir
-    from .report import markdown_summary, write_results
-    from .run import discover
-    from .tasks import TASKS
-
     # every argument is checked before the model loads
     if args.task not in TASKS and not Path(args.task).is_file():
         raise UsageError(f"--task: unknown task {args.task!r}; expected one of {', '.join(TASKS)} or a .jsonl file"
@@ -126,13 +121,13 @@ def run(args) -> int:
                          f"--task: no such task file: {args.task!r}")
     try:
         check_output_dir(args.out)
-        check_model_name(args.model, cache_dir=args.cache_dir)
+        models.check_model_name(args.model, cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+        model, tokenizer = models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     bars = []
@@ -153,7 +148,7 @@ def run(args) -> int:
     finally:
         for b in bars:
             b.close()
-    files = write_results(result, args.out, command=_command(args), environment=_environment())
+    files = write_results(result, args.out, command=_command(args), environment=run_environment())
     print(markdown_summary(result))
     print(f"\nwrote {', '.join(str(f) for f in files.values())}")
     return 0

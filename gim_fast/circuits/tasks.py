@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from ..examples import capital_examples
+from ..integration import eval_mode
+
 __all__ = ["Task", "Metric", "LogitDifference", "YearProbabilityMass", "TaskPerformance", "TaskNotPerformedError",
            "ioi", "greater_than", "capitals", "from_jsonl", "load_task", "performance", "task_metric", "TASKS", "NAMES"]
 
@@ -276,8 +279,6 @@ def capitals(model, tokenizer, n: int | None = 32, *, seed: int = 0) -> Task:
     """Pairs of countries whose capital the model predicts (its first token is the top prediction after "The
     capital of {country} is"), with prompts of equal token length and different answer tokens: clean = one,
     corrupt = the other. Countries are taken in a seeded random order, up to 4·n known ones."""
-    from ..evaluate.run import capital_examples
-
     # four times as many known countries as pairs wanted leaves enough partners of each prompt length
     known = capital_examples(model, tokenizer, None if n is None else 4 * n, seed=seed).examples
     by_len = defaultdict(list)
@@ -383,8 +384,6 @@ class TaskPerformance:
 
 def task_metric(model, task: Task, prompts: str = "clean", *, batch_size: int = 32) -> torch.Tensor:
     """m per example ``[N]`` from plain forward passes of the clean (or corrupt) prompts, in eval mode."""
-    from ..integration import eval_mode
-
     if prompts not in ("clean", "corrupt"):
         raise ValueError(f"prompts must be 'clean' or 'corrupt', got {prompts!r}")
     device = model.get_input_embeddings().weight.device

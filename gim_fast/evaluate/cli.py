@@ -13,10 +13,27 @@ import sys
 import time
 from pathlib import Path
 
+from ..backends import resolve_backend
 from ..cli_args import BACKENDS, UsageError, positive_int, positive_number
+from ..data import countries
+from ..models import check_model_name
+from ..outputs import check_output_dir, run_environment
+from .context_methods import CONTEXT_METHODS
+from .context_report import markdown_context_table, write_context_results
+from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context
+from .methods import DEFAULT_METHODS, METHODS, get_method
+from .report import markdown_table, write_results
+from .run import (
+    DEFAULT_BATCH_SIZE,
+    SWEEP_TEMPERATURES,
+    _capital_shots,
+    evaluate_model,
+    jsonl_candidates,
+    unavailable_notes,
+)
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
-DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
+DEFAULT_N = None   # every example the model answers right
 DEFAULT_OUT = "bench/results/faithfulness"
 DEFAULT_CONTEXT_OUT = "bench/results/context"
 TASKS = ("faithfulness", "context")
@@ -58,11 +75,6 @@ def _sweep(temperatures: list) -> list[float]:
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``gim-fast`` sub-command parsers."""
-    from .context_methods import CONTEXT_METHODS
-    from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES
-    from .methods import DEFAULT_METHODS, METHODS
-    from .run import DEFAULT_BATCH_SIZE, SWEEP_TEMPERATURES
-
     p = subparsers.add_parser(
         "evaluate", help="faithfulness of GIM and its peers: comprehensiveness and sufficiency (the GIM paper's)",
         description="Compare attribution methods by the GIM paper's comprehensiveness (mean logit drop when the top-k "
@@ -136,10 +148,6 @@ def _check_models_and_output(args, *, data_check) -> None:
     output folder, the backend, every model name."""
     import torch
 
-    from ..models import check_model_name
-    from ..outputs import check_output_dir
-    from ..settings import resolve_backend
-
     try:
         data_check()
         check_output_dir(args.out)
@@ -155,11 +163,6 @@ def _check_models_and_output(args, *, data_check) -> None:
 
 def run_faithfulness(args) -> int:
     import torch
-
-    from ..data import countries
-    from .methods import DEFAULT_METHODS, get_method
-    from .report import write_results
-    from .run import _capital_shots, evaluate_model, jsonl_candidates, unavailable_notes
 
     # every argument is checked before the first model loads
     args.methods = list(DEFAULT_METHODS) if args.methods is None else args.methods
@@ -207,9 +210,8 @@ def run_faithfulness(args) -> int:
         return 1
 
     command = _command(args)
-    files = write_results(results, Path(args.out), command=command, environment=_environment(),
+    files = write_results(results, Path(args.out), command=command, environment=run_environment(),
                           notes=notes, data=args.data, seed=args.seed, wall_seconds=wall)
-    from .report import markdown_table
 
     print(markdown_table(results, notes))
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
@@ -218,10 +220,6 @@ def run_faithfulness(args) -> int:
 
 def run_context(args) -> int:
     import torch
-
-    from .context_methods import CONTEXT_METHODS
-    from .context_report import markdown_context_table, write_context_results
-    from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context
 
     methods = list(CONTEXT_METHODS) if args.methods is None else args.methods
     for name in methods:
@@ -239,7 +237,6 @@ def run_context(args) -> int:
         raise UsageError(f"--counts has {len(counts)} values for {len(args.documents)} --documents sizes; give one "
                          "per size, or one for all")
     args.out = DEFAULT_CONTEXT_OUT if args.out is None else args.out
-    from ..data import countries
 
     _check_models_and_output(args, data_check=countries)
     if args.threads:
@@ -267,7 +264,7 @@ def run_context(args) -> int:
 
     def write(partial=None):      # after every context size: a long run leaves its results so far
         done = results + ([partial] if partial is not None else [])
-        return write_context_results(done, out, command=command, environment=_environment(), seed=args.seed,
+        return write_context_results(done, out, command=command, environment=run_environment(), seed=args.seed,
                                      wall_seconds=time.perf_counter() - started)
 
     for model in args.models:
@@ -286,8 +283,6 @@ def run_context(args) -> int:
 
 def _command(args) -> str:
     """The command that reproduces this run, every option spelled out."""
-    from .run import DEFAULT_BATCH_SIZE
-
     parts = ["gim-fast", "evaluate", "--models", *args.models, "--data", args.data, "--methods", *args.methods,
              "--n", "all" if args.n is None else str(args.n),
              "--temperatures", *([f"{t:g}" for t in args.temperatures] or ["none"]),
@@ -299,15 +294,3 @@ def _command(args) -> str:
     if args.threads:
         parts += ["--threads", str(args.threads)]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _environment() -> dict:
-    import datetime as dt
-    import platform
-
-    import torch
-    import transformers
-
-    return {"device": f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

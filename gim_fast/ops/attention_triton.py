@@ -11,11 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels.attention import attention_backward, attention_forward
+from ..settings import tempered
 from .cotangents import backward_op, unbatched_forward_only
-
-
-def _temperature_on(temperature) -> bool:
-    return temperature is not None and float(temperature) != 1.0
 
 
 class TritonGIMAttention(torch.autograd.Function):
@@ -29,7 +26,7 @@ class TritonGIMAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature, q_scale, k_scale,
                 v_scale, need_backward):
-        temperature = float(temperature) if _temperature_on(temperature) else None
+        temperature = tempered(temperature)
         return attention_forward(
             q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
             key_padding_mask=key_padding_mask, temperature=temperature, need_backward=need_backward)
@@ -42,19 +39,20 @@ class TritonGIMAttention(torch.autograd.Function):
         if need_backward:
             ctx.save_for_backward(q, k, v, *output, key_padding_mask)
             ctx.args = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
-                            temperature=float(temperature) if _temperature_on(temperature) else None,
+                            temperature=tempered(temperature),
                             q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        dq, dk, dv = backward_op(_Cotangents(ctx.args), grad_out, *ctx.saved_tensors)
+        dq, dk, dv = backward_op(_TritonAttentionRule(ctx.args), grad_out, *ctx.saved_tensors)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
-class _Cotangents:
-    """The GIM backward for one cotangent ``[B,Hq,S,D]``, or for a stack ``[M,B,Hq,S,D]``: ``attention_backward``
-    takes either, and runs the M backward passes in one set of launches on a grid M times larger, Q, K, V and the
-    forward statistics shared (indexed, never copied)."""
+class _TritonAttentionRule:
+    """The :class:`~gim_fast.ops.cotangents.CotangentRule` of the fused attention: the GIM backward for one
+    cotangent ``[B,Hq,S,D]``, or for a stack ``[M,B,Hq,S,D]``: ``attention_backward`` takes either, and runs the M
+    backward passes in one set of launches on a grid M times larger, Q, K, V and the forward statistics shared
+    (indexed, never copied)."""
 
     grads = 1
 

@@ -19,7 +19,7 @@ import torch
 
 from gim_fast import memory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOUND = 1.3
 
 

@@ -23,7 +23,7 @@ def test_triton_backend_equals_eager(family):
 
 
 def test_auto_is_triton_on_cuda_only():
-    from gim_fast.settings import resolve_backend
+    from gim_fast.backends import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
     expected = "triton" if torch.cuda.is_available() else "torch"

@@ -21,7 +21,7 @@ import pytest
 
 from jobs_support import save_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "gim_fast", "kernels")
 
 

@@ -1,5 +1,5 @@
 """The compared attribution methods: what each computes, batch independence, IG's completeness bookkeeping,
-the random baseline's determinism (AttnLRP: tests/test_attnlrp.py)."""
+the random baseline's determinism (AttnLRP: tests/evaluate/test_attnlrp.py)."""
 from __future__ import annotations
 
 import pytest
@@ -50,7 +50,7 @@ def test_gim_variants_call_explain_with_their_settings(llama):
     }
     for name, settings in cases.items():
         method = get_method(name)
-        assert dict(method.settings) == settings, name
+        assert method.settings == gim_fast.GIMSettings(**settings), name
         got = method.attribute(llama, ids, targets, BASELINE).scores
         want = gim_fast.explain(llama, ids, target_token_id=targets, baseline_token_id=BASELINE, **settings)
         torch.testing.assert_close(got, want)
@@ -100,8 +100,8 @@ def test_random_is_seeded_per_example():
 
 
 def test_method_names():
-    assert temperature_method(1.5).name == "gim_t1.5" and get_method("gim_t1.5").settings == (
-        ("softmax_temperature", 1.5),)
+    assert temperature_method(1.5).name == "gim_t1.5" and get_method("gim_t1.5").settings == gim_fast.GIMSettings(
+        softmax_temperature=1.5)
     for bad in ("gim_t0", "gim_tx", "lime"):
         with pytest.raises(ValueError, match="unknown method"):
             get_method(bad)

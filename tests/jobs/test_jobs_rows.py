@@ -191,8 +191,8 @@ def test_no_bound_for_tokenizers_that_drop_or_merge_characters():
 
 
 def test_huge_jsonl_line_end_to_end(tmp_path):
-    """A 10 MB line of a JSON Lines file: set aside as too long in seconds, without tokenizing it (which took
-    13.4 GB and 113 s for 100 MB before), and the other rows attributed."""
+    """A 10 MB line of a JSON Lines file: set aside as too long in seconds, without tokenizing it (which would take
+    many GB and minutes), and the other rows attributed."""
     model = save_tiny(tmp_path / "tiny")
     data = tmp_path / "in.jsonl"
     with open(data, "w", encoding="utf-8") as f:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args, tmp_path):
@@ -83,7 +83,7 @@ def test_circuits_benchmark_estimate():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1057 nodes" in proc.stdout and "805,681 edges" in proc.stdout
     # the weights alone are 16.1 GB and the 32 layers' Δ 16.5 GiB (17.7 GB): the total lies above their sum and,
-    # as the README says, within one 80 GB GPU
+    # as docs/circuits.md says, within one 80 GB GPU
     found = re.search(r"64 prompts × 32 tokens, bf16, Δ of every layer expanded: ([\d.]+) GB with the weights "
                       r"\(fits 80 GB\)", proc.stdout)
     assert found and 16.1 + 17.7 < float(found.group(1)) < 80, proc.stdout[:600]

@@ -2,8 +2,8 @@
 
 ``python -m pytest``, ``python -c``, ``python -`` and a notebook started in the repository root put the root first on
 ``sys.path``. A regular package (a folder with ``__init__.py``) or a module there shadows any installed package of
-the same name: a top-level ``kernels/__init__.py`` hid Hugging Face's ``kernels``, which transformers 5.25 imports, and
-every script run from the root failed. The rule (README, "Layout"): only ``gim_fast/`` is a regular package at the
+the same name: a top-level ``kernels/__init__.py`` would hide Hugging Face's ``kernels``, which transformers imports,
+and every script run from the root would fail. The rule (README, "Layout"): only ``gim_fast/`` is a regular package at the
 root; ``kernels/`` is a plain folder (``gim_fast/kernels`` links to it), and no top-level folder or module carries the
 import name of an installed distribution unless it is such a plain folder, which never wins over a regular package.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _top_level_entries():

@@ -3,7 +3,7 @@
 The fused-forward route (torch's CPU flash attention, which also returns the row LSE, then the row-tiled GIM
 backward from that LSE), the tiled route (padding, windows, soft-capping, float64), the backward without a saved
 LSE (what a non-CPU device's fused forward leaves) and the backward of M cotangents at once must all give the
-float64 reference of ``tests/test_ops.py`` (materialised attention, GIM by autograd identities) to float
+float64 reference of ``tests/ops/test_ops.py`` (materialised attention, GIM by autograd identities) to float
 rounding. Tolerances: ``ATTN_TOL`` of test_ops (max|Δ| / max|ref|).
 """
 from __future__ import annotations
