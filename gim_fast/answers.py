@@ -192,8 +192,8 @@ class _Inputs:
         try:
             answer = as_id_tensor(answer_ids, "answer_ids")
         except ValueError as err:
-            if "is empty" in str(err):
-                raise ValueError(f"answer_ids is empty: an answer needs at least one token ({err})") from None
+            if "is empty" in str(err):      # said once, with what an answer needs
+                raise ValueError("answer_ids is empty: an answer needs at least one token") from None
             raise
         if answer.dim() == 1:
             if answer_mask is not None and torch.as_tensor(answer_mask).dim() != 1:

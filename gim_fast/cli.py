@@ -27,7 +27,16 @@ from . import models
 from .answers import explain_answer_with, explain_generation_with
 from .backends import resolve_backend
 from .circuits.cli import add_subparser as add_circuit_subparser
-from .cli_args import DTYPES, PROG, UsageError, add_settings_args, positive_int, positive_number, settings_from_args
+from .cli_args import (
+    DTYPES,
+    PROG,
+    UsageError,
+    add_settings_args,
+    make_parser,
+    positive_int,
+    positive_number,
+    settings_from_args,
+)
 from .display import format_answer, format_attributions, plural
 from .evaluate.cli import add_subparser as add_evaluate_subparser
 from .explain import explain_with
@@ -57,12 +66,12 @@ def _add_generate_args(group, exclusive, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         prog=PROG, description="Fast, faithful GIM attributions for Hugging Face language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    ex = sub.add_parser(
-        "explain", help="attribute the next-token logit to the input tokens",
+    ex = make_parser(
+        sub, "explain", help="attribute the next-token logit to the input tokens",
         description="Attribute the logit of a target token at the last position to each input token with GIM "
                     "and print one line per token with its score.",
         epilog="Settings not given keep gim_fast.explain's defaults; 'none' turns a modification off.")
@@ -90,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="color the bars (default auto: when writing to a terminal and NO_COLOR is unset)")
     ex.set_defaults(func=_cmd_explain)
 
-    at = sub.add_parser(
-        "attribute", help="attribute every row of a data set; Parquet shards, resumable, multi-process",
+    at = make_parser(
+        sub, "attribute", help="attribute every row of a data set; Parquet shards, resumable, multi-process",
         description="Attribute the next-token logit of every row of a data set to its tokens with GIM. Rows are "
                     "grouped by length into batches under a token budget; results go to Parquet shards in "
                     "OUT/data/ with OUT/manifest.json (model, settings, versions, row counts). Bad rows (empty "

@@ -179,12 +179,18 @@ def shard_path(out: Path, first_batch: int) -> Path:
     return out / DATA / f"part-{first_batch:06d}.parquet"
 
 
+def _read_tokens(result) -> int:
+    """The tokens the model read for a result: its text's, and its answer's (an answer job): the same count as
+    the run's summary (``Row.size``)."""
+    return len(result.token_ids) + len(getattr(result, "answer_ids", None) or ())
+
+
 def write_shard(out: Path, batches: list[int], results: list, *, rank: int, config_sha256: str) -> Path:
     """Write the results of ``batches`` as one Parquet shard, atomically; named after its first batch."""
     import pyarrow.parquet as pq
 
     path = shard_path(out, batches[0])
-    meta = {"batches": batches, "rank": rank, "rows": len(results), "tokens": sum(len(r.token_ids) for r in results),
+    meta = {"batches": batches, "rank": rank, "rows": len(results), "tokens": sum(_read_tokens(r) for r in results),
             "config_sha256": config_sha256}
     table = _table(results, meta)
     tmp = _tmp_name(path)
