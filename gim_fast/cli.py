@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,15 +38,19 @@ from .cli_args import (
     positive_number,
     settings_from_args,
 )
-from .display import format_answer, format_attributions, plural
+from .chat import NoChatTemplate, chat_prompt, special_mask
+from .display import LONG_INPUT, format_answer, format_attributions, format_summary, plural, top_positions
 from .evaluate.cli import add_subparser as add_evaluate_subparser
 from .explain import explain_with
 from .html import AnswerView, HtmlRow, write_answer_html, write_html
 from .jobs import BadRowError, InputError, JobError, attribute_dataset
 from .jobs.runner import DEFAULT_BATCH_TOKENS
 from .outputs import check_output_file
+from .textfiles import TextFileError, read_text
 
 __all__ = ["main", "build_parser"]
+
+TOP_LONG = 30      # tokens printed for a long input (the largest |score|)
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", metavar="M",
@@ -75,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attribute the logit of a target token at the last position to each input token with GIM "
                     "and print one line per token with its score.",
         epilog="Settings not given keep gim_fast.explain's defaults; 'none' turns a modification off.")
-    ex.add_argument("text", metavar="TEXT", help="the input text")
+    ex.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                    help="the input text; '-' reads it from standard input (or give --text-file)")
+    ex.add_argument("--text-file", default=None, metavar="PATH",
+                    help="read the input text from PATH (UTF-8; the whole file, its last line break dropped)")
+    ex.add_argument("--chat", action="store_true",
+                    help="TEXT is the user's message: put it in the tokenizer's chat template (with the generation "
+                         "prompt, so the target is the start of the model's reply) and score the message's tokens "
+                         "only; the template's tokens are shown as special with score 0 (refused for a model "
+                         "without a chat template)")
     ex.add_argument("--target", default=None, metavar="TOKEN|ID",
                     help="the token to explain: a string that is one token (e.g. ' Paris') or an integer token id; "
                          "default: the model's own top prediction")
@@ -97,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "scale and show their score only)")
     ex.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="color the bars (default auto: when writing to a terminal and NO_COLOR is unset)")
+    ex.add_argument("--all-tokens", action="store_true",
+                    help=f"print one line per token also for a long input (default: from {LONG_INPUT} tokens on, "
+                         f"the {TOP_LONG} tokens with the largest |score| and a summary)")
     ex.set_defaults(func=_cmd_explain)
 
     at = make_parser(
@@ -223,10 +239,38 @@ def _load_model(args):
             raise UsageError(str(e)) from None
 
 
+def _read_input_text(args) -> str:
+    """The text to explain: TEXT, standard input for '-', or --text-file's content (exactly one of them)."""
+    if args.text_file is not None:
+        if args.text is not None:
+            raise UsageError("give the text as TEXT, '-' (standard input) or --text-file PATH, not two of them")
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UsageError(f"--text-file {args.text_file}: no such file")
+        try:
+            text = read_text(path)
+        except (TextFileError, OSError) as e:
+            raise UsageError(f"--text-file {e}" if isinstance(e, TextFileError) else
+                             f"--text-file {args.text_file}: cannot read it ({e.strerror or e})") from None
+        return text[:-1] if text.endswith("\n") else text
+    if args.text is None:
+        raise UsageError("no text to explain: give TEXT, '-' to read standard input, or --text-file PATH")
+    if args.text == "-":
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return text[:-1] if text.endswith("\n") else text
+    return args.text
+
+
 def _check_explain_args(args) -> None:
-    """Every argument that can be checked before the model loads."""
-    if args.text == "":
-        raise UsageError("TEXT is empty; give the text to explain")
+    """Every argument that can be checked before the model loads (the text is read here: TEXT, '-' or a file)."""
+    args.text = _read_input_text(args)
+    if not args.text.strip():
+        what = "standard input" if args.text_file is None and args.text != "" else "TEXT"
+        raise UsageError(f"{what if args.text_file is None else '--text-file ' + args.text_file} is empty; give the "
+                         "text to explain")
     if (args.answer is not None or args.generate is not None) and args.target is not None:
         raise UsageError("--target names the one next token to explain; --answer/--generate explain a whole answer: "
                          "give one or the other")
@@ -248,11 +292,19 @@ def _cmd_explain(args) -> int:
     _check_explain_args(args)
     model, tokenizer = _load_model(args)
 
-    input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
+    template = None
+    if args.chat:
+        try:
+            prompt = chat_prompt(tokenizer, args.text)
+        except (NoChatTemplate, ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        input_ids, template = torch.tensor(prompt.input_ids), prompt.template
+    else:
+        input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
     if input_ids.numel() == 0:
         raise UsageError("TEXT is empty after tokenization")
     if args.answer is not None or args.generate is not None:
-        return _explain_answer(args, model, tokenizer, input_ids)
+        return _explain_answer(args, model, tokenizer, input_ids, template)
     logits = _last_logits(model, input_ids)
     target_id, how = _resolve_target(args.target, tokenizer, logits)
     rank = int((logits > logits[target_id]).sum()) + 1
@@ -262,6 +314,10 @@ def _cmd_explain(args) -> int:
         scores = explain_with(model, input_ids, settings, target_token_id=target_id, tokenizer=tokenizer)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    special = special_mask(tokenizer, input_ids.tolist())
+    if template is not None:       # the chat template's tokens are held fixed: not scored, shown as special
+        scores = scores.masked_fill(torch.tensor(template, device=scores.device), 0.0)
+        special = [s or t for s, t in zip(special, template)]
 
     shown = _settings_line(settings)
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), {plural(input_ids.numel(), 'token')}")
@@ -269,10 +325,17 @@ def _cmd_explain(args) -> int:
           f"logit {float(logits[target_id]):.4g}, rank {rank}")
     if shown:
         print(f"settings: {shown}")
+    if template is not None:
+        print(f"chat: the message is {plural(template.count(False), 'token')} of the chat template's "
+              f"{plural(len(template), 'token')}; the template's tokens are not scored")
     tokens = [tokenizer.decode([int(i)]) for i in input_ids]
-    special = _special_mask(tokenizer, input_ids.tolist())
     color = {"auto": None, "always": True, "never": False}[args.color]
-    print(format_attributions(tokens, scores, color=color, width=args.width, special=special))
+    long_input = len(tokens) >= LONG_INPUT and not args.all_tokens
+    if long_input:
+        print(f"{format_summary(scores, special)}; the {TOP_LONG} with the largest |score|, in text order "
+              "(--all-tokens prints every token, --html FILE colours the whole text):")
+    only = top_positions(scores, TOP_LONG, special) if long_input else None
+    print(format_attributions(tokens, scores, color=color, width=args.width, special=special, only=only))
     if args.html:
         row = HtmlRow(tokens, scores, label=args.text, target=tokenizer.decode([target_id]),
                       target_logit=float(logits[target_id]), token_ids=input_ids.tolist(), special=special)
@@ -284,7 +347,7 @@ def _cmd_explain(args) -> int:
     return 0
 
 
-def _explain_answer(args, model, tokenizer, input_ids) -> int:
+def _explain_answer(args, model, tokenizer, input_ids, template=None) -> int:
     """``gim-fast explain TEXT --answer A`` / ``--generate N``: every answer token's top source tokens."""
     settings = settings_from_args(args)
     try:
@@ -294,10 +357,10 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
                 raise UsageError(f"--answer {args.answer!r} encodes to no token")
             how = "given"
             result = explain_answer_with(model, input_ids, torch.tensor(answer_ids), settings, tokenizer=tokenizer,
-                                         target=args.answer_target)
-        else:      # explain_generation tokenizes TEXT as above
+                                         target=args.answer_target, chat_template=template)
+        else:      # explain_generation tokenizes TEXT as above (in the chat template with --chat)
             result = explain_generation_with(model, tokenizer, args.text, settings, max_new_tokens=args.generate,
-                                             target=args.answer_target)
+                                             target=args.answer_target, chat=args.chat)
             answer_ids = result.target_ids.tolist()
             how = f"generated, greedy, at most {args.generate} tokens"
     except ValueError as e:
@@ -315,7 +378,7 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     print(format_answer(result.tokens, answer_tokens, result.scores, values, top=args.top, color=color))
     if args.html:
         view = AnswerView(sources=result.tokens, answer_tokens=answer_tokens, scores=result.scores, label=args.text,
-                          joiner="", special=_special_mask(tokenizer, [*input_ids.tolist(), *answer_ids]))
+                          joiner="", special=_answer_special(tokenizer, input_ids.tolist(), answer_ids, result))
         try:
             path = write_answer_html(args.html, [view], title=f"GIM attributions of an answer: {args.model}",
                                      subtitle=f"each answer token's {args.answer_target}; {shown}")
@@ -325,10 +388,12 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     return 0
 
 
-def _special_mask(tokenizer, token_ids: list[int]) -> list[bool]:
-    """Which tokens are the tokenizer's special tokens (<bos>, <eos>, ...): shown, but not on the display scale."""
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    return [i in special for i in token_ids]
+def _answer_special(tokenizer, prompt_ids: list[int], answer_ids: list[int], result) -> list[bool]:
+    """Per column of an answer attribution: a special token, or a chat template's token."""
+    special = special_mask(tokenizer, [*prompt_ids, *answer_ids])
+    if result.template_mask is not None:
+        special = [s or bool(t) for s, t in zip(special, result.template_mask.tolist())]
+    return special
 
 
 def _cmd_attribute(args) -> int:

@@ -31,6 +31,7 @@ from ..context import generate_answers
 from ..display import plural
 from ..engine import attribute
 from ..explain import resolve_baseline
+from ..chat import special_token_ids
 from ..html import answer_views_from_table, rows_from_table, write_answer_html, write_html
 from ..integration import check_model
 from .. import models
@@ -604,7 +605,7 @@ def _run(run: DatasetRun, job: JobConfig):
             yield from _compute_all(loaded, todo, plan.baseline, job, out, rank, world, config_sha, run)
             manifest = None
             if out is not None:
-                special = getattr(loaded.tokenizer, "all_special_ids", ()) or ()
+                special = special_token_ids(loaded.tokenizer)
                 manifest = _finish(out, plan.batches, job.output.html_report, own_group or _group_active(), rank,
                                    special)
             run.manifest = manifest
