@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_args(answers, source, "each row")
     io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
+    io.add_argument("--chat", action="store_true",
+                    help="each row's text is the user's message: put it in the tokenizer's chat template (with the "
+                         "generation prompt) and score the message's tokens only; the template's tokens get 0 and "
+                         "the output a 'template' column (refused for a model without a chat template)")
     io.add_argument("--strict", action="store_true",
                     help="stop at the first bad row (exit code 2) instead of writing it to OUT/errors.jsonl")
     _add_model_args(at)
@@ -408,7 +412,7 @@ def _cmd_attribute(args) -> int:
             baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
             cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
             answer_field=args.answer_field, generate=args.generate, answer_target=args.answer_target,
-            settings=settings, **{k: v for k, v in optional.items() if v is not None})
+            chat=args.chat, settings=settings, **{k: v for k, v in optional.items() if v is not None})
         with _model_log():
             summary = run.run()
     except (InputError, JobError, BadRowError) as e:

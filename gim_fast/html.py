@@ -202,7 +202,14 @@ def rows_from_table(table, special_ids: Iterable[int] = ()) -> list[HtmlRow]:
     special_ids = set(special_ids)
     return [HtmlRow(r["tokens"], r["scores"], label=f"id {r['id']} (line {r['line']})", target=r["target"],
                     target_logit=r["target_logit"], token_ids=r["token_ids"],
-                    special=[i in special_ids for i in r["token_ids"]]) for r in records]
+                    special=_special_flags(r, r["token_ids"], special_ids)) for r in records]
+
+
+def _special_flags(record: dict, ids, special_ids: set) -> list[bool]:
+    """A job row's special tokens: the tokenizer's, and a chat template's (its ``template`` column, --chat)."""
+    template = record.get("template") or [False] * len(record["token_ids"])
+    flags = [i in special_ids for i in ids]
+    return [f or (j < len(template) and bool(template[j])) for j, f in enumerate(flags)]
 
 
 # ------------------------------------------------------------------------------------------ answers × sources
@@ -357,5 +364,5 @@ def answer_views_from_table(table, special_ids: Iterable[int] = ()) -> list[Answ
     special_ids = set(special_ids)
     return [AnswerView(sources=[*r["tokens"], *r["answer_tokens"]], answer_tokens=r["answer_tokens"],
                        scores=r["scores"], label=f"id {r['id']} (line {r['line']}): answer {r['answer']!r}",
-                       joiner="", special=[i in special_ids for i in [*r["token_ids"], *r["answer_ids"]]])
+                       joiner="", special=_special_flags(r, [*r["token_ids"], *r["answer_ids"]], special_ids))
             for r in records]

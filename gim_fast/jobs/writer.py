@@ -171,6 +171,8 @@ def _table(results: list, meta: dict):
             "target_position": pa.array([r.target_position for r in results], pa.int32()),
             "target_given": pa.array([r.target_given for r in results], pa.bool_()),
         })
+    if results and getattr(results[0], "template", None) is not None:   # --chat: the template's tokens
+        columns["template"] = pa.array([list(r.template) for r in results], pa.list_(pa.bool_()))
     table = pa.table(columns)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
