@@ -134,5 +134,5 @@ def settings_from_args(args: argparse.Namespace) -> GIMSettings:
         raise UsageError(str(e)) from None
 
 
-__all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "make_parser", "add_list_argument", "positive_number", "optional_number", "positive_int",
-           "add_settings_args", "settings_from_args"]
+__all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "make_parser", "add_list_argument", "positive_number",
+           "optional_number", "positive_int", "add_settings_args", "settings_from_args"]

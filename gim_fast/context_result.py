@@ -76,7 +76,8 @@ class ContextAttribution(pd.DataFrame):
 
     def per_token(self, k: int = 3) -> pd.DataFrame:
         """Per answer token (one row each, in order): the token and its ``k`` highest-scored sources among the
-        sources of this table (``source_1`` … ``source_k``: their ``source_id``) with their scores (``score_1`` …)."""
+        sources of this table (``source_1`` … ``source_k``: their ``source_id``) with their scores
+        (``score_1`` …)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         ids = self.source_ids()

@@ -312,7 +312,8 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
                 f'title="{escape(f"{_printable(repr(answer[m]))} ← {_printable(labels[j])}: {row[j]:+.6g}")}"></td>'
                 for m, row in enumerate(scores))
             rows.append(f'<tr><td class="lab" title="{escape(_printable(sources[j]))}">'
-                        f'{escape(_label_text(labels[j]), quote=False)}</td>{cells}<td class="v" style="background-color: {colour(total[j], total_peak)}" '
+                        f'{escape(_label_text(labels[j]), quote=False)}</td>'
+                        f'{cells}<td class="v" style="background-color: {colour(total[j], total_peak)}" '
                         f'title="whole answer: {total[j]:+.6g}"></td></tr>')
         table = (f'<table class="hm"><tr><th>source</th>{head}<th>whole answer</th></tr>' + "".join(rows)
                  + "</table>")

@@ -48,14 +48,15 @@ def _percent(text: str) -> float:
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``circuit`` on the ``gim-fast`` sub-command parsers."""
     p = make_parser(
-        subparsers, "circuit", help="circuit discovery (edge attribution patching with GIM, EAP, EAP-IG) and its faithfulness",
+        subparsers, "circuit",
+        help="circuit discovery (edge attribution patching with GIM, EAP, EAP-IG) and its faithfulness",
         description="Score every edge of the model's graph (embedding, attention heads with their q/k/v inputs, "
                     "MLPs, logits) by attribution patching on a task of clean/corrupt prompt pairs, then measure "
                     "the faithfulness of the top-k% circuits as the MIB benchmark's circuit track does: f(k) = "
                     "(m(C) - m(empty)) / (m(full) - m(empty)), CPR = area under f (higher is better), CMD = area "
                     "under |1 - f| (lower is better). Writes OUT/summary.csv, OUT/curve.csv, OUT/edges.parquet, "
-                    "OUT/faithfulness.png, OUT/circuit.html (the circuit drawn: pick a size and a method, point at a node "
-                    "or an edge for its score) and OUT/run.json.",
+                    "OUT/faithfulness.png, OUT/circuit.html (the circuit drawn: pick a size and a method, point at "
+                    "a node or an edge for its score) and OUT/run.json.",
         epilog="Tasks: ioi (ABBA/BABA templates, corrupt prompts with three other names; m = logit(IO) - "
                "logit(S)), greater-than (m = probability of the years after YY minus up to YY), capitals "
                "(country pairs the model knows; m = logit difference of the two capitals), or a JSON Lines file "

@@ -99,7 +99,8 @@ def circuit_page_data(result, *, max_drawn: int | None = None) -> dict:
                     "f": [_round(v) for v in c.faithfulness], "cpr": _round(c.cpr), "cmd": _round(c.cmd)}
                    for c in curves],
         "metric": result.task.metric.describe(),
-        "full_metric": _round(result.faithfulness.full_metric), "empty_metric": _round(result.faithfulness.empty_metric),
+        "full_metric": _round(result.faithfulness.full_metric),
+        "empty_metric": _round(result.faithfulness.empty_metric),
     }
 
 
@@ -183,7 +184,8 @@ _SCRIPT = r"""
         const x0 = X(c0), y0 = Y(r0), x1 = X(c1), y1 = Y(r1), mid = (x0 + x1) / 2;
         const path = el("path", {d: `M${x0},${y0} C${mid},${y0} ${mid},${y1} ${x1},${y1}`, class: "edge",
                                  stroke: v >= 0 ? "rgb(22,163,74)" : "rgb(220,38,38)",
-                                 "stroke-opacity": 0.65, "stroke-width": 0.6 + 3.4 * (peak > 0 ? Math.abs(v) / peak : 0),
+                                 "stroke-opacity": 0.65,
+                                 "stroke-width": 0.6 + 3.4 * (peak > 0 ? Math.abs(v) / peak : 0),
                                  "data-edge": D.nodes[s] + "->" + D.inputs[i]}, edgeLayer);
         const name = D.nodes[s] + "->" + D.inputs[i];
         path.addEventListener("mouseenter", () => say(name + ": edge score " + fmt(v) + " (" + method + ")"));
@@ -245,7 +247,8 @@ _SCRIPT = r"""
   }
   function tables() {
     const m = D.methods[method];
-    const nodes = m.top_nodes.map(n => `<tr><td>${esc(D.nodes[n])}</td><td class="num">${fmt(m.node_scores[n])}</td></tr>`);
+    const nodes = m.top_nodes.map(n =>
+      `<tr><td>${esc(D.nodes[n])}</td><td class="num">${fmt(m.node_scores[n])}</td></tr>`);
     document.getElementById("top-nodes").innerHTML = "<tr><th>node</th><th>score</th></tr>" + nodes.join("");
     const edges = m.edges.slice(0, 20).map(([s, i, v]) =>
       `<tr><td>${esc(D.nodes[s] + "->" + D.inputs[i])}</td><td class="num">${fmt(v)}</td></tr>`);
@@ -309,7 +312,8 @@ and exact score.</p>
 <div class="controls"><span id="size"></span></div>
 <div id="info">point at a node or an edge</div>
 <div class="panels">
-<svg id="graph" width="{width}" height="{height}" role="img" aria-label="the circuit graph"><g id="edges"></g><g id="nodes"></g></svg>
+<svg id="graph" width="{width}" height="{height}" role="img" aria-label="the circuit graph">
+<g id="edges"></g><g id="nodes"></g></svg>
 <svg id="curve" width="360" height="{height}" role="img" aria-label="faithfulness curves"></svg>
 </div>
 <div class="tables">

@@ -32,7 +32,8 @@ from ..integration import eval_mode
 from ..textfiles import iter_lines
 
 __all__ = ["Task", "Metric", "LogitDifference", "YearProbabilityMass", "TaskPerformance", "TaskNotPerformedError",
-           "ioi", "greater_than", "capitals", "from_jsonl", "read_task_file", "load_task", "performance", "task_metric", "TASKS", "NAMES"]
+           "ioi", "greater_than", "capitals", "from_jsonl",
+           "read_task_file", "load_task", "performance", "task_metric", "TASKS", "NAMES"]
 
 TASKS = ("ioi", "greater-than", "capitals")
 

@@ -81,7 +81,8 @@ def _sweep(temperatures: list) -> list[float]:
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``gim-fast`` sub-command parsers."""
     p = make_parser(
-        subparsers, "evaluate", help="faithfulness of GIM and its peers: comprehensiveness and sufficiency (the GIM paper's)",
+        subparsers, "evaluate",
+        help="faithfulness of GIM and its peers: comprehensiveness and sufficiency (the GIM paper's)",
         description="Compare attribution methods by the GIM paper's comprehensiveness (mean logit drop when the top-k "
                     "tokens are replaced by the baseline token, k = 1..50; higher is better) and sufficiency (mean "
                     "drop when 50/80/90/95/99% of the least important tokens are replaced; lower is better), both "
