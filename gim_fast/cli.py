@@ -5,6 +5,8 @@
     gim-fast explain "The capital of France is" --html paris.html
     gim-fast explain "The capital of France is" --answer " Paris, on the Seine"   # every answer token's sources
     gim-fast explain "The capital of France is" --generate 8 --html answer.html
+    gim-fast explain "What is the capital of France?" --chat --generate 8   # in the chat template, the message scored
+    gim-fast explain - < report.txt                                   # the text from standard input (or --text-file)
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
     gim-fast circuit --task ioi --model smollm2-135m --out runs/ioi      # circuits: GIM vs EAP vs EAP-IG (MIB metrics)
