@@ -58,9 +58,16 @@ class Page:
         self.page = browser.new_page(viewport={"width": width, "height": height})
         self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(f"exception: {e}"))
-        self.page.on("request", lambda r: None if r.url.startswith(("file:", "data:", "about:"))
-                     else self.errors.append(f"loaded {r.url}"))          # self-contained: nothing fetched
+        self.page.route("**/*", self._local_only)          # self-contained: nothing is fetched, nothing leaves
         self.page.goto(path.resolve().as_uri())
+
+    def _local_only(self, route) -> None:
+        url = route.request.url
+        if url.startswith(("file:", "data:", "about:")):
+            route.continue_()
+        else:
+            self.errors.append(f"loaded {url}")
+            route.abort()
 
     def background(self, selector: str, nth: int = 0) -> str:
         return self.page.locator(selector).nth(nth).evaluate("e => getComputedStyle(e).backgroundColor")
@@ -251,3 +258,18 @@ def test_circuit_view(browser, circuit_page):
     assert page.page.inner_text("#tables-method") == "random"
     assert page.page.locator("#top-edges tr").count() == 21 and "<" in page.page.inner_text("#top-edges")
     page.close()
+
+
+def test_the_checks_catch_a_page_that_throws_or_fetches(browser, tmp_path):
+    """The guard every view passes through can fail: a script error, a console error and a request are caught."""
+    page_file = tmp_path / "bad.html"
+    page_file.write_text("<!DOCTYPE html><html><body><img src='https://example.invalid/x.png'/>"
+                         "<script>console.error('boom'); null.x;</script></body></html>", encoding="utf-8")
+    page = Page(browser, page_file, 400, 300)
+    page.page.wait_for_timeout(200)
+    assert any(e.startswith("console: boom") for e in page.errors)
+    assert any(e.startswith("exception:") for e in page.errors)
+    assert any(e.startswith("loaded https://example.invalid") for e in page.errors)
+    with pytest.raises(AssertionError):
+        page.close()
+    page.page.close()
