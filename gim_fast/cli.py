@@ -272,11 +272,11 @@ def _read_input_text(args) -> str:
 
 def _check_explain_args(args) -> None:
     """Every argument that can be checked before the model loads (the text is read here: TEXT, '-' or a file)."""
+    source = ("--text-file " + args.text_file if args.text_file is not None
+              else "standard input" if args.text == "-" else "TEXT")
     args.text = _read_input_text(args)
-    if not args.text.strip():
-        what = "standard input" if args.text_file is None and args.text != "" else "TEXT"
-        raise UsageError(f"{what if args.text_file is None else '--text-file ' + args.text_file} is empty; give the "
-                         "text to explain")
+    if args.text == "":
+        raise UsageError(f"{source} is empty; give the text to explain")
     if (args.answer is not None or args.generate is not None) and args.target is not None:
         raise UsageError("--target names the one next token to explain; --answer/--generate explain a whole answer: "
                          "give one or the other")
