@@ -15,7 +15,7 @@ except ModuleNotFoundError as e:   # pandas is a dependency of gim-fast; a broke
 from .html import AnswerView, write_answer_html
 from .sources import ContextPrompt
 
-__all__ = ["ContextAttribution", "context_table"]
+__all__ = ["ContextAttribution", "context_table", "rank_of"]
 
 
 class ContextAttribution(pd.DataFrame):
@@ -27,22 +27,31 @@ class ContextAttribution(pd.DataFrame):
     ``"logit"``), ``prompt`` (a ``gim_fast.sources.ContextPrompt``: text, ids, spans), ``rest`` (the whole answer's
     attribution to the query, to the rest of the prompt — template, chat markup, separators, special tokens — and
     to earlier answer tokens: with the sources it adds up to the sum of all token scores), ``token_scores`` (a
-    DataFrame, one row per answer token, one column per source then ``query``, ``other``, ``answer``; None with
-    ``per_token=False``) and ``attribution`` (the ``gim_fast.AnswerAttribution`` over every token). Tables derived
+    DataFrame, one row per answer token, one column per source then ``query``, ``other``, ``answer``; computed
+    when first read unless ``attribute_context(..., per_token=True)`` computed it at once) and ``attribution``
+    (the ``gim_fast.AnswerAttribution`` the scores came from: the whole answer's, or every token's). Tables derived
     from this one (a slice, a sort) are plain DataFrames.
     """
 
-    _metadata = ["answer", "answer_ids", "answer_tokens", "target", "prompt", "rest", "token_scores", "attribution"]
+    _metadata = ["answer", "answer_ids", "answer_tokens", "target", "prompt", "rest", "attribution", "_token_rows",
+                 "_per_token_rows"]
 
     @property
     def _constructor(self):
         return pd.DataFrame
 
+    @property
+    def token_scores(self) -> pd.DataFrame:
+        """One row per answer token, one column per source then ``query``, ``other``, ``answer``: each answer
+        token's own GIM attribution. Computed on first use when the call did not ask for ``per_token=True`` (one
+        more forward and M backward passes through the model and settings of the call)."""
+        if self._token_rows is None:
+            result = self._per_token_rows()
+            self._token_rows = _token_frame(_parts(self.prompt, result), len(self))
+        return self._token_rows
+
     def _source_scores(self) -> np.ndarray:
         """``[M, n]``: each answer token's score of each source."""
-        if self.token_scores is None:
-            raise ValueError("this attribution was computed with per_token=False (the whole answer only); call "
-                             "attribute_context(..., per_token=True) for per-token sources")
         return self.token_scores.iloc[:, :len(self)].to_numpy()
 
     def per_token(self, k: int = 3) -> pd.DataFrame:
@@ -70,19 +79,38 @@ class ContextAttribution(pd.DataFrame):
                                  subtitle=f"scores: each answer token's {self.target}; answer {self.answer!r}")
 
 
-def context_table(prompt: ContextPrompt, answer_ids: list[int], tokenizer, result, target: str,
-                  per_token: bool) -> ContextAttribution:
-    """The table of an ``explain_answer`` result over ``prompt`` (``result.scores``: ``[M, P + M]`` per token, or
-    ``[1, P + M]`` for the whole answer)."""
+def rank_of(scores) -> np.ndarray:
+    """1 = the highest score; ties: the earlier source first."""
+    scores = np.asarray(scores)
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    return rank
+
+
+def _parts(prompt: ContextPrompt, result) -> np.ndarray:
+    """``[rows, n + 3]``: each row of ``result.scores`` summed over each source, the query, the rest of the prompt
+    and the earlier answer tokens."""
     scores = result.scores.detach().double().cpu().numpy()
     length = len(prompt.input_ids)
-    weights = prompt.weights()                                              # [P, n + 2]
-    parts = np.concatenate([scores[:, :length] @ weights,                   # sources, query, other
-                            scores[:, length:].sum(1, keepdims=True)], 1)   # earlier answer tokens
+    return np.concatenate([scores[:, :length] @ prompt.weights(),          # sources, query, other
+                           scores[:, length:].sum(1, keepdims=True)], 1)   # earlier answer tokens
+
+
+def _token_frame(parts: np.ndarray, n: int) -> pd.DataFrame:
+    return pd.DataFrame(parts, columns=[*range(n), "query", "other", "answer"],
+                        index=pd.RangeIndex(len(parts), name="answer token"))
+
+
+def context_table(prompt: ContextPrompt, answer_ids: list[int], tokenizer, result, target: str,
+                  per_token: bool, per_token_rows=None) -> ContextAttribution:
+    """The table of an ``explain_answer`` result over ``prompt`` (``result.scores``: ``[M, P + M]`` per token, or
+    ``[1, P + M]`` for the whole answer). ``per_token_rows()``: the per-token result, computed when first needed
+    (with ``per_token=False``)."""
+    parts = _parts(prompt, result)
+    weights = prompt.weights()
     whole = parts.sum(0)
     n = len(prompt.sources)
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.argsort(-whole[:n], kind="stable")] = np.arange(1, n + 1)
+    rank = rank_of(whole[:n])
     table = ContextAttribution(
         {"source": prompt.sources, "score": whole[:n], "rank": rank, "tokens": weights[:, :n].sum(0),
          "start": [s for s, _ in prompt.source_spans], "end": [e for _, e in prompt.source_spans]},
@@ -93,8 +121,7 @@ def context_table(prompt: ContextPrompt, answer_ids: list[int], tokenizer, resul
     table.target = target
     table.prompt = prompt
     table.rest = pd.Series(whole[n:], index=["query", "other", "answer"], name="score")
-    table.token_scores = (pd.DataFrame(parts, columns=[*range(n), "query", "other", "answer"],
-                                       index=pd.RangeIndex(len(answer_ids), name="answer token"))
-                          if per_token else None)
+    table._token_rows = _token_frame(parts, n) if per_token else None
+    table._per_token_rows = per_token_rows
     table.attribution = result
     return table
