@@ -1,6 +1,6 @@
 """Pool a context evaluation's examples over its sets: per method, the mean ± standard error over every example of
-LDS (all masks, top kept, top removed), the top-3 drop, the cost, and each method's paired LDS difference to a
-reference (default the ContextCite package).
+LDS (all masks, top kept, top removed), the top-3 drop, the cost, and each method's paired LDS difference to
+reference methods (default the ContextCite package and gim).
 
     .venv/bin/python bench/context_pooled.py bench/results/context-tasks/dev bench/results/context-tasks/heldout \\
         --out bench/results/context-tasks/pooled.md
@@ -29,7 +29,7 @@ def _fmt(pair, digits=3):
     return "–" if math.isnan(mean) else f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
-def pooled(folder: Path, reference: str) -> str:
+def pooled(folder: Path, references: list[str]) -> str:
     rows = list(csv.DictReader((folder / "examples.csv").open(encoding="utf-8")))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["key"], r["method"]): r for r in rows}
@@ -37,25 +37,27 @@ def pooled(folder: Path, reference: str) -> str:
     sets = list(dict.fromkeys(r["set"] for r in rows))
     counts = {s: len({r["key"] for r in rows if r["set"] == s}) for s in sets}
     out = [f"{folder.name}: {len(keys)} examples ({', '.join(f'{s} {c}' for s, c in counts.items())})", "",
-           f"| method | LDS | LDS, top kept | LDS, top removed | top-3 drop | F-eq. | s/answer | Δ LDS vs `{reference}` |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| method | LDS | LDS, top kept | LDS, top removed | top-3 drop | F-eq. | s/answer | "
+           + " | ".join(f"Δ LDS vs `{r}`" for r in references) + " |",
+           "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(references)]
     for m in methods:
         got = [by[(k, m)] for k in keys if (k, m) in by]
         col = lambda name: [float(r[name]) for r in got]                           # noqa: E731
-        diffs = [float(by[(k, m)]["lds"]) - float(by[(k, reference)]["lds"]) for k in keys
-                 if (k, m) in by and (k, reference) in by]
+        diffs = {ref: [float(by[(k, m)]["lds"]) - float(by[(k, ref)]["lds"]) for k in keys
+                       if (k, m) in by and (k, ref) in by] for ref in references}
         feq = sum(int(r["forwards"]) + int(r["backwards"]) for r in got) / len(got)
         out.append(f"| `{m}` | {_fmt(_mean_se(col('lds')))} | {_fmt(_mean_se(col('lds_top_kept')))} | "
                    f"{_fmt(_mean_se(col('lds_top_removed')))} | {_fmt(_mean_se(col('drop3')), 2)} | {feq:.1f} | "
                    f"{_mean_se(col('seconds'))[0]:.1f} | "
-                   f"{'–' if m == reference else _fmt(_mean_se(diffs))} |")
+                   + " | ".join("–" if m == ref else _fmt(_mean_se(diffs[ref])) for ref in references) + " |")
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path)
-    p.add_argument("--reference", default="contextcite")
+    p.add_argument("--reference", nargs="+", default=["contextcite", "gim"],
+                   help="methods to take each method's paired LDS difference against")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     text = "\n\n".join(pooled(f, args.reference) for f in args.folders)
