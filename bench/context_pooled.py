@@ -1,6 +1,6 @@
 """Pool a context evaluation's examples over its sets: per method, the mean ± standard error over every example of
-LDS (all masks, top kept, top removed), the top-3 drop, the cost, and each method's paired LDS difference to
-reference methods (default the ContextCite package and gim).
+LDS (all masks, top kept, top removed) and of the top-3 drop, how often the gold document is ranked first, the
+cost, and each method's paired LDS difference to reference methods (default the ContextCite package and gim).
 
     .venv/bin/python bench/context_pooled.py bench/results/context-tasks/dev bench/results/context-tasks/heldout \\
         --out bench/results/context-tasks/pooled.md
@@ -36,10 +36,10 @@ def pooled(folder: Path, references: list[str]) -> str:
     keys = list(dict.fromkeys(r["key"] for r in rows))
     sets = list(dict.fromkeys(r["set"] for r in rows))
     counts = {s: len({r["key"] for r in rows if r["set"] == s}) for s in sets}
-    out = [f"{folder.name}: {len(keys)} examples ({', '.join(f'{s} {c}' for s, c in counts.items())})", "",
-           "| method | LDS | LDS, top kept | LDS, top removed | top-3 drop | F-eq. | s/answer | "
+    out = [f"## {folder.name}", "", f"{len(keys)} examples ({', '.join(f'{s} {c}' for s, c in counts.items())})", "",
+           "| method | LDS | LDS, top kept | LDS, top removed | top-3 drop | gold first | F-eq. | s/answer | "
            + " | ".join(f"Δ LDS vs `{r}`" for r in references) + " |",
-           "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(references)]
+           "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(references)]
     for m in methods:
         got = [by[(k, m)] for k in keys if (k, m) in by]
         col = lambda name: [float(r[name]) for r in got]                           # noqa: E731
@@ -47,7 +47,8 @@ def pooled(folder: Path, references: list[str]) -> str:
                        if (k, m) in by and (k, ref) in by] for ref in references}
         feq = sum(int(r["forwards"]) + int(r["backwards"]) for r in got) / len(got)
         out.append(f"| `{m}` | {_fmt(_mean_se(col('lds')))} | {_fmt(_mean_se(col('lds_top_kept')))} | "
-                   f"{_fmt(_mean_se(col('lds_top_removed')))} | {_fmt(_mean_se(col('drop3')), 2)} | {feq:.1f} | "
+                   f"{_fmt(_mean_se(col('lds_top_removed')))} | {_fmt(_mean_se(col('drop3')), 2)} | "
+                   f"{sum(int(r['gold_rank']) == 1 for r in got)} of {len(got)} | {feq:.1f} | "
                    f"{_mean_se(col('seconds'))[0]:.1f} | "
                    + " | ".join("–" if m == ref else _fmt(_mean_se(diffs[ref])) for ref in references) + " |")
     return "\n".join(out)
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     text = "\n\n".join(pooled(f, args.reference) for f in args.folders)
     text = ("# Context evaluation pooled over its sets\n\nCommand: `.venv/bin/python bench/context_pooled.py "
-            + " ".join(map(str, args.folders)) + (f" --out {args.out}" if args.out else "") + "`\n\n"
+            + " ".join(map(str, args.folders)) + " --reference " + " ".join(args.reference)
+            + (f" --out {args.out}" if args.out else "") + "`\n\n"
             "Mean ± standard error over every example of the folder (each set weighs by its number of examples); "
             "F-eq.: forward-equivalents per answer (a backward counts as one forward); s/answer on a shared machine. "
             "The runs' own files (context.md per folder) hold the machine, date and versions.\n\n" + text + "\n")
