@@ -48,9 +48,19 @@ class TokenRows:
     def get(self) -> pd.DataFrame:
         """The rows, computed now if they were not given."""
         if self.frame is None:
+            if self.compute is None:
+                raise ValueError("the per-token rows were not computed before this table was pickled (computing "
+                                 "them needs the model); read table.token_scores before saving the table")
             self.frame = self.compute()
             self.compute = None          # drop the reference to the model once the rows exist
         return self.frame
+
+    def __getstate__(self):
+        # a pickle keeps the rows if they exist, never the function (it holds the model)
+        return (self.frame,)
+
+    def __setstate__(self, state):
+        self.frame, self.compute = state[0], None
 
 
 class ContextAttribution(pd.DataFrame):

@@ -214,7 +214,13 @@ def test_the_table_survives_ordinary_pandas_use(tok):
     assert list(merged["year"]) == [1535, 1048, -753] and list(merged["score"]) == list(table["score"])
     flat = table.reset_index()
     assert list(flat["source_id"]) == [0, 1, 2] and flat.answer == " Peru"
+    # a pickle never holds the model: rows not yet computed are refused when read, computed ones travel
+    import pickle
+    with pytest.raises(ValueError, match="not computed before this table was pickled"):
+        pickle.loads(pickle.dumps(table)).token_scores
+    assert not table._token_rows.computed
     assert table.copy().answer == " Peru" and table.copy().token_scores is table.token_scores
+    pd.testing.assert_frame_equal(pickle.loads(pickle.dumps(table)).token_scores, table.token_scores)
     # per_token() of a derived table ranks the sources it holds, by their ids, against the full per-token matrix
     scores = table.token_scores.iloc[:, :3].to_numpy()
     for derived in (table.copy(), by_text, flat, table[["score"]], flat.sort_values("score")):
