@@ -3,23 +3,28 @@
     result = gim_fast.attribute_context(model, tokenizer, sources, "What is the capital of Peru?")
     result                  # one row per source: its text, its score for the whole answer, its rank
     result.answer           # the answer (generated greedily when none is given)
-    result.per_token()      # per answer token, its top sources
+    result.per_token()      # per answer token, its top sources (computed when first asked for)
 
 The prompt is built from the sources (``gim_fast.sources.build_prompt``: a template, the tokenizer's chat template
 when it has one), the answer generated when none is given, and the answer attributed with
-``gim_fast.explain_answer`` (one forward pass). A source's score is the sum of its tokens' scores (a token shared
-with a neighbour is split by the characters it shares with each: see ``gim_fast.sources``).
+``gim_fast.explain_answer`` (one forward pass, one backward pass for the whole answer). A source's score is the sum
+of its tokens' scores (a token shared with a neighbour is split by the characters it shares with each: see
+``gim_fast.sources``). ``method="gim-ablations"`` then runs ``ablations`` forward passes of prompts with sources
+removed and fits a linear surrogate with GIM's scores as its prior (``gim_fast.context_ablation``).
 """
 from __future__ import annotations
 
 import torch
 
 from .answers import explain_answer_with, max_positions
+from .context_ablation import DEFAULT_ABLATIONS, gim_ablation_scores
 from .integration import check_model, eval_mode, tlens
 from .settings import DEFAULTS, TARGETS, GIMSettings
 from .sources import DEFAULT_SEPARATOR, build_prompt
 
-__all__ = ["attribute_context", "attribute_context_with", "generate_answers"]
+__all__ = ["attribute_context", "attribute_context_with", "generate_answers", "METHODS"]
+
+METHODS = ("gim", "gim-ablations")
 
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
@@ -61,7 +66,8 @@ def _answer_ids(tokenizer, answer) -> list[int]:
 
 
 def attribute_context(model, tokenizer, sources, query: str, answer: str | None = None, *, template: str | None = None,
-                      separator: str = DEFAULT_SEPARATOR, chat: bool | None = None, per_token: bool = True,
+                      separator: str = DEFAULT_SEPARATOR, chat: bool | None = None, per_token: bool = False,
+                      method: str = "gim", ablations: int = DEFAULT_ABLATIONS, seed: int = 0,
                       target: str = "logprob", max_new_tokens: int = 64, baseline_token_id=None,
                       freeze_norm=DEFAULTS.freeze_norm, softmax_temperature=DEFAULTS.softmax_temperature,
                       q_scale=DEFAULTS.q_scale, k_scale=DEFAULTS.k_scale, v_scale=DEFAULTS.v_scale,
@@ -80,8 +86,16 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
             once. Default: ContextCite's ``"Context: {context}\\n\\nQuery: {query}"``, as the user's message of the
             tokenizer's chat template when it has one (``chat=None``; ``True``/``False`` force it), else followed by
             ``"\\nAnswer:"``.
-        per_token: also attribute every answer token on its own (M backward passes through one forward), for
-            :meth:`per_token` and ``token_scores``; False attributes the whole answer only (one backward pass).
+        per_token: also attribute every answer token on its own now (M backward passes through the same
+            forward). Default False: the whole answer only (one backward pass); the per-token rows are computed
+            when first asked for (``token_scores``, :meth:`per_token`, ``save_html``: one more forward and M
+            backward passes, with the model and settings of this call).
+        method: ``"gim"`` (default): GIM's scores, one forward and one backward pass. ``"gim-ablations"``: then
+            ``ablations`` forward passes of the prompt with random halves of the sources removed, and the scores
+            of a linear surrogate of the answer's log-probability fitted to them with GIM's scores as its prior
+            (``gim_fast.context_ablation``; the default 6 ablations make 8 forward-equivalents in all). Needs
+            ``target="logprob"``.
+        ablations, seed: how many ablations ``"gim-ablations"`` runs (≥ 2), and the seed of their masks.
         target: ``"logprob"`` (default): the answer's log-probability, Σ_m log p(answer_m | before); ``"logit"``:
             the sum of the answer tokens' raw logits.
         baseline_token_id, freeze_norm … up_scale, backend, chunk: as for ``gim_fast.explain_answer``.
@@ -90,7 +104,9 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
         A ``ContextAttribution`` (a pandas DataFrame, one row per source; see its docstring): the whole answer's
         score of each source is the sum of its tokens' scores in the attribution of Σ_m target_m — with
         ``per_token=True`` computed as the sum of the per-token rows (the backward is linear, so that is the same
-        number up to float rounding).
+        number up to float rounding). With ``method="gim-ablations"``, ``score`` is the surrogate's weight (the
+        change of log p(answer) when the source is removed, on average over random halves of the sources) and
+        ``gim`` keeps GIM's own score; per-token rows are GIM's.
 
     Raises ValueError/TypeError, before the model is touched, for empty or non-string sources, an empty query, a
     template without ``{context}`` or ``{query}``, an empty answer, a prompt longer than the model's positions.
@@ -99,14 +115,16 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
                            k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
                            backend=backend)
     return attribute_context_with(model, tokenizer, sources, query, settings, answer, template=template,
-                                  separator=separator, chat=chat, per_token=per_token, target=target,
+                                  separator=separator, chat=chat, per_token=per_token, method=method,
+                                  ablations=ablations, seed=seed, target=target,
                                   max_new_tokens=max_new_tokens, baseline_token_id=baseline_token_id, chunk=chunk,
                                   **generate_kwargs)
 
 
 def attribute_context_with(model, tokenizer, sources, query: str, settings: GIMSettings, answer: str | None = None,
                            *, template: str | None = None, separator: str = DEFAULT_SEPARATOR,
-                           chat: bool | None = None, per_token: bool = True, target: str = "logprob",
+                           chat: bool | None = None, per_token: bool = False, method: str = "gim",
+                           ablations: int = DEFAULT_ABLATIONS, seed: int = 0, target: str = "logprob",
                            max_new_tokens: int = 64, baseline_token_id=None, chunk=None, **generate_kwargs):
     """:func:`attribute_context` with the GIM settings as one :class:`~gim_fast.settings.GIMSettings`."""
     # pandas (the result is a DataFrame) is imported only when a context is attributed: `import gim_fast` stays
@@ -117,6 +135,16 @@ def attribute_context_with(model, tokenizer, sources, query: str, settings: GIMS
         raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
     if not isinstance(per_token, bool):
         raise TypeError(f"per_token must be True or False, got {per_token!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if method == "gim-ablations":
+        if isinstance(ablations, bool) or not isinstance(ablations, int) or ablations < 2:
+            raise ValueError(f"ablations must be an integer ≥ 2 (forward passes with sources removed), got "
+                             f"{ablations!r}")
+        if target != "logprob":
+            raise ValueError("method='gim-ablations' fits the answer's log-probability: use target='logprob'")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
     check_model(model)
     prompt = build_prompt(tokenizer, sources, query, template=template, separator=separator, chat=chat)
     limit = max_positions(model)
@@ -139,9 +167,28 @@ def attribute_context_with(model, tokenizer, sources, query: str, settings: GIMS
                             "when the answer is generated (answer=None)")
         answer_ids = _answer_ids(tokenizer, answer)
 
-    result = explain_answer_with(model, torch.tensor(prompt.input_ids), torch.tensor(answer_ids), settings,
-                                 tokenizer=tokenizer, target=target, total=not per_token,
-                                 baseline_token_id=baseline_token_id, chunk=chunk)
-    return context_table(prompt, answer_ids, tokenizer, result, target, per_token)
+    def explain(total: bool):
+        return explain_answer_with(model, torch.tensor(prompt.input_ids), torch.tensor(answer_ids), settings,
+                                   tokenizer=tokenizer, target=target, total=total,
+                                   baseline_token_id=baseline_token_id, chunk=chunk)
+
+    result = explain(not per_token)
+    table = context_table(prompt, answer_ids, tokenizer, result, target, per_token,
+                          per_token_rows=None if per_token else (lambda: explain(False)))
+    if method == "gim-ablations":
+        surrogate_scores(model, tokenizer, table, result, ablations, seed)
+    return table
 
 
+def surrogate_scores(model, tokenizer, table, result, ablations: int, seed: int) -> None:
+    """Replace ``table``'s scores by the gim-ablations surrogate's (GIM's stay in the column ``gim``); f at the full
+    prompt comes from GIM's own forward (``result.target_logprobs``)."""
+    from .context_table import rank_of
+
+    gim = table["score"].to_numpy().copy()
+    full = float(result.target_logprobs.detach().double().sum())
+    weights = gim_ablation_scores(model, tokenizer, table.prompt, table.answer_ids, gim, full, ablations=ablations,
+                                  seed=seed)
+    table["gim"] = gim
+    table["score"] = weights
+    table["rank"] = rank_of(weights)

@@ -23,9 +23,44 @@ except ModuleNotFoundError as e:   # pandas is a dependency of gim-fast; a broke
 
 from .html import AnswerView, write_answer_html
 
-__all__ = ["ContextAttribution", "SOURCE_ID"]
+__all__ = ["ContextAttribution", "SOURCE_ID", "TokenRows"]
 
 SOURCE_ID = "source_id"   # the name of the index: a source's position in the prompt
+
+
+class TokenRows:
+    """The per-token rows of one attribution, shared (by reference) by every table derived from it: given at once
+    (``frame``), or computed by ``compute()`` the first time they are read and kept from then on."""
+
+    __slots__ = ("frame", "compute")
+
+    def __init__(self, frame: pd.DataFrame | None = None, compute=None):
+        if (frame is None) == (compute is None):
+            raise ValueError("TokenRows takes either the rows or a function that computes them")
+        self.frame = frame
+        self.compute = compute
+
+    @property
+    def computed(self) -> bool:
+        """Whether the rows exist yet (reading them does not compute them twice)."""
+        return self.frame is not None
+
+    def get(self) -> pd.DataFrame:
+        """The rows, computed now if they were not given."""
+        if self.frame is None:
+            if self.compute is None:
+                raise ValueError("the per-token rows were not computed before this table was pickled (computing "
+                                 "them needs the model); read table.token_scores before saving the table")
+            self.frame = self.compute()
+            self.compute = None          # drop the reference to the model once the rows exist
+        return self.frame
+
+    def __getstate__(self):
+        # a pickle keeps the rows if they exist, never the function (it holds the model)
+        return (self.frame,)
+
+    def __setstate__(self, state):
+        self.frame, self.compute = state[0], None
 
 
 class ContextAttribution(pd.DataFrame):
@@ -37,17 +72,27 @@ class ContextAttribution(pd.DataFrame):
     ``"logit"``), ``prompt`` (a ``gim_fast.sources.ContextPrompt``: text, ids, spans), ``rest`` (the whole answer's
     attribution to the query, to the rest of the prompt — template, chat markup, separators, special tokens — and
     to earlier answer tokens: with the sources it adds up to the sum of all token scores), ``token_scores`` (a
-    DataFrame, one row per answer token, one column per source id then ``query``, ``other``, ``answer``; None with
-    ``per_token=False``) and ``attribution`` (the ``gim_fast.AnswerAttribution`` over every token). Tables derived
-    from this one (``copy()``, ``sort_values``, ``table[table.score > 0]``, ``table[["source", "score"]]``, ...)
-    keep all of these.
+    DataFrame, one row per answer token, one column per source id then ``query``, ``other``, ``answer``; computed
+    when first read unless ``attribute_context(..., per_token=True)`` computed it at once) and ``attribution`` (the
+    ``gim_fast.AnswerAttribution`` the scores came from: the whole answer's, or every token's). Tables derived from
+    this one (``copy()``, ``sort_values``, ``table[table.score > 0]``, ``table[["source", "score"]]``, ...) keep all
+    of these, and share the per-token rows: they are computed once for all of them.
     """
 
-    _metadata = ["answer", "answer_ids", "answer_tokens", "target", "prompt", "rest", "token_scores", "attribution"]
+    _metadata = ["answer", "answer_ids", "answer_tokens", "target", "prompt", "rest", "attribution", "_token_rows"]
+    _token_rows = None   # a TokenRows; None on a table built without one
 
     @property
     def _constructor(self):
         return ContextAttribution
+
+    @property
+    def token_scores(self) -> pd.DataFrame | None:
+        """One row per answer token, one column per source id then ``query``, ``other``, ``answer``: each answer
+        token's own attribution. Computed on first read when the call did not ask for ``per_token=True`` (one more
+        forward and M backward passes through the model, with the call's settings); None on a table that has no
+        answer attached."""
+        return None if self._token_rows is None else self._token_rows.get()
 
     def source_ids(self) -> np.ndarray:
         """The ids of the sources this table holds, in its row order: its index (``source_id``), or its
@@ -69,10 +114,11 @@ class ContextAttribution(pd.DataFrame):
 
     def _source_scores(self, ids: np.ndarray) -> np.ndarray:
         """``[M, len(ids)]``: each answer token's score of each source in ``ids``."""
-        if self.token_scores is None:
-            raise ValueError("this attribution was computed with per_token=False (the whole answer only); call "
-                             "attribute_context(..., per_token=True) for per-token sources")
-        return self.token_scores.loc[:, list(ids)].to_numpy()
+        rows = self.token_scores
+        if rows is None:
+            raise ValueError("this table has no per-token scores attached (it was not returned by "
+                             "attribute_context, nor derived from a table that was)")
+        return rows.loc[:, list(ids)].to_numpy()
 
     def per_token(self, k: int = 3) -> pd.DataFrame:
         """Per answer token (one row each, in order): the token and its ``k`` highest-scored sources among the

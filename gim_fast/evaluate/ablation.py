@@ -11,9 +11,8 @@ higher = more responsible for the answer):
   keeping each source with probability ½, between the attribution's prediction Σ_j k_j · scores_j and f(k).
   A prediction that is the same for every mask (e.g. all-zero scores) has no ranking: its LDS counts as 0.
 
-Ablated prompts have different lengths: they are scored left-padded (with position ids counted over the real
-tokens, so every row gets the numbers it gets alone, up to float rounding), longest first, about
-``batch_tokens`` padded tokens per forward pass, computing the logits of the answer positions only.
+Ablated prompts are scored by ``gim_fast.context_ablation.answer_logprobs`` (left-padded batches, the logits of
+the answer positions only).
 """
 from __future__ import annotations
 
@@ -22,9 +21,8 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from ..integration import eval_mode
+from ..context_ablation import DEFAULT_BATCH_TOKENS, answer_logprobs
 from ..sources import ContextPrompt
 
 __all__ = ["answer_logprobs", "ContextAblations", "top_k_sets", "top_k_drop", "lds", "spearman", "random_masks",
@@ -33,49 +31,6 @@ __all__ = ["answer_logprobs", "ContextAblations", "top_k_sets", "top_k_drop", "l
 TOP_K = (1, 3, 5)
 LDS_ABLATIONS = 32
 KEEP_PROBABILITY = 0.5
-DEFAULT_BATCH_TOKENS = 4096
-_LOGITS_BYTES = 1 << 30        # at most ~1 GiB of float32 logits per forward (Gemma's vocabulary is 262k)
-
-
-@torch.no_grad()
-def answer_logprobs(model, prompts: Sequence[Sequence[int]], answer_ids: Sequence[int], *,
-                    batch_tokens: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
-    """``[len(prompts)]`` float64: log p(answer | prompt) for each prompt (lists of token ids), the same answer
-    after every prompt. The model is left as it was (eval mode for the call)."""
-    answer = [int(t) for t in answer_ids]
-    m = len(answer)
-    if m == 0:
-        raise ValueError("answer_ids is empty: an answer needs at least one token")
-    rows = [list(map(int, p)) + answer for p in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("a prompt is empty: the first answer token needs a position before it")
-    embed = model.get_input_embeddings()
-    device = embed.weight.device
-    vocab = getattr(model.get_output_embeddings(), "out_features", None) or model.config.vocab_size
-    max_rows = max(1, _LOGITS_BYTES // ((m + 1) * vocab * 4))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    out = np.zeros(len(rows))
-    target = torch.tensor(answer, device=device)
-    with eval_mode(model):
-        start = 0
-        while start < len(order):
-            longest = len(rows[order[start]])
-            count = max(1, min(batch_tokens // longest, max_rows))
-            chunk = order[start:start + count]
-            ids = torch.zeros((len(chunk), longest), dtype=torch.long)
-            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, longest - len(rows[i]):] = torch.tensor(rows[i])
-                mask[r, longest - len(rows[i]):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), use_cache=False, logits_to_keep=m + 1).logits
-            acc = torch.promote_types(logits.dtype, torch.float32)           # float32, float64 for float64 models
-            logp = torch.log_softmax(logits[:, :m].to(acc), -1)              # position P + j − 1 predicts token j
-            picked = logp.gather(-1, target.expand(len(chunk), -1)[..., None])[..., 0]
-            out[chunk] = picked.double().sum(-1).cpu().numpy()
-            start += count
-    return out
 
 
 class ContextAblations:

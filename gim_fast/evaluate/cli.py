@@ -18,9 +18,11 @@ from ..cli_args import BACKENDS, UsageError, add_list_argument, make_parser, pos
 from ..data import countries
 from ..models import check_model_name
 from ..outputs import check_empty_output_dir, check_output_dir, run_environment
-from .context_methods import CONTEXT_METHODS
+from .context_methods import CONTEXT_METHODS, DEFAULT_CONTEXT_METHODS
 from .context_report import markdown_context_table, write_context_results
-from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context
+from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context, evaluate_tasks
+from .context_tasks import SPLITS
+from .context_tasks import TASKS as CONTEXT_TASKS
 from .methods import DEFAULT_METHODS, METHODS, get_method
 from .report import markdown_table, write_results
 from .run import (
@@ -109,7 +111,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="the examples (default: capitals)")
     add_list_argument(p, "--methods", default=None, metavar="METHOD",
                       help=f"methods to compare, separated by spaces or commas (default: all of the task's: "
-                           f"{' '.join(DEFAULT_METHODS)}; with --task context: {' '.join(CONTEXT_METHODS)})")
+                           f"{' '.join(DEFAULT_METHODS)}; with --task context: {' '.join(DEFAULT_CONTEXT_METHODS)})")
     p.add_argument("--n", type=_n, default=DEFAULT_N, metavar="N|all",
                    help="examples per model: the first N the model answers right, in a seeded random order "
                         "(default: all of them)")
@@ -131,6 +133,12 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     ctx.add_argument("--limit", type=positive_int(1), default=None, metavar="Q",
                      help="ask at most Q questions per size while looking for answers the model gets right "
                           "(default: all 193)")
+    add_list_argument(ctx, "--tasks", choices=CONTEXT_TASKS, default=None, metavar="TASK",
+                      help=f"the written tasks instead of the capitals ({', '.join(CONTEXT_TASKS)}; "
+                           "gim_fast.evaluate.context_tasks): each example's fixed answer is attributed; --counts "
+                           "gives examples per task")
+    ctx.add_argument("--split", choices=SPLITS, default="dev",
+                     help="the written tasks' bank: dev (default) or heldout (never tuned on)")
     ctx.add_argument("--keep", choices=("right", "all"), default="right",
                      help="which answers to evaluate: those that name the capital (default), or all of them "
                           "(smoke tests on untrained models)")
@@ -234,24 +242,26 @@ def run_faithfulness(args) -> int:
 def run_context(args) -> int:
     import torch
 
-    methods = list(CONTEXT_METHODS) if args.methods is None else args.methods
+    methods = list(DEFAULT_CONTEXT_METHODS) if args.methods is None else args.methods
     for name in methods:
         if name not in CONTEXT_METHODS:
             raise UsageError(f"--task context: unknown method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     for documents in args.documents:
         if documents < 2 or documents > 194:
             raise UsageError(f"--documents {documents}: a context holds 2 to 194 documents")
+    groups, what = (args.tasks, "--tasks") if args.tasks else (args.documents, "--documents sizes")
     counts = args.counts
     if counts is None:
-        counts = list(DEFAULT_COUNTS) if args.documents == list(DEFAULT_SIZES) else [10] * len(args.documents)
+        counts = (list(DEFAULT_COUNTS) if not args.tasks and args.documents == list(DEFAULT_SIZES)
+                  else [10] * len(groups))
     elif len(counts) == 1:
-        counts = counts * len(args.documents)
-    elif len(counts) != len(args.documents):
-        raise UsageError(f"--counts has {len(counts)} values for {len(args.documents)} --documents sizes; give one "
-                         "per size, or one for all")
+        counts = counts * len(groups)
+    elif len(counts) != len(groups):
+        raise UsageError(f"--counts has {len(counts)} values for {len(groups)} {what}; give one per entry, or one "
+                         "for all")
     args.out = default_out("context") if args.out is None else args.out
 
-    _check_models_and_output(args, data_check=countries)
+    _check_models_and_output(args, data_check=(lambda: None) if args.tasks else countries)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -260,9 +270,10 @@ def run_context(args) -> int:
         if not args.quiet:
             print(f"gim-fast evaluate: {msg}", file=sys.stderr, flush=True)
 
-    parts = ["gim-fast", "evaluate", "--task", "context", "--models", *args.models, "--documents",
-             *map(str, args.documents), "--counts", *map(str, counts), "--methods", *methods, "--seed",
-             str(args.seed), "--out", str(out)]
+    parts = ["gim-fast", "evaluate", "--task", "context", "--models", *args.models,
+             *(["--tasks", *args.tasks, "--split", args.split] if args.tasks else
+               ["--documents", *map(str, args.documents)]),
+             "--counts", *map(str, counts), "--methods", *methods, "--seed", str(args.seed), "--out", str(out)]
     if args.limit:
         parts += ["--limit", str(args.limit)]
     if args.keep != "right":
@@ -284,9 +295,14 @@ def run_context(args) -> int:
 
     for model in args.models:
         try:
-            results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
-                                            limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
-                                            keep_wrong=args.keep == "all", progress=say, checkpoint=write))
+            if args.tasks:
+                results.append(evaluate_tasks(model, methods, args.tasks, counts=counts, split=args.split,
+                                              seed=args.seed, backend=args.backend, cache_dir=args.cache_dir,
+                                              progress=say, checkpoint=write))
+            else:
+                results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
+                                                limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
+                                                keep_wrong=args.keep == "all", progress=say, checkpoint=write))
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
             raise UsageError(f"{model}: {e}") from None
     files = write()

@@ -7,12 +7,17 @@ passes it ran through the model.
 =================  ====================================================================================  ==========
 ``gim``            ``explain_answer(target="logprob", total=True)``: GIM of the answer's log-probability,   1 F + 1 B
                    each source the sum of its tokens' scores (``gim_fast.sources``)
+``gim_ablations``  ``attribute_context(method="gim-ablations")``: GIM's scores as the prior of a linear      7 F + 1 B
+                   surrogate fitted to 6 ablations (``gim_fast.context_ablation``)
 ``grad_x_input``   the same with every GIM modification off (plain gradient × (input − baseline))        1 F + 1 B
 ``leave_one_out``  f(all) − f(all but source j): the exact effect of removing each source alone           n + 1 F
-``contextcite``    ContextCite's surrogate: 64 random ablations keeping each source with probability ½    64 F
-                   (its masks: ``numpy.random.RandomState(s)``, s = 0 … 63), a LASSO (α = 0.01, standardised
-                   masks, scikit-learn) on the logit of the answer's probability divided by its length,
-                   the weights rescaled back — as ``context_cite.solver.LassoRegression`` does
+``contextcite``    the real ContextCite package (``context-cite==0.0.4``, ``gim_fast.evaluate.contextcite``),  64 F
+                   64 ablations; ``contextcite_16``: 16                                                    16 F
+``cc_surrogate``   this project's copy of ContextCite's surrogate: 64 random ablations keeping each source   64 F
+                   with probability ½ (its masks: ``numpy.random.RandomState(s)``, s = 0 … 63), a LASSO
+                   (α = 0.01, standardised masks, scikit-learn) on the logit of the answer's probability
+                   divided by its length, the weights rescaled back — as ``context_cite.solver.LassoRegression``
+                   does; where it and the package differ, the package is the reference
 ``random``         N(0, 1) per source, seeded per example                                                 —
 =================  ====================================================================================  ==========
 """
@@ -26,8 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..answers import explain_answer_with
+from ..context_ablation import DEFAULT_ABLATIONS, gim_ablation_scores
 from ..settings import GIMSettings
 from .ablation import KEEP_PROBABILITY, ContextAblations
+from .contextcite import contextcite_scores
 
 __all__ = ["SourceScores", "CONTEXT_METHODS", "DEFAULT_CONTEXT_METHODS", "contextcite_masks", "lasso_surrogate",
            "logit_probability", "run_method", "CONTEXTCITE_ABLATIONS", "CONTEXTCITE_ALPHA"]
@@ -44,13 +51,33 @@ class SourceScores:
     backwards: int          # backward passes
 
 
+def _gim_scores(model, tokenizer, ablations: ContextAblations, settings: GIMSettings) -> tuple[np.ndarray, float]:
+    """GIM's source scores of the answer's log-probability, and that log-probability (from the same forward)."""
+    prompt = ablations.prompt
+    result = explain_answer_with(model, prompt.input_ids, ablations.answer_ids, settings, tokenizer=tokenizer,
+                                 target="logprob", total=True)
+    tokens = result.scores[0, :len(prompt.input_ids)].detach().double().cpu().numpy()
+    return tokens @ prompt.weights()[:, :ablations.n], float(result.target_logprobs.detach().double().sum())
+
+
 def _gradient(settings: GIMSettings) -> Callable:
     def method(model, tokenizer, ablations: ContextAblations, *, backend="auto", **_) -> tuple[np.ndarray, int, int]:
-        prompt = ablations.prompt
-        result = explain_answer_with(model, prompt.input_ids, ablations.answer_ids, settings.replace(backend=backend),
-                                     tokenizer=tokenizer, target="logprob", total=True)
-        tokens = result.scores[0, :len(prompt.input_ids)].detach().double().cpu().numpy()
-        return tokens @ prompt.weights()[:, :ablations.n], 1, 1
+        return _gim_scores(model, tokenizer, ablations, settings.replace(backend=backend))[0], 1, 1
+    return method
+
+
+def _gim_ablations(count: int = DEFAULT_ABLATIONS) -> Callable:
+    def method(model, tokenizer, ablations: ContextAblations, *, backend="auto", seed: int = 0, **_):
+        gim, full = _gim_scores(model, tokenizer, ablations, GIMSettings(backend=backend))
+        scores = gim_ablation_scores(model, tokenizer, ablations.prompt, ablations.answer_ids, gim, full,
+                                     ablations=count, seed=seed, batch_tokens=ablations.batch_tokens)
+        return scores, 1 + count, 1
+    return method
+
+
+def _contextcite_package(count: int) -> Callable:
+    def method(model, tokenizer, ablations: ContextAblations, **_):
+        return contextcite_scores(model, tokenizer, ablations.prompt, ablations.answer_ids, ablations=count), count, 0
     return method
 
 
@@ -98,7 +125,7 @@ def lasso_surrogate(masks: np.ndarray, outputs: np.ndarray, answer_tokens: int,
     return weight * answer_tokens, float(bias * answer_tokens)
 
 
-def _contextcite(model, tokenizer, ablations: ContextAblations, **_) -> tuple[np.ndarray, int, int]:
+def _cc_surrogate(model, tokenizer, ablations: ContextAblations, **_) -> tuple[np.ndarray, int, int]:
     masks = contextcite_masks(ablations.n)
     outputs = logit_probability(ablations(masks))
     weights, _bias = lasso_surrogate(masks, outputs, len(ablations.answer_ids))
@@ -112,12 +139,17 @@ def _random(model, tokenizer, ablations: ContextAblations, *, key: str = "", see
 
 CONTEXT_METHODS: dict[str, tuple[str, Callable]] = {
     "gim": ("GIM of the answer's log-probability (explain_answer, total=True)", _gradient(GIMSettings())),
+    "gim_ablations": (f"GIM as the prior of a surrogate fitted to {DEFAULT_ABLATIONS} ablations "
+                      "(attribute_context(method='gim-ablations'))", _gim_ablations()),
     "grad_x_input": ("gradient × input (every GIM modification off)", _gradient(GIMSettings.off())),
     "leave_one_out": ("exact leave-one-out: f(all) − f(all but j)", _leave_one_out),
-    "contextcite": (f"ContextCite surrogate ({CONTEXTCITE_ABLATIONS} ablations + LASSO)", _contextcite),
+    "contextcite": (f"the ContextCite package, {CONTEXTCITE_ABLATIONS} ablations", _contextcite_package(64)),
+    "contextcite_16": ("the ContextCite package, 16 ablations", _contextcite_package(16)),
+    "cc_surrogate": (f"this project's copy of ContextCite's surrogate ({CONTEXTCITE_ABLATIONS} ablations + LASSO)",
+                     _cc_surrogate),
     "random": ("random N(0, 1) per source", _random),
 }
-DEFAULT_CONTEXT_METHODS = tuple(CONTEXT_METHODS)
+DEFAULT_CONTEXT_METHODS = ("gim", "gim_ablations", "leave_one_out", "contextcite", "random")
 
 
 def run_method(name: str, model, tokenizer, ablations: ContextAblations, **kwargs) -> SourceScores:

@@ -19,10 +19,13 @@ from ..context import generate_answers
 from ..data import context_examples
 from .. import models
 from ..sources import PromptFormat, build_prompt
-from .ablation import LDS_ABLATIONS, TOP_K, ContextAblations, lds, random_masks, top_k_drop
+from .ablation import LDS_ABLATIONS, TOP_K, ContextAblations, lds, random_masks, spearman, top_k_drop
 from .context_methods import CONTEXT_METHODS, run_method
+from .context_tasks import TASKS, task_examples
+from .unavailable import MethodUnavailable
 
-__all__ = ["ContextRow", "ContextSelection", "ContextModelResult", "evaluate_context", "select_context_examples",
+__all__ = ["ContextRow", "ContextSelection", "ContextModelResult", "evaluate_context", "evaluate_tasks",
+           "select_context_examples", "split_lds", "TASKS",
            "gold_rank", "DEFAULT_SIZES", "DEFAULT_COUNTS", "MAX_NEW_TOKENS"]
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,14 @@ class ContextRow:
     prompt_tokens: int
     full_logprob: float
     methods: dict = field(default_factory=dict)   # name -> {"scores", "seconds", "forwards", "backwards",
-    #                                                          "drop": {k: v}, "lds", "gold_rank"}
+    #                                                 "drop": {k: v}, "lds", "lds_top_kept", "lds_top_removed", "gold_rank"}
+    task: str = "capitals"                        # "capitals" or a written task of gim_fast.evaluate.context_tasks
+    unavailable: dict = field(default_factory=dict)   # name -> why the method could not run on this example
+
+    @property
+    def group(self) -> str:
+        """What the report groups by: the written task, or capitals with its number of documents."""
+        return f"capitals-{self.documents}" if self.task == "capitals" else self.task
 
 
 @dataclass
@@ -105,21 +115,82 @@ def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int,
     return kept, ContextSelection(documents, asked, correct, len(candidates), time.perf_counter() - started)
 
 
+def split_lds(ablations: ContextAblations, scores, masks) -> tuple[float, float]:
+    """LDS over the masks that keep the top-scored source, and over those that remove it (a prediction must then
+    rank the rest); NaN where fewer than 3 masks fall on a side."""
+    s = np.asarray(scores, dtype=np.float64)
+    top = int(np.argmax(s))
+    masks = np.asarray(masks, dtype=bool)
+    values, predicted = ablations(masks), masks.astype(np.float64) @ s
+    out = []
+    for side in (masks[:, top], ~masks[:, top]):
+        out.append(spearman(predicted[side], values[side]) if side.sum() >= 3 else float("nan"))
+    return out[0], out[1]
+
+
 def evaluate_example(model, tokenizer, example, prompt, answer_ids, methods, *, seed: int = 0, backend="auto",
                      batch_tokens: int | None = None) -> ContextRow:
     kwargs = {} if batch_tokens is None else {"batch_tokens": batch_tokens}
     ablations = ContextAblations(model, tokenizer, prompt, answer_ids, **kwargs)
     row = ContextRow(example.key, len(example.sources), example.gold, tokenizer.decode(answer_ids), len(answer_ids),
-                     len(prompt.input_ids), ablations.full)
-    scored = {name: run_method(name, model, tokenizer, ablations, key=example.key, seed=seed, backend=backend)
-              for name in methods}          # every method first: its forwards are timed, not served from the cache
+                     len(prompt.input_ids), ablations.full, task=getattr(example, "task", "capitals"))
+    scored = {}
+    for name in methods:                # every method first: its forwards are timed, not served from the cache
+        try:
+            scored[name] = run_method(name, model, tokenizer, ablations, key=example.key, seed=seed, backend=backend)
+        except MethodUnavailable as e:
+            row.unavailable[name] = str(e)
+            log.warning("%s: unavailable for %s: %s", name, example.key, e)
     masks = random_masks(ablations.n, LDS_ABLATIONS, seed=f"{seed}:lds:{example.key}:{ablations.n}")
     for name, result in scored.items():
+        kept, removed = split_lds(ablations, result.scores, masks)
         row.methods[name] = {
             "scores": result.scores.tolist(), "seconds": result.seconds, "forwards": result.forwards,
             "backwards": result.backwards, "drop": top_k_drop(ablations, result.scores, TOP_K),
-            "lds": lds(ablations, result.scores, masks), "gold_rank": gold_rank(result.scores, example.gold)}
+            "lds": lds(ablations, result.scores, masks), "lds_top_kept": kept, "lds_top_removed": removed,
+            "gold_rank": gold_rank(result.scores, example.gold)}
     return row
+
+
+def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev", seed: int = 0,
+                   backend: str = "auto", cache_dir=None, model_and_tokenizer=None, batch_tokens: int | None = None,
+                   progress=None, checkpoint=None) -> ContextModelResult:
+    """Evaluate ``methods`` on the written tasks (``gim_fast.evaluate.context_tasks``) of ``split``: ``counts[i]``
+    examples of ``tasks[i]``, each with its fixed answer (no generation, no selection)."""
+    say = progress or (lambda _msg: None)
+    for name in methods:
+        if name not in CONTEXT_METHODS:
+            raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
+    t0 = time.perf_counter()
+    if model_and_tokenizer is None:
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
+    else:
+        model, tokenizer = model_and_tokenizer
+    fmt = PromptFormat.resolve(tokenizer)
+    t_load = time.perf_counter() - t0
+    rows, selections = [], []
+    t_eval = 0.0
+    result = None
+    for task, count in zip(tasks, counts):
+        examples = task_examples(task, count, split=split, seed=seed)
+        selections.append(ContextSelection(examples[0].sources.__len__(), len(examples), len(examples),
+                                           len(examples), 0.0))
+        t2 = time.perf_counter()
+        for i, ex in enumerate(examples, 1):
+            prompt = build_prompt(tokenizer, list(ex.sources), ex.query, template=fmt.template,
+                                  separator=fmt.separator, chat=fmt.chat)
+            answer_ids = [int(t) for t in tokenizer.encode(ex.response, add_special_tokens=False)]
+            rows.append(evaluate_example(model, tokenizer, ex, prompt, answer_ids, methods, seed=seed,
+                                         backend=backend, batch_tokens=batch_tokens))
+            say(f"{model_name}, {task} ({split}): example {i}/{len(examples)} done "
+                f"({time.perf_counter() - t2:.0f} s)")
+        t_eval += time.perf_counter() - t2
+        result = ContextModelResult(model_name, fmt.chat, selections, rows,
+                                    {"load": t_load, "select": 0.0, "evaluate": t_eval,
+                                     "total": time.perf_counter() - t0})
+        if checkpoint is not None:
+            checkpoint(result)
+    return result
 
 
 def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DEFAULT_COUNTS, seed: int = 0,

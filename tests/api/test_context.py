@@ -164,7 +164,8 @@ def test_source_scores_equal_the_reference(tok, gim):
     before = snapshot(model)
     settings = {} if gim else dict(freeze_norm=False, softmax_temperature=None, q_scale=None, k_scale=None,
                                    v_scale=None, gate_scale=None, up_scale=None)
-    table = gim_fast.attribute_context(model, tok, SOURCES, QUERY, " Peru", baseline_token_id=0, **settings)
+    table = gim_fast.attribute_context(model, tok, SOURCES, QUERY, " Peru", baseline_token_id=0, per_token=True,
+                                       **settings)
     assert_same_state(before, snapshot(model))
     expected, total = _reference_sources(model, tok, table.prompt.text, " Peru", SOURCES, 0, gim)
     # per_token=True sums the M per-token rows; without norm freezing, Llama's own RMSNorm computes in float32
@@ -176,12 +177,18 @@ def test_source_scores_equal_the_reference(tok, gim):
     np.testing.assert_array_equal(table["rank"], np.argsort(np.argsort(-expected, kind="stable")) + 1)
     # the per-token rows add up to the whole answer (the backward is linear), and per_token() ranks them
     np.testing.assert_allclose(table.token_scores.sum(axis=0).to_numpy()[:3], expected, rtol=rtol, atol=1e-12)
-    whole = gim_fast.attribute_context(model, tok, SOURCES, QUERY, " Peru", baseline_token_id=0, per_token=False,
-                                       **settings)
+    # the default call attributes the whole answer with one backward pass; the per-token rows come when first read,
+    # equal to those computed at once, and leave the model as it was
+    whole = gim_fast.attribute_context(model, tok, SOURCES, QUERY, " Peru", baseline_token_id=0, **settings)
     np.testing.assert_allclose(whole["score"].to_numpy(), expected, rtol=1e-9, atol=1e-12)
-    assert whole.token_scores is None
-    with pytest.raises(ValueError, match="per_token=False"):
-        whole.per_token()
+    assert whole.attribution.total and whole.attribution.scores.shape[0] == 1 and not whole._token_rows.computed
+    # a table derived before the rows exist shares them: read through it, they are computed once for both
+    derived = whole.sort_values("score")
+    np.testing.assert_allclose(derived.token_scores.to_numpy(), table.token_scores.to_numpy(), rtol=1e-12,
+                               atol=1e-15)
+    assert whole._token_rows.computed and whole.token_scores is derived.token_scores
+    assert whole.per_token(k=2).equals(table.per_token(k=2))
+    assert_same_state(before, snapshot(model))
     top = table.per_token(k=2)
     scores = table.token_scores.iloc[:, :3].to_numpy()
     assert list(top["token"]) == list(table.answer_tokens)
@@ -207,7 +214,13 @@ def test_the_table_survives_ordinary_pandas_use(tok):
     assert list(merged["year"]) == [1535, 1048, -753] and list(merged["score"]) == list(table["score"])
     flat = table.reset_index()
     assert list(flat["source_id"]) == [0, 1, 2] and flat.answer == " Peru"
+    # a pickle never holds the model: rows not yet computed are refused when read, computed ones travel
+    import pickle
+    with pytest.raises(ValueError, match="not computed before this table was pickled"):
+        pickle.loads(pickle.dumps(table)).token_scores
+    assert not table._token_rows.computed
     assert table.copy().answer == " Peru" and table.copy().token_scores is table.token_scores
+    pd.testing.assert_frame_equal(pickle.loads(pickle.dumps(table)).token_scores, table.token_scores)
     # per_token() of a derived table ranks the sources it holds, by their ids, against the full per-token matrix
     scores = table.token_scores.iloc[:, :3].to_numpy()
     for derived in (table.copy(), by_text, flat, table[["score"]], flat.sort_values("score")):
@@ -233,7 +246,7 @@ def test_generated_answer_is_the_models_greedy_continuation(chat_tok):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                              pad_token_id=0)[0, ids.shape[1]:].tolist()
     expected = out[:out.index(3)] if 3 in out else out
-    assert table.answer_ids == expected and table.attribution.scores.shape[0] == len(expected)
+    assert table.answer_ids == expected and len(table.token_scores) == len(expected)
     with pytest.raises(TypeError, match="generate keywords apply only"):
         gim_fast.attribute_context(model, chat_tok, SOURCES, QUERY, "x", do_sample=True)
 

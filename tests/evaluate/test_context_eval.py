@@ -130,7 +130,7 @@ def test_lasso_surrogate_recovers_known_linear_weights():
         z = float(row @ weights + bias)
         return -math.log1p(math.exp(-z))             # log sigmoid(z): logit(p) = z
     oracle = FakeAblations(f, n, answer_tokens=3)
-    result = run_method("contextcite", None, None, oracle)
+    result = run_method("cc_surrogate", None, None, oracle)
     np.testing.assert_allclose(result.scores, weights, atol=0.2)
     assert result.forwards == 64 and result.backwards == 0 and oracle.calls == 64
     np.testing.assert_allclose(logit_probability([math.log(0.25)]), [math.log(1 / 3)])
@@ -228,18 +228,20 @@ def test_evaluate_context_end_to_end_on_a_tiny_model(tmp_path):
     import csv
 
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [r["method"] for r in rows] == ["gim", "grad_x_input", "leave_one_out", "contextcite", "random"]
+    # the ContextCite package needs a chat template, which the tiny model's tokenizer has not: it is skipped
+    assert [r["method"] for r in rows] == ["gim", "gim_ablations", "leave_one_out", "random"]
     by = {r["method"]: r for r in rows}
-    assert all(r["n"] == "2" and r["documents"] == "3" for r in rows)
+    assert all(r["n"] == "2" and float(r["documents"]) == 3 and r["set"] == "capitals-3" for r in rows)
     assert float(by["leave_one_out"]["forwards_per_answer"]) == 4
-    assert float(by["contextcite"]["forwards_per_answer"]) == 64
+    assert float(by["gim_ablations"]["forwards_per_answer"]) == 7
+    assert float(by["gim_ablations"]["forward_equivalents"]) == 8
     assert float(by["gim"]["backwards_per_answer"]) == 1
     for r in rows:
         assert -1 <= float(r["lds"]) <= 1 and 1 <= float(r["gold_rank"]) <= 3
     run = json.loads((out / "run.json").read_text())
     assert run["models"][0]["selections"][0]["asked"] <= 4 and "--keep all" in run["command"]
     md = (out / "context.md").read_text()
-    assert "| `gim` |" in md
+    assert "| `gim` |" in md and "Not run: contextcite: ContextCite always applies the tokenizer's chat template" in md
     from gim_fast.evaluate.context_report import markdown_context_table, read_context_results
 
     assert markdown_context_table(read_context_results(out)) in md        # the files hold everything the table says

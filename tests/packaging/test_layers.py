@@ -20,7 +20,7 @@ LAYERS = [
     ("gim_fast.memory", "gim_fast.models", "gim_fast.html", "gim_fast.examples"),
     ("gim_fast.engine",),                                    # one forward, the input-gradient backward
     ("gim_fast.explain", "gim_fast.answers", "gim_fast.context", "gim_fast.context_table",
-     "gim_fast.context_result"),                             # the public API
+     "gim_fast.context_ablation", "gim_fast.context_result"),  # the public API
     ("gim_fast.jobs",),                                      # data sets
     ("gim_fast.evaluate",),                                  # faithfulness evaluation
     ("gim_fast.circuits",),                                  # circuit discovery
