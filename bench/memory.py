@@ -72,7 +72,25 @@ QUICK = [
 
 
 # ----------------------------------------------------------------------------------------------- child process
-def build_model(spec: str, dtype: torch.dtype, device: str):
+def disk_layers_map(config, every: int = 1) -> dict:
+    """A device map that puts every ``every``-th decoder layer of a Llama-like model on "disk", the rest on the CPU."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    for i in range(config.num_hidden_layers):
+        device_map[f"model.layers.{i}"] = "disk" if i % every == 0 else "cpu"
+    return device_map
+
+
+def build_model(spec: str, dtype: torch.dtype, device: str, offload: str = "none", offload_folder: str | None = None):
+    if offload != "none":   # a shipped model's safetensors, its decoder layers read from there by accelerate
+        from transformers import AutoConfig
+
+        from gim_fast.models import cache_path, load_pretrained
+
+        config = AutoConfig.from_pretrained(cache_path(spec))
+        every = {"disk": 1, "half": 2}[offload]
+        model, _ = load_pretrained(spec, dtype=dtype, device_map=disk_layers_map(config, every),
+                                   offload_folder=offload_folder)
+        return model
     if spec.startswith("config:"):
         from configs import build
 
@@ -154,17 +172,26 @@ def child(args) -> dict:
     """Measure one case in this process and return its row."""
     import gim_fast
 
+    import tempfile
+
+    from gim_fast.memory import model_estimates
+
     device = "cuda" if args.gpu else "cpu"
     dtype = DTYPES[args.dtype]
-    model = build_model(args.model, dtype, device)
+    folder = tempfile.TemporaryDirectory()
+    model = build_model(args.model, dtype, device, args.offload, folder.name)
     with torch.no_grad():  # page in weights that are still mapped from their file (safetensors loads lazily)
         for t in itertools.chain(model.parameters(), model.buffers()):
             t.sum()
     ids = torch.randint(1, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     ckpt = {"auto": "auto", "on": True, "off": False}[args.checkpointing]
-    est = gim_fast.estimate_memory(model.config, args.seq, args.batch, dtype=dtype, backend=args.backend,
-                                   checkpointing=ckpt is True, device=device)
+    if args.offload != "none":   # the estimate of the loaded model: what loading its offloaded layers costs
+        est = model_estimates(model, args.seq, args.batch, backend=args.backend, checkpointing=ckpt is True)
+        est = est[torch.device(device)]
+    else:
+        est = gim_fast.estimate_memory(model.config, args.seq, args.batch, dtype=dtype, backend=args.backend,
+                                       checkpointing=ckpt is True, device=device)
     row = {"estimate_bytes": est.total, "estimate_tensor_bytes": est.tensors,
            "estimate_parts": {k: int(v) for k, v in est.parts.items()}}
     if device == "cuda":
@@ -468,6 +495,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--offload", choices=("none", "disk", "half"), default="none",
+                        help="with --child: load the shipped model with every decoder layer (disk) or every other "
+                             "one (half) offloaded to disk by accelerate")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: CUDA is not available")
