@@ -223,3 +223,40 @@ def test_checkpointed_recomputation_leaves_no_weight_loaded(saved, tmp_path):
         model(inputs_embeds=inputs, use_cache=False).logits[0, -1].sum().backward()
         assert inputs.grad is not None
         assert all(p.device.type == "meta" for p in layer.parameters())
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+
+def test_command_line_with_a_device_map(saved, tmp_path, capsys):
+    """``gim-fast explain`` with a device map that puts layers on disk prints what it prints without one;
+    ``gim-fast attribute --max-memory cpu=100KB`` (device map auto: what does not fit goes to disk) writes the
+    scores of a run without one."""
+    import json
+
+    import numpy as np
+
+    from gim_fast.cli import main
+    from jobs_support import table_rows, write_jsonl
+
+    folder = saved["llama"][0]
+    base = ["explain", "hello there", "--model", str(folder), "--color", "never"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    device_map = tmp_path / "map.json"
+    device_map.write_text(json.dumps(DISK_MAP))
+    assert main([*base, "--device-map", str(device_map), "--offload-folder", str(tmp_path / "off")]) == 0
+    assert capsys.readouterr().out == plain
+
+    from gim_fast.integration import is_offloaded
+
+    spread, _ = load_pretrained(folder, max_memory={"cpu": "100KB"}, offload_folder=tmp_path / "off1")
+    assert is_offloaded(spread)                          # what the command below loads: most of it on disk
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in ("hello there", "general kenobi", "abc")])
+    args = ["attribute", "--data", str(data), "--model", str(folder), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "spread"), "--max-memory", "cpu=100KB", "--offload-folder",
+                 str(tmp_path / "off2")]) == 0
+    for a, b in zip(table_rows(tmp_path / "spread"), table_rows(tmp_path / "plain")):
+        assert (a["line"], a["token_ids"], a["target_id"]) == (b["line"], b["token_ids"], b["target_id"])
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=0, atol=TOLERANCE)
