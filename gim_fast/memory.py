@@ -26,7 +26,13 @@ Hq/Hkv heads of dim D:
 
 Without checkpointing every layer's saved tensors live until the backward reaches it, and the peak is inside
 the first layer's backward: L × saved + one backward. With per-layer checkpointing only each layer's input is
-kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward. ``bench/memory.py --tensors``
+kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward.
+
+Weights accelerate offloads (a ``device_map`` with ``"cpu"`` beside a GPU, or ``"disk"``) are loaded where their
+layer computes when it runs. The autograd graph keeps what a layer's backward needs, its weights included: without
+checkpointing every offloaded layer's loaded weights stay until the backward, with checkpointing the recomputation
+loads one layer at a time; an offloaded output head is kept from the forward to the backward (``offload_of``,
+``model_estimates``). Resident weights are not counted: they are already in memory, beside the free memory. ``bench/memory.py --tensors``
 compares these counts with the tensor bytes a dispatch-mode tracker sees (docs/memory.md).
 
 The margin on top of the tensors, by device (docs/memory.md has the measurements):
