@@ -7,11 +7,14 @@
     gim-fast explain "The capital of France is" --generate 8 --html answer.html
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
+    gim-fast attribute --data prompts.jsonl --out runs/capitals --shard 2/8   # one independent shard (SLURM arrays)
+    gim-fast status runs/capitals                                             # rows done and missing per shard
+    gim-fast explain "The capital of France is" --model DIR --device-map auto --max-memory cpu=10GiB
     gim-fast circuit --task ioi --model smollm2-135m --out runs/ioi      # circuits: GIM vs EAP vs EAP-IG (MIB metrics)
 
 Exit codes: 0 success, 1 an unexpected failure, 2 a usage error (bad option, unknown model, a target that is
 not one token, a missing model package, an unreadable input, a rerun with other settings, a bad row under
---strict).
+--strict); ``gim-fast status`` exits 1 while the job is not complete.
 """
 from __future__ import annotations
 
