@@ -184,6 +184,10 @@ def child(args) -> dict:
     on_disk = sum(is_offloaded(layer) for layer in layers)
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                    if t.device.type != "meta")
+    with torch.no_grad():   # page in the resident weights (mapped from their files): counted before the call
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type != "meta":
+                t.sum()
     ids = torch.randint(1, config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(SEED))
     checkpointing = plan_checkpointing(model, args.tokens, 1, backend="torch", num_targets=1)
     estimate = model_estimates(model, args.tokens, 1, backend="torch", checkpointing=checkpointing)
