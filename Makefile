@@ -84,9 +84,10 @@ demo: venv
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# The faithfulness table and plot of the README (bench/results/faithfulness/), both shipped models, every method.
+# The faithfulness table and plot of the README (bench/results/faithfulness/), both shipped models, every method;
+# --overwrite: it replaces the committed run (gim-fast evaluate alone writes a new folder under runs/).
 evaluate: venv
-	$(VENV)/bin/gim-fast evaluate
+	$(VENV)/bin/gim-fast evaluate --out bench/results/faithfulness --overwrite
 
 # Build outputs and caches; `distclean` also removes the virtual environments. Converted models live
 # outside the repository ($$GIM_FAST_CACHE or ~/.cache/gim_fast/models) and are left alone.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .chat import chat_prompt
 from .engine import AnswerScores, attribute_targets
 from .explain import as_id_tensor, as_mask, check_call, check_vocabulary, resolve_baseline
 from .integration import eval_mode, input_device, model_io, tlens
@@ -44,6 +45,8 @@ class AnswerAttribution:
     target, total:   what was explained (``"logit"``/``"logprob"``) and whether rows were summed.
     chunk:           how many cotangents each backward pass carried; checkpointing: whether decoder layers
                      were checkpointed (both chosen from the memory estimate unless given).
+    template_mask:   with ``chat=True``: ``[P + M]`` bool, True at the chat template's tokens (not scored: their
+                     columns are 0); else None.
     """
 
     scores: torch.Tensor
@@ -59,6 +62,7 @@ class AnswerAttribution:
     total: bool
     chunk: int = 1
     checkpointing: bool = False
+    template_mask: torch.Tensor | None = None
 
     @property
     def answer_scores(self) -> torch.Tensor:
@@ -107,7 +111,7 @@ def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="log
                    freeze_norm=DEFAULTS.freeze_norm, softmax_temperature=DEFAULTS.softmax_temperature,
                    q_scale=DEFAULTS.q_scale, k_scale=DEFAULTS.k_scale, v_scale=DEFAULTS.v_scale,
                    gate_scale=DEFAULTS.gate_scale, up_scale=DEFAULTS.up_scale, backend=DEFAULTS.backend,
-                   chunk=None, checkpointing="auto") -> AnswerAttribution:
+                   chunk=None, checkpointing="auto", chat=False) -> AnswerAttribution:
     """GIM attribution of every token of an answer to every token before it, from one forward pass.
 
     Args:
@@ -125,6 +129,9 @@ def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="log
             backend, checkpointing: as for ``explain``.
         chunk: how many answer tokens' cotangents one backward pass carries (default: as many as the memory
             estimate allows, at most M). ``chunk=1`` runs one backward per answer token, through the same forward.
+        chat: ``prompt_ids`` is the user's message (a string): it is put in the tokenizer's chat template with the
+            generation prompt (``gim_fast.chat.chat_prompt``; a ValueError for a tokenizer without one), and only
+            the message's tokens are scored: the template's columns are 0 and ``.template_mask`` marks them.
 
     Returns:
         An ``AnswerAttribution``: ``.scores`` ``[M, P + M]`` (``[1, P + M]`` with ``total=True``; a batch adds a
@@ -134,15 +141,36 @@ def explain_answer(model, prompt_ids, answer_ids, *, tokenizer=None, target="log
     settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
                            k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
                            backend=backend)
+    template = None
+    if chat is not False:
+        prompt_ids, template = _chat_ids(tokenizer, prompt_ids, chat, attention_mask)
     return explain_answer_with(model, prompt_ids, answer_ids, settings, tokenizer=tokenizer, target=target,
                                total=total, baseline_token_id=baseline_token_id, attention_mask=attention_mask,
-                               answer_mask=answer_mask, chunk=chunk, checkpointing=checkpointing)
+                               answer_mask=answer_mask, chunk=chunk, checkpointing=checkpointing,
+                               chat_template=template)
+
+
+def _chat_ids(tokenizer, message, chat, attention_mask=None) -> tuple[torch.Tensor, list[bool]]:
+    """``chat=True``: the user's ``message`` in the tokenizer's chat template, as ids and the template flags."""
+    if chat is not True:
+        raise TypeError(f"chat must be True or False, got {chat!r}")
+    if tokenizer is None:
+        raise ValueError("chat=True needs the tokenizer (its chat template): pass tokenizer=")
+    if not isinstance(message, str):
+        raise TypeError("with chat=True the prompt is the user's message as a string (one message; the template "
+                        f"is applied to it), got {type(message).__name__}")
+    if attention_mask is not None:
+        raise ValueError("chat=True takes one message: attention_mask does not apply")
+    prompt = chat_prompt(tokenizer, message, what="chat=True")
+    return torch.tensor(prompt.input_ids), prompt.template
 
 
 def explain_answer_with(model, prompt_ids, answer_ids, settings: GIMSettings, *, tokenizer=None, target="logit",
                         total=False, baseline_token_id=None, attention_mask=None, answer_mask=None, chunk=None,
-                        checkpointing="auto") -> AnswerAttribution:
+                        checkpointing="auto", chat_template=None) -> AnswerAttribution:
     """:func:`explain_answer` with the GIM settings as one :class:`~gim_fast.settings.GIMSettings`.
+    ``chat_template``: one flag per prompt token (a single 1-D prompt), True at a chat template's tokens: their
+    columns are set to 0 (not scored) and recorded in ``.template_mask``.
 
     The steps: check the options, the prompts and the answers (:class:`_Inputs`) and them against the model;
     lay prompt and answer out contiguously (:class:`_Layout`); attribute every answer token from one forward
@@ -158,7 +186,23 @@ def explain_answer_with(model, prompt_ids, answer_ids, settings: GIMSettings, *,
     result = attribute_targets(model, layout.ids.to(device), layout.mask.to(device), layout.positions.to(device),
                                layout.targets.to(device), inputs.answer_mask.to(device), baseline, settings,
                                target=target, total=total, chunk=chunk, checkpointing=checkpointing)
-    return _in_caller_columns(result, inputs, layout, tokenizer, target, total, device)
+    out = _in_caller_columns(result, inputs, layout, tokenizer, target, total, device)
+    if chat_template is not None:
+        return _hold_template(out, chat_template)
+    return out
+
+
+def _hold_template(result: AnswerAttribution, template) -> AnswerAttribution:
+    """The chat template's columns set to 0 (held at their value, as if part of the baseline: not scored)."""
+    flags = [bool(t) for t in template]
+    if result.scores.dim() != 2 or len(flags) != result.prompt_length:
+        raise ValueError(f"chat_template needs one flag per token of one prompt ({result.prompt_length}), got "
+                         f"{len(flags)}")
+    mask = torch.zeros(result.scores.shape[-1], dtype=torch.bool, device=result.scores.device)
+    mask[:len(flags)] = torch.tensor(flags, dtype=torch.bool)
+    result.scores = result.scores.masked_fill(mask, 0.0)
+    result.template_mask = mask
+    return result
 
 
 def _check_options(target, total, chunk) -> int | None:
@@ -192,8 +236,8 @@ class _Inputs:
         try:
             answer = as_id_tensor(answer_ids, "answer_ids")
         except ValueError as err:
-            if "is empty" in str(err):
-                raise ValueError(f"answer_ids is empty: an answer needs at least one token ({err})") from None
+            if "is empty" in str(err):      # said once, with what an answer needs
+                raise ValueError("answer_ids is empty: an answer needs at least one token") from None
             raise
         if answer.dim() == 1:
             if answer_mask is not None and torch.as_tensor(answer_mask).dim() != 1:
@@ -289,12 +333,13 @@ def explain_generation(model, tokenizer, prompt, max_new_tokens=32, *, target="l
                        softmax_temperature=DEFAULTS.softmax_temperature, q_scale=DEFAULTS.q_scale,
                        k_scale=DEFAULTS.k_scale, v_scale=DEFAULTS.v_scale, gate_scale=DEFAULTS.gate_scale,
                        up_scale=DEFAULTS.up_scale, backend=DEFAULTS.backend, chunk=None, checkpointing="auto",
-                       **generate_kwargs) -> AnswerAttribution:
+                       chat=False, **generate_kwargs) -> AnswerAttribution:
     """Generate an answer with the model's own ``generate`` (greedy unless ``generate_kwargs`` say otherwise),
     then attribute it with ``explain_answer``.
 
     ``prompt``: a string, tokenized with ``tokenizer`` as it tokenizes by default (special tokens included);
-    apply a chat template first if the model needs one. Generation stops at ``max_new_tokens`` or at the
+    ``chat=True`` puts it in the tokenizer's chat template as the user's message (with the generation prompt) and
+    scores the message's tokens only (see ``explain_answer``). Generation stops at ``max_new_tokens`` or at the
     end-of-sequence token; the answer is what was generated before that token (an answer that is only EOS is an
     error). Every other keyword goes to ``model.generate``. The answer's text is ``tokenizer.decode`` of
     ``result.target_ids``.
@@ -304,11 +349,11 @@ def explain_generation(model, tokenizer, prompt, max_new_tokens=32, *, target="l
                            backend=backend)
     return explain_generation_with(model, tokenizer, prompt, settings, max_new_tokens, target=target, total=total,
                                    baseline_token_id=baseline_token_id, chunk=chunk, checkpointing=checkpointing,
-                                   **generate_kwargs)
+                                   chat=chat, **generate_kwargs)
 
 
 def explain_generation_with(model, tokenizer, prompt, settings: GIMSettings, max_new_tokens=32, *, target="logit",
-                            total=False, baseline_token_id=None, chunk=None, checkpointing="auto",
+                            total=False, baseline_token_id=None, chunk=None, checkpointing="auto", chat=False,
                             **generate_kwargs) -> AnswerAttribution:
     """:func:`explain_generation` with the GIM settings as one :class:`~gim_fast.settings.GIMSettings`."""
     check_call(model, settings, checkpointing)  # before generating
@@ -322,7 +367,11 @@ def explain_generation_with(model, tokenizer, prompt, settings: GIMSettings, max
     max_new_tokens = _as_positive_int(max_new_tokens, "max_new_tokens")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
-    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    template = None
+    if chat is not False:
+        prompt_ids, template = _chat_ids(tokenizer, prompt, chat)
+    else:
+        prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     limit = max_positions(model)
     if limit is not None and len(prompt_ids) + max_new_tokens > limit:
         raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -344,4 +393,5 @@ def explain_generation_with(model, tokenizer, prompt, settings: GIMSettings, max
     if not answer:
         raise ValueError("the model generated no answer tokens (its first token was the end-of-sequence token); "
                          "nothing to attribute")
-    return explain_answer_with(model, prompt_ids, torch.tensor(answer), settings, tokenizer=tokenizer, **options)
+    return explain_answer_with(model, prompt_ids, torch.tensor(answer), settings, tokenizer=tokenizer,
+                               chat_template=template, **options)

@@ -5,6 +5,8 @@
     gim-fast explain "The capital of France is" --html paris.html
     gim-fast explain "The capital of France is" --answer " Paris, on the Seine"   # every answer token's sources
     gim-fast explain "The capital of France is" --generate 8 --html answer.html
+    gim-fast explain "What is the capital of France?" --chat --generate 8   # in the chat template, the message scored
+    gim-fast explain - < report.txt                                   # the text from standard input (or --text-file)
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
     gim-fast attribute --data prompts.jsonl --out runs/capitals --shard 2/8   # one independent shard (SLURM arrays)
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,9 +33,20 @@ from . import models
 from .answers import explain_answer_with, explain_generation_with
 from .backends import resolve_backend
 from .circuits.cli import add_subparser as add_circuit_subparser
-from .cli_args import (DTYPES, PROG, UsageError, add_placement_args, add_settings_args, placement_from_args,
-                       positive_int, positive_number, settings_from_args)
-from .display import format_answer, format_attributions, plural
+from .chat import NoChatTemplate, chat_prompt, special_mask
+from .cli_args import (
+    DTYPES,
+    PROG,
+    UsageError,
+    add_placement_args,
+    add_settings_args,
+    make_parser,
+    placement_from_args,
+    positive_int,
+    positive_number,
+    settings_from_args,
+)
+from .display import LONG_INPUT, format_answer, format_attributions, format_summary, plural, top_positions
 from .evaluate.cli import add_subparser as add_evaluate_subparser
 from .explain import explain_with
 from .integration import input_device
@@ -40,8 +54,11 @@ from .html import AnswerView, HtmlRow, write_answer_html, write_html
 from .jobs import BadRowError, InputError, JobError, attribute_dataset
 from .jobs.runner import DEFAULT_BATCH_TOKENS
 from .outputs import check_output_file
+from .textfiles import TextFileError, read_text
 
 __all__ = ["main", "build_parser"]
+
+TOP_LONG = 30      # tokens printed for a long input (the largest |score|)
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", metavar="M",
@@ -62,16 +79,24 @@ def _add_generate_args(group, exclusive, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         prog=PROG, description="Fast, faithful GIM attributions for Hugging Face language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    ex = sub.add_parser(
-        "explain", help="attribute the next-token logit to the input tokens",
+    ex = make_parser(
+        sub, "explain", help="attribute the next-token logit to the input tokens",
         description="Attribute the logit of a target token at the last position to each input token with GIM "
                     "and print one line per token with its score.",
         epilog="Settings not given keep gim_fast.explain's defaults; 'none' turns a modification off.")
-    ex.add_argument("text", metavar="TEXT", help="the input text")
+    ex.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                    help="the input text; '-' reads it from standard input (or give --text-file)")
+    ex.add_argument("--text-file", default=None, metavar="PATH",
+                    help="read the input text from PATH (UTF-8; the whole file, its last line break dropped)")
+    ex.add_argument("--chat", action="store_true",
+                    help="TEXT is the user's message: put it in the tokenizer's chat template (with the generation "
+                         "prompt, so the target is the start of the model's reply) and score the message's tokens "
+                         "only; the template's tokens are shown as special with score 0 (refused for a model "
+                         "without a chat template)")
     ex.add_argument("--target", default=None, metavar="TOKEN|ID",
                     help="the token to explain: a string that is one token (e.g. ' Paris') or an integer token id; "
                          "default: the model's own top prediction")
@@ -94,11 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "scale and show their score only)")
     ex.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="color the bars (default auto: when writing to a terminal and NO_COLOR is unset)")
+    ex.add_argument("--all-tokens", action="store_true",
+                    help=f"print one line per token also for a long input (default: from {LONG_INPUT} tokens on, "
+                         f"the {TOP_LONG} tokens with the largest |score| and a summary)")
     ex.set_defaults(func=_cmd_explain)
 
-    at = sub.add_parser(
-        "attribute", allow_abbrev=False,
-        help="attribute every row of a data set; Parquet shards, resumable, multi-process",
+    at = make_parser(
+        sub, "attribute", help="attribute every row of a data set; Parquet shards, resumable, multi-process",
         description="Attribute the next-token logit of every row of a data set to its tokens with GIM. Rows are "
                     "grouped by length into batches under a token budget; results go to Parquet shards in "
                     "OUT/data/ with OUT/manifest.json (model, settings, versions, row counts). Bad rows (empty "
@@ -139,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_args(answers, source, "each row")
     io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
+    io.add_argument("--chat", action="store_true",
+                    help="each row's text is the user's message: put it in the tokenizer's chat template (with the "
+                         "generation prompt) and score the message's tokens only; the template's tokens get 0 and "
+                         "the output a 'template' column (refused for a model without a chat template)")
     io.add_argument("--strict", action="store_true",
                     help="stop at the first bad row (exit code 2) instead of writing it to OUT/errors.jsonl")
     _add_model_args(at)
@@ -172,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar (default: when stderr is a terminal)")
     at.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
     at.set_defaults(func=_cmd_attribute)
-    st = sub.add_parser(
-        "status", allow_abbrev=False, help="rows done and missing per shard of a gim-fast attribute job",
+    st = make_parser(
+        sub, "status", help="rows done and missing per shard of a gim-fast attribute job",
         description="Read a job folder (OUT of gim-fast attribute) and print, per shard of its plan, the rows done "
                     "and missing, then whether the data set is complete. Reads only: nothing is written.",
         epilog="Exit codes: 0 complete, 1 not complete yet, 2 not a job folder.")
@@ -250,10 +281,38 @@ def _load_model(args):
             raise UsageError(str(e)) from None
 
 
+def _read_input_text(args) -> str:
+    """The text to explain: TEXT, standard input for '-', or --text-file's content (exactly one of them)."""
+    if args.text_file is not None:
+        if args.text is not None:
+            raise UsageError("give the text as TEXT, '-' (standard input) or --text-file PATH, not two of them")
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UsageError(f"--text-file {args.text_file}: no such file")
+        try:
+            text = read_text(path)
+        except (TextFileError, OSError) as e:
+            raise UsageError(f"--text-file {e}" if isinstance(e, TextFileError) else
+                             f"--text-file {args.text_file}: cannot read it ({e.strerror or e})") from None
+        return text[:-1] if text.endswith("\n") else text
+    if args.text is None:
+        raise UsageError("no text to explain: give TEXT, '-' to read standard input, or --text-file PATH")
+    if args.text == "-":
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return text[:-1] if text.endswith("\n") else text
+    return args.text
+
+
 def _check_explain_args(args) -> None:
-    """Every argument that can be checked before the model loads."""
+    """Every argument that can be checked before the model loads (the text is read here: TEXT, '-' or a file)."""
+    source = ("--text-file " + args.text_file if args.text_file is not None
+              else "standard input" if args.text == "-" else "TEXT")
+    args.text = _read_input_text(args)
     if args.text == "":
-        raise UsageError("TEXT is empty; give the text to explain")
+        raise UsageError(f"{source} is empty; give the text to explain")
     if (args.answer is not None or args.generate is not None) and args.target is not None:
         raise UsageError("--target names the one next token to explain; --answer/--generate explain a whole answer: "
                          "give one or the other")
@@ -276,11 +335,19 @@ def _cmd_explain(args) -> int:
     _check_explain_args(args)
     model, tokenizer = _load_model(args)
 
-    input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
+    template = None
+    if args.chat:
+        try:
+            prompt = chat_prompt(tokenizer, args.text)
+        except (NoChatTemplate, ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        input_ids, template = torch.tensor(prompt.input_ids), prompt.template
+    else:
+        input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
     if input_ids.numel() == 0:
         raise UsageError("TEXT is empty after tokenization")
     if args.answer is not None or args.generate is not None:
-        return _explain_answer(args, model, tokenizer, input_ids)
+        return _explain_answer(args, model, tokenizer, input_ids, template)
     logits = _last_logits(model, input_ids)
     target_id, how = _resolve_target(args.target, tokenizer, logits)
     rank = int((logits > logits[target_id]).sum()) + 1
@@ -290,6 +357,10 @@ def _cmd_explain(args) -> int:
         scores = explain_with(model, input_ids, settings, target_token_id=target_id, tokenizer=tokenizer)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    special = special_mask(tokenizer, input_ids.tolist())
+    if template is not None:       # the chat template's tokens are held fixed: not scored, shown as special
+        scores = scores.masked_fill(torch.tensor(template, device=scores.device), 0.0)
+        special = [s or t for s, t in zip(special, template)]
 
     shown = _settings_line(settings)
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), {plural(input_ids.numel(), 'token')}")
@@ -297,10 +368,17 @@ def _cmd_explain(args) -> int:
           f"logit {float(logits[target_id]):.4g}, rank {rank}")
     if shown:
         print(f"settings: {shown}")
+    if template is not None:
+        print(f"chat: the message is {plural(template.count(False), 'token')} of the chat template's "
+              f"{plural(len(template), 'token')}; the template's tokens are not scored")
     tokens = [tokenizer.decode([int(i)]) for i in input_ids]
-    special = _special_mask(tokenizer, input_ids.tolist())
     color = {"auto": None, "always": True, "never": False}[args.color]
-    print(format_attributions(tokens, scores, color=color, width=args.width, special=special))
+    long_input = len(tokens) >= LONG_INPUT and not args.all_tokens
+    if long_input:
+        print(f"{format_summary(scores, special)}; the {TOP_LONG} with the largest |score|, in text order "
+              "(--all-tokens prints every token, --html FILE colours the whole text):")
+    only = top_positions(scores, TOP_LONG, special) if long_input else None
+    print(format_attributions(tokens, scores, color=color, width=args.width, special=special, only=only))
     if args.html:
         row = HtmlRow(tokens, scores, label=args.text, target=tokenizer.decode([target_id]),
                       target_logit=float(logits[target_id]), token_ids=input_ids.tolist(), special=special)
@@ -312,7 +390,7 @@ def _cmd_explain(args) -> int:
     return 0
 
 
-def _explain_answer(args, model, tokenizer, input_ids) -> int:
+def _explain_answer(args, model, tokenizer, input_ids, template=None) -> int:
     """``gim-fast explain TEXT --answer A`` / ``--generate N``: every answer token's top source tokens."""
     settings = settings_from_args(args)
     try:
@@ -322,10 +400,10 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
                 raise UsageError(f"--answer {args.answer!r} encodes to no token")
             how = "given"
             result = explain_answer_with(model, input_ids, torch.tensor(answer_ids), settings, tokenizer=tokenizer,
-                                         target=args.answer_target)
-        else:      # explain_generation tokenizes TEXT as above
+                                         target=args.answer_target, chat_template=template)
+        else:      # explain_generation tokenizes TEXT as above (in the chat template with --chat)
             result = explain_generation_with(model, tokenizer, args.text, settings, max_new_tokens=args.generate,
-                                             target=args.answer_target)
+                                             target=args.answer_target, chat=args.chat)
             answer_ids = result.target_ids.tolist()
             how = f"generated, greedy, at most {args.generate} tokens"
     except ValueError as e:
@@ -343,7 +421,7 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     print(format_answer(result.tokens, answer_tokens, result.scores, values, top=args.top, color=color))
     if args.html:
         view = AnswerView(sources=result.tokens, answer_tokens=answer_tokens, scores=result.scores, label=args.text,
-                          joiner="", special=_special_mask(tokenizer, [*input_ids.tolist(), *answer_ids]))
+                          joiner="", special=_answer_special(tokenizer, input_ids.tolist(), answer_ids, result))
         try:
             path = write_answer_html(args.html, [view], title=f"GIM attributions of an answer: {args.model}",
                                      subtitle=f"each answer token's {args.answer_target}; {shown}")
@@ -353,10 +431,12 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     return 0
 
 
-def _special_mask(tokenizer, token_ids: list[int]) -> list[bool]:
-    """Which tokens are the tokenizer's special tokens (<bos>, <eos>, ...): shown, but not on the display scale."""
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    return [i in special for i in token_ids]
+def _answer_special(tokenizer, prompt_ids: list[int], answer_ids: list[int], result) -> list[bool]:
+    """Per column of an answer attribution: a special token, or a chat template's token."""
+    special = special_mask(tokenizer, [*prompt_ids, *answer_ids])
+    if result.template_mask is not None:
+        special = [s or bool(t) for s, t in zip(special, result.template_mask.tolist())]
+    return special
 
 
 def _cmd_attribute(args) -> int:
@@ -372,7 +452,7 @@ def _cmd_attribute(args) -> int:
             baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
             cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
             answer_field=args.answer_field, generate=args.generate, answer_target=args.answer_target,
-            settings=settings, device_map=args.device_map, max_memory=args.max_memory,
+            chat=args.chat, settings=settings, device_map=args.device_map, max_memory=args.max_memory,
             offload_folder=args.offload_folder, shard=args.shard,
             **{k: v for k, v in optional.items() if v is not None})
         with _model_log():

@@ -18,6 +18,44 @@ class UsageError(Exception):
     """A mistake in what the user asked for: reported in one line, exit code 2."""
 
 
+def make_parser(container=None, name: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A parser (``container=None``) or a subcommand's parser (``container``: what ``add_subparsers`` returned),
+    with argparse's prefix matching turned off: an option is taken only as spelled in full (``--shard`` is never
+    read as ``--shard-rows``)."""
+    kwargs.setdefault("allow_abbrev", False)
+    if container is None:
+        return argparse.ArgumentParser(**kwargs)
+    return container.add_parser(name, **kwargs)
+
+
+class _ListAction(argparse.Action):
+    """Collects the values of a list option: each command-line word may itself hold several values separated by
+    commas, so ``--methods gim eap``, ``--methods gim,eap`` and ``--methods gim, eap`` are the same list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [item for value in values for item in value])
+
+
+def add_list_argument(parser, flag: str, *, item=str, choices=None, allow_empty: bool = False, **kwargs):
+    """A list option, the one convention of every subcommand: values separated by spaces, by commas, or both.
+    ``item`` parses one value (an argparse type); ``choices`` restricts the values (a clear error names them);
+    ``allow_empty``: the option may be given with no value (``nargs='*'``)."""
+    def parse(text: str) -> list:
+        parts = [p.strip() for p in text.split(",")]
+        values = []
+        for part in parts:
+            if not part:
+                continue
+            if choices is not None and part not in choices:
+                raise argparse.ArgumentTypeError(f"{part!r} is not one of {', '.join(choices)}")
+            values.append(item(part))
+        if not values and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected a value, got {text!r}")
+        return values
+    parse.__name__ = getattr(item, "__name__", "value")
+    return parser.add_argument(flag, nargs="*" if allow_empty else "+", type=parse, action=_ListAction, **kwargs)
+
+
 def _float(text: str, accepted: str) -> float:
     try:
         return float(text)
@@ -134,5 +172,6 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
         raise UsageError(str(e)) from None
 
 
-__all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "positive_number", "optional_number", "positive_int",
-           "add_settings_args", "settings_from_args", "add_placement_args", "placement_from_args"]
+__all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "make_parser", "add_list_argument", "positive_number",
+           "optional_number", "positive_int", "add_settings_args", "settings_from_args", "add_placement_args",
+           "placement_from_args"]

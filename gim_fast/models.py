@@ -268,7 +268,7 @@ def _convert(gguf_path_fn: Callable[[Path], Path], target: Path, source: dict) -
         started = time.perf_counter()
         gguf = gguf_path_fn(work)
         _check_gguf(gguf)
-        log.info("converting %s to a Hugging Face model in %s (once; takes about 20-60 s)", gguf, target)
+        log.info("converting %s to a Hugging Face model in %s (once; 20-70 s on a 2-core CPU for the shipped models)", gguf, target)
         with _quiet() as transformers:
             kwargs = dict(gguf_file=gguf.name, local_files_only=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["OutputError", "check_output_dir", "check_output_file", "run_environment"]
+__all__ = ["OutputError", "check_output_dir", "check_empty_output_dir", "check_output_file", "run_environment"]
 
 
 class OutputError(ValueError):
@@ -45,6 +45,20 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
                               "missing)")
         raise OutputError(f"{what}: cannot create it, {os.fspath(existing)!r} is a file, not a directory")
     _probe(existing, what)
+    return path
+
+
+def check_empty_output_dir(path: str | os.PathLike, option: str = "--out", *, overwrite: str = "--overwrite") -> Path:
+    """``path`` does not exist yet or is an empty folder; otherwise :class:`OutputError` naming a few of the files
+    it holds and the option (``overwrite``) that writes there anyway. A run that writes a fixed set of result
+    files refuses a folder with earlier results, so that it never replaces them by accident."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
+            raise OutputError(f"{option} {os.fspath(path)}: the folder is not empty ({shown}); give a new or empty "
+                              f"folder, or {overwrite} to replace the files of the same names")
     return path
 
 

@@ -24,6 +24,7 @@ from ..display import plural
 from ..explain import resolve_baseline
 from ..examples import Example, Selection, capital_examples, select_examples
 from ..settings import DEFAULTS
+from ..textfiles import iter_lines
 from . import metrics as M
 from .methods import METHODS, Method, MethodUnavailable, attnlrp_unavailable, get_method, temperature_method
 
@@ -58,20 +59,19 @@ def jsonl_candidates(path) -> list[tuple]:
     """The rows of an evaluation JSON Lines file as (id, text, target, answer); ValueError naming the line of the
     first bad one. Needs no model: the command line checks the file before loading any."""
     candidates = []
-    with open(path, encoding="utf-8-sig") as f:     # a leading byte-order mark is dropped
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
-                raise ValueError(f'{path}:{line_no}: expected an object with a non-empty "text" string')
-            target = row.get("target")
-            if target is not None and not isinstance(target, str):
-                raise ValueError(f'{path}:{line_no}: "target" must be a string (the text that follows)')
-            candidates.append((str(row.get("id", line_no)), row["text"], target, target or ""))
+    for line_no, line in iter_lines(path):           # UTF-8 (a leading byte-order mark dropped)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+            raise ValueError(f'{path}:{line_no}: expected an object with a non-empty "text" string')
+        target = row.get("target")
+        if target is not None and not isinstance(target, str):
+            raise ValueError(f'{path}:{line_no}: "target" must be a string (the text that follows)')
+        candidates.append((str(row.get("id", line_no)), row["text"], target, target or ""))
     return candidates
 
 

@@ -30,6 +30,7 @@ from ..context import generate_answers
 from ..display import plural
 from ..engine import attribute
 from ..explain import resolve_baseline
+from ..chat import has_chat_template, special_token_ids
 from ..html import answer_views_from_table, rows_from_table, write_answer_html, write_html
 from ..integration import check_model, input_device, is_offloaded, module_tensor
 from .. import models
@@ -72,6 +73,7 @@ class RowResult:
     target_logit: float
     target_position: int     # index of the token whose next-token logit is explained (the last one)
     target_given: bool       # True when the data named the target; False for the model's top prediction
+    template: list[bool] | None = None    # with --chat: True at the chat template's tokens (score 0)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class AnswerRowResult:
     scores: np.ndarray        # float32 [M, P + M]: row m attributes answer token m over text and answer tokens
     answer_logits: np.ndarray     # float32 [M]: each answer token's raw logit
     answer_logprobs: np.ndarray   # float32 [M]: its log-probability
+    template: list[bool] | None = None    # with --chat: True at the chat template's tokens of the text (score 0)
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -174,11 +177,15 @@ def _compute(model, batch: Batch, baseline: int, settings: GIMSettings, device, 
     out = []
     for i, row in enumerate(batch.rows):
         n = len(row.token_ids)
+        row_scores = scores[i, length - n:].copy()
+        if row.template is not None:          # the chat template's tokens are held fixed: not scored
+            row_scores[np.asarray(row.template, dtype=bool)] = 0.0
         out.append(RowResult(
             id=row.id, line=row.line, text=row.text, token_ids=list(row.token_ids),
-            tokens=[decode(t) for t in row.token_ids], scores=scores[i, length - n:].copy(),
+            tokens=[decode(t) for t in row.token_ids], scores=row_scores,
             target_id=int(target_ids[i]), target=decode(int(target_ids[i])), target_logit=float(logits[i]),
-            target_position=n - 1, target_given=given))
+            target_position=n - 1, target_given=given,
+            template=None if row.template is None else list(row.template)))
     return out
 
 
@@ -196,7 +203,8 @@ def _compute_answers(model, batch: Batch, baseline: int, settings: GIMSettings, 
     # a generation that is only the end-of-sequence token leaves nothing to attribute: a row with an empty answer
     out = [AnswerRowResult(r.id, r.line, r.text, list(r.token_ids), [decode(t) for t in r.token_ids], "", [], [],
                            given, np.zeros((0, len(r.token_ids)), np.float32), np.zeros(0, np.float32),
-                           np.zeros(0, np.float32)) for r in rows]
+                           np.zeros(0, np.float32), None if r.template is None else list(r.template))
+           for r in rows]
     if keep:
         length = max(len(rows[i].token_ids) for i in keep)
         count = max(len(answers[i]) for i in keep)
@@ -219,12 +227,16 @@ def _compute_answers(model, batch: Batch, baseline: int, settings: GIMSettings, 
             row, a = rows[i], answers[i]
             n, m = len(row.token_ids), len(a)
             columns = np.r_[length - n:length, length:length + m]           # the row's text, then its answer
+            row_scores = scores[r, :m][:, columns].copy()
+            if row.template is not None:      # the chat template's tokens are held fixed: not scored
+                row_scores[:, :n][:, np.asarray(row.template, dtype=bool)] = 0.0
             out[i] = AnswerRowResult(
                 id=row.id, line=row.line, text=row.text, token_ids=list(row.token_ids),
                 tokens=[decode(t) for t in row.token_ids], answer=tokenizer.decode(a), answer_ids=list(a),
                 answer_tokens=[decode(t) for t in a], answer_given=given,
-                scores=scores[r, :m][:, columns].copy(), answer_logits=logits[r, :m].copy(),
-                answer_logprobs=logprobs[r, :m].copy())
+                scores=row_scores, answer_logits=logits[r, :m].copy(),
+                answer_logprobs=logprobs[r, :m].copy(),
+                template=None if row.template is None else list(row.template))
     return out
 
 
@@ -272,8 +284,8 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
                       cache_dir=None, shard_rows: int = DEFAULT_SHARD_ROWS,
                       flush_seconds: float = DEFAULT_FLUSH_SECONDS, html_report: int = 0,
                       progress: bool | None = False, answer_field: str | None = None, generate: int | None = None,
-                      answer_target: str = "logit", device_map=None, max_memory=None, offload_folder=None,
-                      shard=None, **gim_settings) -> DatasetRun:
+                      answer_target: str = "logit", chat: bool = False, device_map=None, max_memory=None,
+                      offload_folder=None, shard=None, **gim_settings) -> DatasetRun:
     """GIM attributions for every row of ``data``; an iterator of :class:`RowResult`, one per good row.
 
     Args:
@@ -312,6 +324,10 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
             end-of-sequence token). Results are :class:`AnswerRowResult`: ``scores`` ``[M, P + M]``, every answer
             token over the text's and the answer's tokens. ``answer_target``: ``"logit"`` or ``"logprob"``.
 
+    ``chat``: each row's text is the user's message, put in the tokenizer's chat template with the generation
+    prompt (a model without a template is refused); only the message's tokens are scored: the template's get 0
+    and a ``template`` column (list<bool>) marks them.
+
     Under ``torchrun``/``accelerate launch`` (or an initialised ``torch.distributed``) every process plans the
     same batches and computes its own share; results come out in batch order (longest rows first), not input
     order: sort by ``line`` to restore it.
@@ -329,7 +345,7 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         batching=BatchOptions(batch_tokens, batch_size, max_length),
         loading=LoadOptions(dtype, device, cache_dir, device_map, max_memory, offload_folder),
         output=OutputOptions(out, shard_rows, flush_seconds, html_report, strict, progress),
-        answer=_answer_mode(answer_field, generate, answer_target, target_field),
+        answer=_answer_mode(answer_field, generate, answer_target, target_field), chat=chat,
         shard=None if shard is None else parse_shard(shard))
     job.check()
     return DatasetRun(lambda run: _run(run, job))
@@ -410,6 +426,7 @@ class JobConfig:
     loading: LoadOptions
     output: OutputOptions
     answer: AnswerMode | None
+    chat: bool = False
     shard: tuple[int, int] | None = None
 
     def check(self) -> None:
@@ -547,8 +564,11 @@ def _plan(job: JobConfig, loaded: _Loaded, world: int) -> _Plan:
     errors: list[RowError] = []
     input_rows = 0
     extra = (job.answer.generate if job.answer else None) or 0
+    if job.chat and not has_chat_template(tokenizer):
+        raise InputError("--chat: this model's tokenizer has no chat template (a base model, not an instruct one); "
+                         "leave out --chat and give the texts as the model should read them")
     for item in tokenize_rows(raw, tokenizer, max_length=max_length, vocab_size=vocab_in, targets=resolver,
-                              extra_tokens=extra):
+                              extra_tokens=extra, chat=job.chat):
         input_rows += 1
         if isinstance(item, RowError):
             if job.output.strict:
@@ -572,6 +592,8 @@ def _job_identity(job: JobConfig, loaded: _Loaded, plan: _Plan) -> tuple[dict, s
         "batch_tokens": job.batching.batch_tokens, "batch_size": job.batching.batch_size,
         "max_length": plan.max_length,
     }
+    if job.chat:                     # only then, for the same reason
+        config["chat"] = True
     if job.answer is not None:       # only then: a next-token job's settings (and resumes) stay as they were
         config.update({"answer_field": job.answer.field, "generate": job.answer.generate,
                        "answer_target": job.answer.target})
@@ -611,7 +633,7 @@ def _run(run: DatasetRun, job: JobConfig):
             yield from _compute_all(loaded, todo, plan.baseline, job, out, rank, world, config_sha, run)
             manifest = None
             if out is not None:
-                special = getattr(loaded.tokenizer, "all_special_ids", ()) or ()
+                special = special_token_ids(loaded.tokenizer)
                 manifest = _finish(out, plan.batches, job.output.html_report, own_group or _group_active(), rank,
                                    special)
             run.manifest = manifest

@@ -189,7 +189,37 @@ def test_source_scores_equal_the_reference(tok, gim):
         order = np.argsort(-scores[m], kind="stable")
         assert [top["source_1"][m], top["source_2"][m]] == order[:2].tolist()
         assert top["score_1"][m] == scores[m, order[0]]
-    assert type(table.sort_values("score")).__name__ == "DataFrame"      # derived tables are plain DataFrames
+    assert type(table.sort_values("score")).__name__ == "ContextAttribution"   # derived tables keep the answer
+
+
+def test_the_table_survives_ordinary_pandas_use(tok):
+    """Issue 22, defect 3: an index and a column both named "source" made sort_values/groupby/merge ambiguous and
+    reset_index fail; derived tables lost the answer and per_token."""
+    import pandas as pd
+
+    model = tiny_model("llama", torch.float64).eval()
+    table = gim_fast.attribute_context(model, tok, SOURCES, QUERY, " Peru", baseline_token_id=0)
+    assert table.index.name == "source_id" and list(table.index) == [0, 1, 2]
+    by_text = table.sort_values("source")
+    assert list(by_text["source"]) == sorted(SOURCES) and by_text.answer == " Peru"
+    assert table.groupby("source")["score"].sum().to_dict() == dict(zip(table["source"], table["score"]))
+    merged = table.merge(pd.DataFrame({"source": SOURCES, "year": [1535, 1048, -753]}), on="source")
+    assert list(merged["year"]) == [1535, 1048, -753] and list(merged["score"]) == list(table["score"])
+    flat = table.reset_index()
+    assert list(flat["source_id"]) == [0, 1, 2] and flat.answer == " Peru"
+    assert table.copy().answer == " Peru" and table.copy().token_scores is table.token_scores
+    # per_token() of a derived table ranks the sources it holds, by their ids, against the full per-token matrix
+    scores = table.token_scores.iloc[:, :3].to_numpy()
+    for derived in (table.copy(), by_text, flat, table[["score"]], flat.sort_values("score")):
+        pd.testing.assert_frame_equal(derived.per_token(k=3), table.per_token(k=3))
+    keep = table["source"] != SOURCES[1]
+    top = table[keep].per_token(k=2)
+    for m in range(len(top)):
+        kept = [0, 2]
+        order = [kept[j] for j in np.argsort(-scores[m, kept], kind="stable")]
+        assert [top["source_1"][m], top["source_2"][m]] == order and top["score_1"][m] == scores[m, order[0]]
+    with pytest.raises(ValueError, match="no 'source_id' index or column"):
+        merged.per_token()
 
 
 def test_generated_answer_is_the_models_greedy_continuation(chat_tok):

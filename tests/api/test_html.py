@@ -149,8 +149,8 @@ def test_answer_view_is_well_formed_and_self_contained():
     assert "--a1: rgba(220, 38, 38, 0.8)" in sources[1].get("style")
     css = root.find("head/style").text
     for m in (0, 1):   # one rule per answer position, shared by every view
-        assert (f".a{m}:hover ~ .srcs .src, .a{m}:focus ~ .srcs .src, .a{m}:target ~ .srcs .src "
-                f"{{ background-color: var(--a{m}, transparent); }}") in css
+        assert (f".a{m}:hover ~ .srcs .src, .a{m}:focus ~ .srcs .src, .a{m}:target ~ .srcs .src, "
+                f"section.row:has(td.c{m}:hover) .srcs .src {{ background-color: var(--a{m}, transparent); }}") in css
     tables = list(root.iter("table"))
     assert len(tables) == 1 and len(tables[0].findall("tr")) == 3          # the first view's heatmap only
     with pytest.raises(ValueError, match=r"scores must be \[answer tokens \(2\), sources \(2\)\]"):

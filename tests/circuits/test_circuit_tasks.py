@@ -168,7 +168,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--task", "nonsense"], "unknown task 'nonsense'"),
     (["--task", "missing.jsonl"], "no such task file"),
-    (["--task", "ioi", "--methods", "gim,exact"], "expected methods among"),
+    (["--task", "ioi", "--methods", "gim,exact"], "'exact' is not one of gim, eap, eap-ig, random"),
     (["--task", "ioi", "--percentages", "0"], "number > 0"),
     (["--task", "ioi", "--model", "no-such-model"], "unknown model"),
     (["--task", "ioi", "--out", "{tmp}/afile/x"], "is a file, not a directory"),

@@ -12,13 +12,15 @@ ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml"
 LAYERS = [
     ("gim_fast.kernels",),                                   # Triton kernels: nothing of gim_fast
     ("gim_fast.settings", "gim_fast.cli_args", "gim_fast.outputs", "gim_fast.data", "gim_fast.display",
-     "gim_fast.sources", "gim_fast.placement"),              # plain values, checks and formatting
+     "gim_fast.sources", "gim_fast.textfiles", "gim_fast.progress", "gim_fast.chat",
+     "gim_fast.placement"),                                  # plain values, checks and formatting
     ("gim_fast.backends",),                                  # which backend runs
     ("gim_fast.ops",),                                       # GIM's autograd Functions on tensors
     ("gim_fast.integration",),                               # GIM on models; reversible model state
     ("gim_fast.memory", "gim_fast.models", "gim_fast.html", "gim_fast.examples"),
     ("gim_fast.engine",),                                    # one forward, the input-gradient backward
-    ("gim_fast.explain", "gim_fast.answers", "gim_fast.context", "gim_fast.context_table"),   # the public API
+    ("gim_fast.explain", "gim_fast.answers", "gim_fast.context", "gim_fast.context_table",
+     "gim_fast.context_result"),                             # the public API
     ("gim_fast.jobs",),                                      # data sets
     ("gim_fast.evaluate",),                                  # faithfulness evaluation
     ("gim_fast.circuits",),                                  # circuit discovery
