@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -286,6 +287,7 @@ def _others() -> list[str]:
 def run(args) -> int:
     marker = write_weights(args.folder, _config(args.config, args.layers, args.vocab))
     env = environment(torch.device("cpu"))
+    env.update({name: version(name) for name in ("accelerate", "safetensors")})
     rows, scores = [], {}
     for layout in ("max-memory", "disk"):
         path = Path(tempfile.mkdtemp()) / "scores.pt"
@@ -335,7 +337,8 @@ def _markdown(result: dict) -> str:
              f"{result['weights']['seed']}), `gim_fast.explain` of {result['runs'][0].get('tokens', TOKENS)} "
              "random tokens, default GIM settings, torch backend.", "",
              f"{env['device']}, {gib(machine['memory_bytes'])} of memory, {machine['cpus']} CPUs; torch "
-             f"{env['torch']}, transformers {env['transformers']}; {env['date']}.", "",
+             f"{env['torch']}, transformers {env['transformers']}, accelerate {env.get('accelerate', '?')}, "
+             f"safetensors {env.get('safetensors', '?')}; {env['date']}.", "",
              "| layout | layers on disk | resident weights | checkpointing | explain (s) | peak resident (VmHWM) | "
              "estimate | others running |", "|---|---:|---:|---|---:|---:|---:|---|"]
     for r in result["runs"]:
