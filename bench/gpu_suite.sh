@@ -10,7 +10,11 @@
 #   bench/gpu_suite.sh explain-more bench/explain.py: Qwen2.5-7B and Gemma-2-9B configs
 #   bench/gpu_suite.sh throughput   bench/throughput.py --gpu: dataset jobs, 512-token prompts
 #   bench/gpu_suite.sh answers      bench/answers.py --gpu: explain_answer, Llama-3.1-8B config, 8k prompt + 64 tokens
-#   bench/gpu_suite.sh all          every stage in turn (about 20 minutes on an H100)
+#   bench/gpu_suite.sh multi        several GPUs (needs >= 2): models spread over GPUs, over a GPU and CPU memory or
+#                                   disk (accelerate device maps) against one GPU, and torchrun dataset jobs whose
+#                                   processes each spread their model over their own GPUs; then Llama-3.1-8B (bf16)
+#                                   spread over every GPU with device_map="auto", explain of 8k tokens
+#   bench/gpu_suite.sh all          every stage in turn (about 20 minutes on an H100; multi only with >= 2 GPUs)
 #
 # Results go to $OUT (the device tool's fetch folder) or bench/results/gpu-<date>/; commit them under
 # bench/results/. Each file carries the device, versions and date.
@@ -50,10 +54,16 @@ stage() {
       timeout 560 $PY bench/throughput.py --gpu --out "$OUT" 2>&1 | tee "$OUT/throughput.log" | tail -20 ;;
     answers)
       timeout 560 $PY bench/answers.py --gpu --out "$OUT" 2>&1 | tee "$OUT/answers.log" | tail -20 ;;
+    multi)
+      gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+      if [ "$gpus" -lt 2 ]; then echo "multi: needs at least 2 GPUs, this machine has $gpus" | tee "$OUT/multi.log"; return 0; fi
+      timeout 400 $PY -m pytest -q -p no:cacheprovider tests/integration/test_multi_gpu.py tests/integration/test_offload.py \
+        tests/cli/test_cli_attribute.py -k "gpu or offload or torchrun" 2>&1 | tee "$OUT/pytest_multi.txt" | tail -25
+      timeout 150 $PY bench/offload.py --multi-gpu --out "$OUT" 2>&1 | tee "$OUT/multi_gpu.log" | tail -20 ;;
     all)
       for s in install compile tests attention explain explain-more throughput answers; do echo "== $s"; stage "$s"; done ;;
     *)
-      echo "usage: $0 install|compile|tests|attention|explain|explain-more|throughput|answers|all" >&2; return 2 ;;
+      echo "usage: $0 install|compile|tests|attention|explain|explain-more|throughput|answers|multi|all" >&2; return 2 ;;
   esac
 }
 

@@ -4,6 +4,7 @@
     python bench/memory.py --gpu                # the same grid on CUDA: torch.cuda.max_memory_allocated
     python bench/memory.py --quick              # a few points, a few minutes
     python bench/memory.py --llama8b            # Llama-3.1-8B, random bf16: explain of 256, then 2,048 tokens
+    python bench/memory.py --offload-grid       # SmolLM2-135M with its layers on disk (accelerate), ~10 min
 
 ``--llama8b`` builds the whole model (16 GB of weights) once in a child process and explains each length in turn:
 each must either finish (with checkpointing where the estimate says so) or be refused with
@@ -65,6 +66,12 @@ GRID = [
     ("config:llama-3.1-8b:2:32768", LENGTHS, ("bf16",), ("torch",), (False, True), (1,)),
     ("smollm2-135m", (1024,), ("fp32",), ("torch",), (False,), (4,)),
 ]
+# Layers offloaded to disk by accelerate (every one, or every other one), checkpointing on and off: the estimate
+# of the loaded model (``gim_fast.memory.model_estimates``, which counts the weights the forward and the backward
+# load) against the measured peak. The 7th entry is the offload layouts.
+OFFLOAD = [
+    ("smollm2-135m", (512, 1024, 2048), ("fp32",), ("torch",), (True, False), (1,), ("disk", "half")),
+]
 QUICK = [
     ("smollm2-135m", (512,), ("fp32", "bf16"), ("torch",), (False, True), (1,)),
     ("smollm2-135m", (512,), ("fp32",), ("eager",), (False,), (1,)),
@@ -72,7 +79,25 @@ QUICK = [
 
 
 # ----------------------------------------------------------------------------------------------- child process
-def build_model(spec: str, dtype: torch.dtype, device: str):
+def disk_layers_map(config, every: int = 1) -> dict:
+    """A device map that puts every ``every``-th decoder layer of a Llama-like model on "disk", the rest on the CPU."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    for i in range(config.num_hidden_layers):
+        device_map[f"model.layers.{i}"] = "disk" if i % every == 0 else "cpu"
+    return device_map
+
+
+def build_model(spec: str, dtype: torch.dtype, device: str, offload: str = "none", offload_folder: str | None = None):
+    if offload != "none":   # a shipped model's safetensors, its decoder layers read from there by accelerate
+        from transformers import AutoConfig
+
+        from gim_fast.models import cache_path, load_pretrained
+
+        config = AutoConfig.from_pretrained(cache_path(spec))
+        every = {"disk": 1, "half": 2}[offload]
+        model, _ = load_pretrained(spec, dtype=dtype, device_map=disk_layers_map(config, every),
+                                   offload_folder=offload_folder)
+        return model
     if spec.startswith("config:"):
         from configs import build
 
@@ -154,17 +179,26 @@ def child(args) -> dict:
     """Measure one case in this process and return its row."""
     import gim_fast
 
+    import tempfile
+
+    from gim_fast.memory import model_estimates
+
     device = "cuda" if args.gpu else "cpu"
     dtype = DTYPES[args.dtype]
-    model = build_model(args.model, dtype, device)
+    folder = tempfile.TemporaryDirectory()
+    model = build_model(args.model, dtype, device, args.offload, folder.name)
     with torch.no_grad():  # page in weights that are still mapped from their file (safetensors loads lazily)
         for t in itertools.chain(model.parameters(), model.buffers()):
             t.sum()
     ids = torch.randint(1, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     ckpt = {"auto": "auto", "on": True, "off": False}[args.checkpointing]
-    est = gim_fast.estimate_memory(model.config, args.seq, args.batch, dtype=dtype, backend=args.backend,
-                                   checkpointing=ckpt is True, device=device)
+    if args.offload != "none":   # the estimate of the loaded model: what loading its offloaded layers costs
+        est = model_estimates(model, args.seq, args.batch, backend=args.backend, checkpointing=ckpt is True)
+        est = est[torch.device(device)]
+    else:
+        est = gim_fast.estimate_memory(model.config, args.seq, args.batch, dtype=dtype, backend=args.backend,
+                                       checkpointing=ckpt is True, device=device)
     row = {"estimate_bytes": est.total, "estimate_tensor_bytes": est.tensors,
            "estimate_parts": {k: int(v) for k, v in est.parts.items()}}
     if device == "cuda":
@@ -299,9 +333,13 @@ class _Nothing:
 
 # ---------------------------------------------------------------------------------------------- parent process
 def cases(grid):
-    for spec, seqs, dtypes, backends, ckpts, batches in grid:
-        for seq, dtype, backend, ckpt, batch in itertools.product(seqs, dtypes, backends, ckpts, batches):
-            yield dict(model=spec, seq=seq, batch=batch, dtype=dtype, backend=backend, checkpointing=ckpt)
+    for spec, seqs, dtypes, backends, ckpts, batches, *offloads in grid:
+        for seq, dtype, backend, ckpt, batch, offload in itertools.product(seqs, dtypes, backends, ckpts, batches,
+                                                                            *(offloads or [("none",)])):
+            case = dict(model=spec, seq=seq, batch=batch, dtype=dtype, backend=backend, checkpointing=ckpt)
+            if offload != "none":
+                case["offload"] = offload
+            yield case
 
 
 def config_of(spec: str):
@@ -328,6 +366,7 @@ def measure(case: dict, *, gpu: bool, tensors: bool, lock: str | None = None) ->
            str(case["batch"]), "--dtype", case["dtype"], "--backend", case["backend"], "--checkpointing",
            "on" if case["checkpointing"] else "off"]
     cmd += ["--gpu"] * gpu + ["--tensors"] * tensors
+    cmd += ["--offload", case["offload"]] if "offload" in case else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -356,7 +395,9 @@ def summary(rows) -> str:
         else:
             cells = [mib(r["estimate_bytes"]) if r.get("estimate_bytes") else "", r.get("status", "?"), "",
                      r.get("detail", "")]
-        lines.append(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['dtype']} | {r['backend']} | "
+        model = f"{r['model']}, layers on disk: {'all' if r['offload'] == 'disk' else 'every other'}" \
+            if r.get("offload") else r["model"]
+        lines.append(f"| {model} | {r['seq']} | {r['batch']} | {r['dtype']} | {r['backend']} | "
                      f"{'on' if r['checkpointing'] else 'off'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -373,7 +414,8 @@ def show(row: dict) -> str:
     shown = (f"estimate {row['estimate_bytes'] / 2**20:8.0f} MiB  measured {row['measured_bytes'] / 2**20:8.0f}"
              f" MiB  ratio {row['ratio']:.2f}{'' if row['within_bound'] else '  OUT OF BOUND'}"
              if row["status"] == "ok" else f"{row['status']} {row.get('detail', '')}")
-    return (f"{row['model']:30} {row['seq']:6} ×{row['batch']} {row['dtype']:4} {row['backend']:6} "
+    model = row["model"] + (f" ({row['offload']})" if row.get("offload") else "")
+    return (f"{model:30} {row['seq']:6} ×{row['batch']} {row['dtype']:4} {row['backend']:6} "
             f"ckpt {'on ' if row['checkpointing'] else 'off'}  {shown}")
 
 
@@ -426,6 +468,9 @@ def rejudge(paths: list[Path], out: Path, name: str) -> list[dict]:
     for path in paths:
         for row in json.loads(path.read_text()):
             device = "cpu" if "cpu" in row["device"].lower() else "cuda"
+            if row.get("offload"):    # estimated from the loaded model in its child: kept as measured
+                rows.append(judge(row))
+                continue
             est = estimate_case(row, device)
             row.update(estimate_bytes=est.total, estimate_tensor_bytes=est.tensors,
                        estimate_parts={k: int(v) for k, v in est.parts.items()})
@@ -444,6 +489,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="measure on CUDA (max_memory_allocated)")
     parser.add_argument("--quick", action="store_true", help="a few small points instead of the full grid")
+    parser.add_argument("--offload-grid", action="store_true",
+                        help="SmolLM2-135M with its layers offloaded to disk (all, every other), 512-2,048 tokens")
     parser.add_argument("--llama8b", action="store_true", help="the Llama-3.1-8B case (see the module docstring)")
     parser.add_argument("--tensors", action="store_true", help="also track the peak of live tensor bytes")
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip cases whose estimate exceeds this")
@@ -468,6 +515,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--offload", choices=("none", "disk", "half"), default="none",
+                        help="with --child: load the shipped model with every decoder layer (disk) or every other "
+                             "one (half) offloaded to disk by accelerate")
     args = parser.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: CUDA is not available")
@@ -482,6 +532,9 @@ def main(argv=None):
         sys.exit(0 if all(row["status"] in ("finished", "refused") for row in rows) else 1)
     if args.rejudge:
         rejudge(args.rejudge, args.out, args.name or "rejudged")
+        return
+    if args.offload_grid:
+        run_grid(args, OFFLOAD, args.name or "offload")
         return
     run_grid(args, QUICK if args.quick else GRID, args.name or ("quick" if args.quick else "grid"))
 

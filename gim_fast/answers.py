@@ -18,7 +18,7 @@ import torch
 from .chat import chat_prompt
 from .engine import AnswerScores, attribute_targets
 from .explain import as_id_tensor, as_mask, check_call, check_vocabulary, resolve_baseline
-from .integration import eval_mode, model_io, tlens
+from .integration import eval_mode, input_device, model_io, tlens
 from .settings import DEFAULTS, TARGETS, GIMSettings
 
 __all__ = ["AnswerAttribution", "explain_answer", "explain_answer_with", "explain_generation",
@@ -182,7 +182,7 @@ def explain_answer_with(model, prompt_ids, answer_ids, settings: GIMSettings, *,
     io = model_io(model)
     baseline = _check_against_model(model, io, inputs, baseline_token_id, tokenizer)
     layout = _Layout.of(inputs, baseline)
-    device = io.weight.device
+    device = io.device
     result = attribute_targets(model, layout.ids.to(device), layout.mask.to(device), layout.positions.to(device),
                                layout.targets.to(device), inputs.answer_mask.to(device), baseline, settings,
                                target=target, total=total, chunk=chunk, checkpointing=checkpointing)
@@ -377,7 +377,7 @@ def explain_generation_with(model, tokenizer, prompt, settings: GIMSettings, max
         raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's positions ({limit}); shorten the prompt or lower max_new_tokens")
 
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     eos = set() if eos is None else set([eos] if isinstance(eos, int) else eos)
     kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens)

@@ -9,11 +9,14 @@
     gim-fast explain - < report.txt                                   # the text from standard input (or --text-file)
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
+    gim-fast attribute --data prompts.jsonl --out runs/capitals --shard 2/8   # one independent shard (SLURM arrays)
+    gim-fast status runs/capitals                                             # rows done and missing per shard
+    gim-fast explain "The capital of France is" --model DIR --device-map auto --max-memory cpu=10GiB
     gim-fast circuit --task ioi --model smollm2-135m --out runs/ioi      # circuits: GIM vs EAP vs EAP-IG (MIB metrics)
 
 Exit codes: 0 success, 1 an unexpected failure, 2 a usage error (bad option, unknown model, a target that is
 not one token, a missing model package, an unreadable input, a rerun with other settings, a bad row under
---strict).
+--strict); ``gim-fast status`` exits 1 while the job is not complete.
 """
 from __future__ import annotations
 
@@ -30,20 +33,23 @@ from . import models
 from .answers import explain_answer_with, explain_generation_with
 from .backends import resolve_backend
 from .circuits.cli import add_subparser as add_circuit_subparser
+from .chat import NoChatTemplate, chat_prompt, special_mask
 from .cli_args import (
     DTYPES,
     PROG,
     UsageError,
+    add_placement_args,
     add_settings_args,
     make_parser,
+    placement_from_args,
     positive_int,
     positive_number,
     settings_from_args,
 )
-from .chat import NoChatTemplate, chat_prompt, special_mask
 from .display import LONG_INPUT, format_answer, format_attributions, format_summary, plural, top_positions
 from .evaluate.cli import add_subparser as add_evaluate_subparser
 from .explain import explain_with
+from .integration import input_device
 from .html import AnswerView, HtmlRow, write_answer_html, write_html
 from .jobs import BadRowError, InputError, JobError, attribute_dataset
 from .jobs.runner import DEFAULT_BATCH_TOKENS
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--top", type=positive_int(1), default=3, metavar="K",
                         help="source tokens shown per answer token (default 3)")
     _add_model_args(ex)
+    add_placement_args(ex)
     add_settings_args(ex)
     ex.add_argument("--html", default=None, metavar="FILE",
                     help="also write the tokens coloured by score to FILE, a self-contained HTML page")
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "text, a malformed line, an unknown target token, too long) go to OUT/errors.jsonl with their "
                     "line number and the reason. Killed at any moment and started again with the same command, "
                     "the job finishes what is missing; another command against an existing OUT is refused. Under "
-                    "torchrun or accelerate launch each process computes its share of the rows.",
+                    "torchrun or accelerate launch each process computes its share of the rows; with --shard K/N "
+                    "(or in a SLURM job array) each independent process computes shard K of N.",
         epilog="Inputs: JSON Lines (.jsonl/.json/.ndjson: an object per line, or a JSON string), CSV (.csv), TSV "
                "(.tsv), Parquet (.parquet/.pq) or plain text (.txt: one prompt per line). Output columns: id, "
                "line, text, token_ids, tokens, scores (float32), target_id, target, target_logit, target_position, "
@@ -168,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--device", default=None, metavar="DEV",
                     help="cpu, cuda or cuda:N (default: this process's GPU under torchrun, else cuda if available, "
                          "else cpu)")
+    add_placement_args(at)
     add_settings_args(at)
     at.add_argument("--baseline", default=None, metavar="TOKEN|ID",
                     help="the baseline token (one-token string or id; default: the tokenizer's ' ' token, else its "
@@ -180,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at most N rows per batch (default: no limit; 1 attributes one row at a time)")
     perf.add_argument("--max-length", type=positive_int(1), default=None, metavar="N",
                       help="rows with more tokens are bad rows (default: the model's max_position_embeddings)")
+    perf.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                      help="compute only shard K (from 0) of N, as an independent process: a fixed, disjoint part of "
+                           "the batches, resumable alone; the last shard to finish marks the job complete. Default: "
+                           "inside a SLURM job array (and not under torchrun), the array task's shard, "
+                           "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / step of SLURM_ARRAY_TASK_COUNT. "
+                           "gim-fast status OUT shows what each shard has done")
     perf.add_argument("--shard-rows", type=positive_int(1), default=None, metavar="N",
                       help="write a shard after N rows (default 10000); a killed job redoes at most the unwritten rows")
     perf.add_argument("--flush-seconds", type=positive_number(finite=False), default=None, metavar="S",
@@ -188,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar (default: when stderr is a terminal)")
     at.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
     at.set_defaults(func=_cmd_attribute)
+    st = make_parser(
+        sub, "status", help="rows done and missing per shard of a gim-fast attribute job",
+        description="Read a job folder (OUT of gim-fast attribute) and print, per shard of its plan, the rows done "
+                    "and missing, then whether the data set is complete. Reads only: nothing is written.",
+        epilog="Exit codes: 0 complete, 1 not complete yet, 2 not a job folder.")
+    st.add_argument("out", metavar="OUT", help="the job's output folder")
+    st.add_argument("--shards", type=positive_int(1), default=None, metavar="N",
+                    help="report the plan split into N shards (default: the split the job was started with)")
+    st.set_defaults(func=_cmd_status)
     add_evaluate_subparser(sub)
     add_circuit_subparser(sub)
     return parser
@@ -213,12 +237,13 @@ def _resolve_target(target: str | None, tokenizer, logits) -> tuple[int, str]:
 
 
 def _last_logits(model, input_ids):
+    input_ids = input_ids.to(input_device(model))   # a device map may put the embedding on a GPU
     with torch.no_grad():
         try:
             out = model(input_ids=input_ids[None], logits_to_keep=1)
         except TypeError:                           # a model without logits_to_keep
             out = model(input_ids=input_ids[None])
-    return out.logits[0, -1].float()
+    return out.logits[0, -1].float().cpu()
 
 
 @contextlib.contextmanager
@@ -237,10 +262,21 @@ def _model_log():
         models_log.setLevel(level)
 
 
+def _shard(text: str):
+    from .jobs.ranks import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _load_model(args):
+    placement = placement_from_args(args)
     with _model_log():
         try:
-            return models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+            return models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype),
+                                          **placement.kwargs())
         except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise UsageError(str(e)) from None
 
@@ -287,6 +323,7 @@ def _check_explain_args(args) -> None:
         raise UsageError(f"--target {args.target}: a token id is >= 0")
     try:
         models.check_model_name(args.model, cache_dir=args.cache_dir)
+        placement_from_args(args)
         if args.html:
             check_output_file(args.html, "--html")
         resolve_backend(args.backend, torch.device("cpu"), getattr(torch, args.dtype))
@@ -404,6 +441,7 @@ def _answer_special(tokenizer, prompt_ids: list[int], answer_ids: list[int], res
 
 def _cmd_attribute(args) -> int:
     settings = settings_from_args(args)
+    placement_from_args(args)          # checked with the options' names in the messages
     optional = {"batch_tokens": args.batch_tokens, "shard_rows": args.shard_rows,
                 "flush_seconds": args.flush_seconds}
     try:
@@ -414,7 +452,9 @@ def _cmd_attribute(args) -> int:
             baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
             cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
             answer_field=args.answer_field, generate=args.generate, answer_target=args.answer_target,
-            chat=args.chat, settings=settings, **{k: v for k, v in optional.items() if v is not None})
+            chat=args.chat, settings=settings, device_map=args.device_map, max_memory=args.max_memory,
+            offload_folder=args.offload_folder, shard=args.shard,
+            **{k: v for k, v in optional.items() if v is not None})
         with _model_log():
             summary = run.run()
     except (InputError, JobError, BadRowError) as e:
@@ -427,16 +467,28 @@ def _cmd_attribute(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from .jobs.status import job_status
+
+    try:
+        status = job_status(args.out, shards=args.shards)
+    except (JobError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    print(status.report())
+    return 0 if status.complete else 1
+
+
 def _print_summary(run, summary: dict) -> None:
     """What the job did: this process's share and speed, and (from the manifest) the whole job."""
-    who = f"rank {summary['rank']} of {summary['world_size']}: " if summary["world_size"] > 1 else ""
+    who = (f"{'shard' if summary.get('independent') else 'rank'} {summary['rank']} of {summary['world_size']}: "
+           if summary["world_size"] > 1 else "")
     done = summary["already_done_batches"]
     resumed = f" ({plural(done, 'batch')} {'was' if done == 1 else 'were'} already done)" if done else ""
     print(f"{PROG}: {who}attributed {plural(summary['rows'], 'row')} ({plural(summary['tokens'], 'token')}, "
           f"{plural(summary['batches'], 'batch')}) "
           f"in {summary['seconds']:.1f} s (+{summary['setup_seconds']:.1f} s loading and planning): "
           f"{summary['rows_per_s']:.1f} rows/s, {summary['tokens_per_s']:.0f} tokens/s{resumed}")
-    if summary["rank"] != 0:
+    if summary["rank"] != 0 and not summary.get("independent"):
         return
     out = summary["out"]
     manifest = run.manifest or {}
@@ -451,6 +503,9 @@ def _print_summary(run, summary: dict) -> None:
         print(f"{PROG}: complete: {counts.get('rows')} of {plural(counts.get('input_rows'), 'input row')} in "
               f"{plural(counts.get('shards'), 'shard')} under {os.path.join(out, 'data')}, manifest "
               f"{os.path.join(out, 'manifest.json')}{extra}")
+    elif summary.get("independent"):
+        print(f"{PROG}: this shard is done; the job is not complete yet (other shards are missing or still "
+              f"working): gim-fast status {out} shows which")
     else:
         print(f"{PROG}: not complete yet (other processes are still working); run the same command again to "
               "finish it")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from .placement import Placement, parse_device_map, parse_max_memory
 from .settings import BACKENDS, GIMSettings, cli_options
 
 PROG = "gim-fast"
@@ -134,5 +135,43 @@ def settings_from_args(args: argparse.Namespace) -> GIMSettings:
         raise UsageError(str(e)) from None
 
 
+def _checked(parse, name: str):
+    """argparse type from a parser of ``gim_fast.placement``: its ValueError becomes the option's error."""
+    def check(text: str):
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    check.__name__ = name
+    return check
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """``--device-map``, ``--max-memory``, ``--offload-folder``: models bigger than one device (accelerate)."""
+    group = parser.add_argument_group("models bigger than memory (accelerate's device map; checked before loading)")
+    group.add_argument("--device-map", type=_checked(parse_device_map, "device map"), default=None, metavar="MAP",
+                       help="spread the model over devices as it loads: auto, balanced, balanced_low_0, sequential, "
+                            "one device (cpu, N, cuda:N), or a JSON object or .json file of module names to devices "
+                            "(cpu, disk, N, cuda:N); layers on cpu (with the rest on a GPU) or disk are loaded one "
+                            "at a time when they run")
+    group.add_argument("--max-memory", type=_checked(parse_max_memory, "DEVICE=SIZE,..."), default=None,
+                       metavar="DEV=SIZE,...",
+                       help="the most each device may hold, e.g. cpu=12GiB,0=70GiB (units B, KB, MB, GB, TB, KiB, "
+                            "MiB, GiB, TiB); implies --device-map auto")
+    group.add_argument("--offload-folder", default=None, metavar="DIR",
+                       help="where layers the device map puts on disk are written (a model's own safetensors are "
+                            "read where they are)")
+
+
+def placement_from_args(args: argparse.Namespace) -> Placement:
+    """The placement the options of :func:`add_placement_args` gave, checked (a writable offload folder, ...)."""
+    try:
+        return Placement.of(args.device_map, args.max_memory, args.offload_folder, options=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 __all__ = ["PROG", "BACKENDS", "DTYPES", "UsageError", "make_parser", "add_list_argument", "positive_number",
-           "optional_number", "positive_int", "add_settings_args", "settings_from_args"]
+           "optional_number", "positive_int", "add_settings_args", "settings_from_args", "add_placement_args",
+           "placement_from_args"]

@@ -18,7 +18,7 @@ import torch
 
 from .answers import explain_answer_with, max_positions
 from .context_ablation import DEFAULT_ABLATIONS, gim_ablation_scores
-from .integration import check_model, eval_mode, tlens
+from .integration import check_model, eval_mode, input_device, tlens
 from .settings import DEFAULTS, TARGETS, GIMSettings
 from .sources import DEFAULT_SEPARATOR, build_prompt
 
@@ -41,7 +41,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 64, **gene
     longest = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, **generate_kwargs}
     if kwargs.get("stop_strings") is not None:
         kwargs.setdefault("tokenizer", tokenizer)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .integration import eval_mode
+from .integration import eval_mode, input_device
 
 __all__ = ["answer_logprobs", "surrogate_masks", "fit_surrogate", "gim_ablation_scores", "DEFAULT_ABLATIONS",
            "SURROGATE_RIDGE", "DEFAULT_BATCH_TOKENS"]
@@ -51,8 +51,7 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answer_ids: Sequenc
     rows = [list(map(int, p)) + answer for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("a prompt is empty: the first answer token needs a position before it")
-    embed = model.get_input_embeddings()
-    device = embed.weight.device
+    device = input_device(model)
     vocab = getattr(model.get_output_embeddings(), "out_features", None) or model.config.vocab_size
     max_rows = max(1, _LOGITS_BYTES // ((m + 1) * vocab * 4))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))

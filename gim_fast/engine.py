@@ -68,7 +68,7 @@ def _memory_backend(io: ModelIO, settings: GIMSettings | None) -> str:
     """The attention backend the memory estimate assumes: the model's own eager attention, or GIM's backend."""
     if io.attention is not None:
         return io.attention
-    return resolve_backend(settings.backend, io.weight.device, io.weight.dtype) if settings is not None else "torch"
+    return resolve_backend(settings.backend, io.device, io.weight.dtype) if settings is not None else "torch"
 
 
 @contextlib.contextmanager
@@ -95,6 +95,7 @@ def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     with ModelState() as state:
+        state.keep_placeholders(model)
         state.freeze_parameters(model)
         state.eval(model)
         if settings is not None:
@@ -210,7 +211,7 @@ def attribute_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         chunk, checkpointing = plan_cotangents(io.hf_model, input_ids.shape[1], batch,
                                                backend=_memory_backend(io, settings), num_targets=len(keep),
                                                count=count, checkpointing=checkpointing,
-                                               limit=MAX_CHUNK.get(io.weight.device.type, 8))
+                                               limit=MAX_CHUNK.get(io.device.type, 8))
     else:
         chunk = count
     with forward_pass(model, input_ids, attention_mask, keep, baseline_token_id, settings,

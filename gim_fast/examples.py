@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import countries
+from .integration import input_device
 
 __all__ = ["Example", "Selection", "select_examples", "capital_examples", "DEFAULT_BATCH_ROWS"]
 
@@ -54,7 +55,7 @@ def _predictions(model, ids_list: list[torch.Tensor], batch_rows: int) -> list[i
     groups = defaultdict(list)
     for i, ids in enumerate(ids_list):
         groups[ids.numel()].append(i)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     for _, idx in sorted(groups.items()):
         for start in range(0, len(idx), batch_rows):
             chunk = idx[start:start + batch_rows]

@@ -182,7 +182,7 @@ def explain_with(model, input_ids, settings: GIMSettings, *, target_token_id=Non
     if not 0 <= baseline < vocab_in:
         raise ValueError(f"baseline_token_id {baseline} is outside the vocabulary [0, {vocab_in})")
 
-    device = io.weight.device
+    device = io.device
     # Padded positions may hold any id (e.g. -100 or an out-of-range pad): embed a valid one there.
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, baseline))
     result = attribute(

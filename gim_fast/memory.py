@@ -26,7 +26,13 @@ Hq/Hkv heads of dim D:
 
 Without checkpointing every layer's saved tensors live until the backward reaches it, and the peak is inside
 the first layer's backward: L × saved + one backward. With per-layer checkpointing only each layer's input is
-kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward. ``bench/memory.py --tensors``
+kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward.
+
+Weights accelerate offloads (a ``device_map`` with ``"cpu"`` beside a GPU, or ``"disk"``) are loaded where their
+layer computes when it runs. The autograd graph keeps what a layer's backward needs, its weights included: without
+checkpointing every offloaded layer's loaded weights stay until the backward, with checkpointing the recomputation
+loads one layer at a time; an offloaded output head is kept from the forward to the backward (``offload_of``,
+``model_estimates``). Resident weights are not counted: they are already in memory, beside the free memory. ``bench/memory.py --tensors``
 compares these counts with the tensor bytes a dispatch-mode tracker sees (docs/memory.md).
 
 The margin on top of the tensors, by device (docs/memory.md has the measurements):
@@ -51,6 +57,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .integration import decoder_layers, execution_device, load_sizes
 from .integration.heap import can_release_heap
 from .ops.attention_chunked import auto_chunk_size
 
@@ -126,6 +133,19 @@ def _heap_bytes(group: Tensors) -> int:
 
 def _scaled(group: Tensors, factor: int) -> Tensors:
     return [(size, count * factor) for size, count in group]
+
+
+@dataclass(frozen=True)
+class Offload:
+    """What loading a dispatched model's offloaded weights (accelerate: ``device_map`` with ``"cpu"``/``"disk"``,
+    ``cpu_offload``, ``disk_offload``) allocates on one device: the tensor sizes of each offloaded decoder layer
+    computing there, and of the output head (its weights are loaded in the forward and kept for the backward)."""
+
+    layers: tuple[tuple[int, ...], ...] = ()
+    head: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return any(self.layers) or bool(self.head)
 
 
 @dataclass
@@ -207,7 +227,8 @@ def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: 
 
 def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat16, backend: str = "torch",
                     checkpointing: bool = False, num_targets: int = 1, layers: int | None = None,
-                    cotangents: int = 1, device: str | torch.device = "cpu") -> MemoryEstimate:
+                    cotangents: int = 1, device: str | torch.device = "cpu",
+                    offload: Offload | None = None) -> MemoryEstimate:
     """Estimate the memory one attribution needs on top of the loaded weights; never an under-estimate.
 
     ``config``: a Hugging Face config; ``dtype``: the model's; ``backend``: the attention backend that runs
@@ -215,7 +236,8 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     ``num_targets``: target positions per row (their logits are kept); ``layers``: how many decoder layers live
     on the device in question (default: all of them); ``cotangents``: how many cotangents one backward pushes
     back at once (it scales the backward's working set and the input gradient); ``device``: where it runs (the
-    allocator margin differs between the CPU and CUDA). See the module docstring for what is counted.
+    allocator margin differs between the CPU and CUDA); ``offload``: the offloaded weights that are loaded on this
+    device (:func:`offload_of`). See the module docstring for what is counted.
     """
     if cotangents < 1:
         raise ValueError(f"cotangents must be a positive int, got {cotangents!r}")
@@ -244,6 +266,8 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     else:
         groups[f"saved activations, {n_layers} layers"] = _scaled(saved, n_layers)
     groups[f"one layer's backward ({phase} phase" + (f", × {cotangents})" if cotangents > 1 else ")")] = work
+    if offload:
+        groups.update(_offload_groups(offload, checkpointing))
     groups["inputs, baseline, input gradient"] = _scaled(residual, 2 + cotangents)
     groups["target logits and their gradient"] = [(4 * batch * num_targets * d.vocab, 4)]
 
@@ -264,6 +288,42 @@ def estimate_memory(config, seq_len: int, batch: int = 1, *, dtype=torch.bfloat1
     return MemoryEstimate(checkpointing, parts, tensors, _bytes(saved))
 
 
+def _offload_groups(offload: Offload, checkpointing: bool) -> dict[str, Tensors]:
+    """The loaded copies of offloaded weights alive at the peak. A layer's weights are loaded for its forward and
+    dropped after it, unless the autograd graph keeps them for the backward: without checkpointing every offloaded
+    layer's stay until the backward reaches it; with checkpointing the forward keeps none, and the backward's
+    recomputation loads one layer again and keeps it until that layer's backward is done."""
+    groups = {}
+    layers = [sizes for sizes in offload.layers if sizes]
+    if layers:
+        if checkpointing:
+            largest = max(layers, key=sum)
+            groups["offloaded weights, one layer loaded at a time"] = [(size, 1) for size in largest]
+        else:
+            groups[f"offloaded weights kept for the backward, {len(layers)} layers"] = [
+                (size, 1) for sizes in layers for size in sizes]
+    if offload.head:
+        groups["offloaded output head, kept for the backward"] = [(size, 1) for size in offload.head]
+    return groups
+
+
+def offload_of(model) -> dict[torch.device, Offload]:
+    """Per execution device, what loading the offloaded weights of a dispatched Hugging Face model allocates there
+    (decoder layers and output head); an empty dict for a model without offloaded weights."""
+    layers: dict[torch.device, list[tuple[int, ...]]] = {}
+    for layer in decoder_layers(model):
+        sizes = tuple(load_sizes(layer))
+        if sizes:
+            layers.setdefault(execution_device(layer), []).append(sizes)
+    head = model.get_output_embeddings()
+    head_sizes = tuple(load_sizes(head)) if head is not None else ()
+    out = {dev: Offload(layers=tuple(sizes)) for dev, sizes in layers.items()}
+    if head_sizes:
+        dev = execution_device(head)
+        out[dev] = Offload(layers=out[dev].layers if dev in out else (), head=head_sizes)
+    return out
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes that can still be allocated on ``device``: free device memory plus PyTorch's cached blocks on
     CUDA; MemAvailable of /proc/meminfo (or free physical pages) on the CPU."""
@@ -281,29 +341,41 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def model_estimates(model, seq_len: int, batch: int, *, backend: str, checkpointing: bool, num_targets: int = 1,
+                    cotangents: int = 1) -> dict[torch.device, MemoryEstimate]:
+    """:func:`estimate_memory` for a loaded Hugging Face model, per device it computes on: the decoder layers that
+    compute there (also those whose weights accelerate offloads to CPU memory or disk) and the offloaded weights
+    loaded there (:func:`offload_of`)."""
+    per_device: dict[torch.device, int] = {}
+    for layer in decoder_layers(model):
+        dev = execution_device(layer)       # where it computes, also when its weights are offloaded
+        per_device[dev] = per_device.get(dev, 0) + 1
+    if not per_device:
+        per_device[execution_device(model.get_input_embeddings())] = 0
+    offload = offload_of(model)
+    for dev in offload:
+        per_device.setdefault(dev, 0)
+    dtype = model.get_input_embeddings().weight.dtype
+    return {dev: estimate_memory(model.config, seq_len, batch, dtype=dtype, backend=backend,
+                                 checkpointing=checkpointing, num_targets=num_targets, layers=n_layers,
+                                 cotangents=cotangents, device=dev, offload=offload.get(dev))
+            for dev, n_layers in per_device.items()}
+
+
 def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_targets: int,
                        checkpointing: bool | str = "auto", cotangents: int = 1) -> bool:
     """Decide whether to checkpoint decoder layers, or raise ``InsufficientMemoryError`` before anything runs.
 
-    Checks every device that holds decoder layers (models sharded with ``device_map`` included).
+    Checks every device that holds decoder layers (models sharded with ``device_map`` included), with the
+    weights that are offloaded to CPU memory or disk loaded where they compute (:func:`offload_of`): without
+    checkpointing the autograd graph keeps every offloaded layer's weights for the backward, with it one layer's.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    per_device: dict[torch.device, int] = {}
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            dev = next(module.parameters()).device
-            per_device[dev] = per_device.get(dev, 0) + 1
-    if not per_device:
-        per_device[model.get_input_embeddings().weight.device] = 0
-    dtype = model.get_input_embeddings().weight.dtype
     options = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
     failures = []
     for ckpt in options:
         worst = None
-        for dev, n_layers in per_device.items():
-            est = estimate_memory(model.config, seq_len, batch, dtype=dtype, backend=backend, checkpointing=ckpt,
-                                  num_targets=num_targets, layers=n_layers, cotangents=cotangents, device=dev)
+        for dev, est in model_estimates(model, seq_len, batch, backend=backend, checkpointing=ckpt,
+                                        num_targets=num_targets, cotangents=cotangents).items():
             free = available_memory(dev)
             if est.total > _HEADROOM * free:
                 worst = (dev, est, free)
@@ -320,7 +392,8 @@ def plan_checkpointing(model, seq_len: int, batch: int, *, backend: str, num_tar
     advice.append("a GPU with more memory, or sharding the model over several with device_map='auto'")
     raise InsufficientMemoryError(
         f"this attribution needs about {format_bytes(est.total)} on {dev} but only {format_bytes(free)} is free "
-        f"(batch {batch} × {seq_len} tokens, {dtype}). Try {', '.join(advice)}.\n{est}")
+        f"(batch {batch} × {seq_len} tokens, {model.get_input_embeddings().weight.dtype}). "
+        f"Try {', '.join(advice)}.\n{est}")
 
 
 def plan_cotangents(model, seq_len: int, batch: int, *, backend: str, num_targets: int, count: int,

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from .outputs import check_output_dir
+from .placement import Placement
 
 __all__ = ["MODELS", "load_pretrained", "check_model_name", "default_cache_dir", "cache_path"]
 
@@ -401,8 +402,9 @@ def _package_source(name: str, spec: _Packaged, package_dir: Path) -> dict:
             "version": _version(spec.distribution), **spec.fingerprint(package_dir)}
 
 
-def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_dir: str | os.PathLike | None = None,
-                    dtype: torch.dtype = torch.float32, **from_pretrained_kwargs):
+def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, device_map=None, max_memory=None,
+                    offload_folder: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
+                    cache_dir: str | os.PathLike | None = None, **from_pretrained_kwargs):
     """Load a real pretrained causal LM and its tokenizer, in eval mode, with no network access.
 
     ``name_or_path`` is one of:
@@ -413,17 +415,28 @@ def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_d
     * a path to a ``.gguf`` file: converted once; the cache entry is keyed by the file's absolute path, size
       and modification time, so an edited file is converted again.
 
-    ``cache_dir`` is the folder holding one sub-folder per converted model; default
-    :func:`default_cache_dir` (``$GIM_FAST_CACHE`` or ``~/.cache/gim_fast/models``). The cache stores float32
-    weights; ``dtype`` is what the returned model is loaded as. Further keyword arguments (for example
-    ``attn_implementation="eager"``) go to ``AutoModelForCausalLM.from_pretrained``.
+    ``device_map``, ``max_memory``, ``offload_folder``: where the weights go, as accelerate spreads them
+    (``from_pretrained``'s options of the same names, checked by :class:`gim_fast.placement.Placement` before
+    any weight is read): ``device_map="auto"`` (or ``"balanced"``, ``"sequential"``, one device, or a dict of
+    module names to ``"cpu"``/``"disk"``/CUDA devices), ``max_memory={"cpu": "12GiB", 0: "70GiB"}`` (it implies
+    ``device_map="auto"``), ``offload_folder`` for layers offloaded to disk (from safetensors files they are read
+    where they are). gim_fast explains such a model like any other, its offloaded layers loaded one at a time.
+
+    ``dtype`` is what the returned model is loaded as (default ``None``: float32, the dtype the shipped models are
+    cached in). ``cache_dir`` is the folder holding one sub-folder per converted model; default
+    :func:`default_cache_dir` (``$GIM_FAST_CACHE`` or ``~/.cache/gim_fast/models``). Further keyword arguments
+    (for example ``attn_implementation="eager"``) go to ``AutoModelForCausalLM.from_pretrained``.
 
     Returns ``(model, tokenizer)``.
     """
+    placement = Placement.of(device_map, max_memory, offload_folder)
     check_model_name(name_or_path, cache_dir=cache_dir, **from_pretrained_kwargs)
     name = os.fspath(name_or_path)
-    if isinstance(dtype, str):
+    if dtype is None:
+        dtype = torch.float32
+    elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    kwargs = {**placement.kwargs(), **from_pretrained_kwargs}
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     spec = MODELS.get(name.lower())
@@ -433,14 +446,14 @@ def load_pretrained(name_or_path: str | os.PathLike = "smollm2-135m", *, cache_d
         target = root / name.lower()
         if not _is_valid(target, source):
             _convert(lambda scratch: spec.gguf(package_dir, scratch), target, source)
-        return _load_dir(target, dtype, from_pretrained_kwargs)
+        return _load_dir(target, dtype, kwargs)
 
     path = Path(name).expanduser()
     if path.is_dir():
-        return _load_dir(path, dtype, from_pretrained_kwargs)
+        return _load_dir(path, dtype, kwargs)
     path = path.resolve()        # a .gguf file (check_model_name ruled out everything else)
     source = _file_source(path)
     target = root / _file_key(path, source)
     if not _is_valid(target, source):
         _convert(lambda scratch: path, target, source)
-    return _load_dir(target, dtype, from_pretrained_kwargs)
+    return _load_dir(target, dtype, kwargs)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..integration import GIM, ModelState, eval_mode, family_of, frozen_parameters
+from ..integration import GIM, ModelState, eval_mode, execution_device, family_of, frozen_parameters, module_tensor
 from ..settings import GIMSettings
 from .deltas import NodeDeltas
 from .graph import Graph
@@ -108,7 +108,7 @@ def norm_jvp(model, norm: torch.nn.Module, x: torch.Tensor, v: torch.Tensor, *, 
     dy = v * rstd
     if not frozen:
         dy = dy - x * rstd.pow(3) * (x * v).mean(-1, keepdim=True)
-    return dy * (offset + norm.weight.to(ct))
+    return dy * (offset + module_tensor(norm, "weight").to(ct))
 
 
 def node_deltas(model, layout: Layout, graph: Graph, clean: dict, corrupt: dict, *, frozen_post_norm: bool,
@@ -245,7 +245,7 @@ def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int]
                  settings: GIMSettings, ig_steps: int, scores: torch.Tensor, per_position: torch.Tensor | None,
                  expanded_layers: int | None) -> None:
     """Add the batch's scores, summed over its examples (and over the EAP-IG steps), into ``scores``."""
-    clean_ids, corrupt_ids, targets = task.batch(idx, layout.embedding.weight.device)
+    clean_ids, corrupt_ids, targets = task.batch(idx, execution_device(layout.embedding))
     positions = task.metric.positions
     if expanded_layers is None:
         expanded_layers = delta_layers(model, graph, clean_ids.numel(), positions=positions)
@@ -312,7 +312,7 @@ def attribute(model, task: Task, method: str = "gim", *, graph: Graph | None = N
         scores = torch.randn(scores.shape, generator=g, dtype=acc) * graph.real
         return Scores(method, graph, scores, time.perf_counter() - started, len(task))
     settings = settings or GIMSettings()
-    device = layout.embedding.weight.device
+    device = execution_device(layout.embedding)
     scores, pos = scores.to(device), (None if pos is None else pos.to(device))
     with frozen_parameters(model), eval_mode(model):
         for idx in task.batches(batch_size):

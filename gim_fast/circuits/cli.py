@@ -9,7 +9,16 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ..cli_args import DTYPES, UsageError, add_list_argument, make_parser, positive_int, positive_number
+from ..cli_args import (
+    DTYPES,
+    UsageError,
+    add_list_argument,
+    add_placement_args,
+    make_parser,
+    placement_from_args,
+    positive_int,
+    positive_number,
+)
 from ..memory import InsufficientMemoryError
 from .. import models
 from ..progress import Progress
@@ -99,6 +108,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="converted-model cache (default $GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
     p.add_argument("--threads", type=positive_int(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_placement_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -124,10 +134,12 @@ def run(args) -> int:
         models.check_model_name(args.model, cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
+    placement = placement_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+        model, tokenizer = models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype),
+                                                  **placement.kwargs())
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     bars = []

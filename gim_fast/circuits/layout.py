@@ -4,7 +4,8 @@ Per decoder layer: the norm the attention reads through (``input_norm``), the qu
 fused ``c_attn`` for GPT-2), the output projection (its input is the heads' attention outputs, one ``head_dim``
 slice per head), Gemma's norm after the attention (``attn_post_norm``), the norm the MLP reads through
 (``mlp_norm``) and the module whose output is the MLP node's output (``mlp_out``: the MLP, or Gemma's norm after
-it); then the final norm the logits read through. The per-head weight slices are views, never copies.
+it); then the final norm the logits read through. The per-head weight slices are views, never copies (of an
+offloaded module's weights, loaded from where accelerate keeps them: ``integration.module_tensor``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..integration import family_of, tlens
+from ..integration import family_of, module_tensor, tlens
 from ..memory import Dims
 
 __all__ = ["Layout", "LayerParts", "layout_of"]
@@ -55,21 +56,21 @@ class Layout:
         output is ``x @ W[n].T + b[n]``."""
         n = self.heads if kind == "q" else self.kv_heads
         module, kinds = self._projection_of(layer, kind)
-        if isinstance(module, nn.Linear):
-            weight, bias = module.weight, module.bias
-        else:  # GPT-2's Conv1D: y = x @ weight + bias, weight [H, 3H] with q, k, v side by side
+        weight, bias = module_tensor(module, "weight"), module_tensor(module, "bias")
+        if not isinstance(module, nn.Linear):  # GPT-2's Conv1D: y = x @ weight + bias, weight [H, 3H] with q, k, v side by side
             offset = sum(self.width(k) for k in kinds[:kinds.index(kind)])
             cols = slice(offset, offset + self.width(kind))
-            weight, bias = module.weight[:, cols].T, (None if module.bias is None else module.bias[cols])
+            weight, bias = weight[:, cols].T, (None if bias is None else bias[cols])
         weight = weight.reshape(n, self.head_dim, self.hidden)
         return weight, (None if bias is None else bias.reshape(n, self.head_dim))
 
     def output_weight(self, layer: int) -> torch.Tensor:
         """``W_O [heads, H, D]``: head h's output is ``z_h @ W_O[h].T`` (the bias, if any, belongs to no head)."""
         module = self.layers[layer].o_proj
+        weight = module_tensor(module, "weight")
         if isinstance(module, nn.Linear):
-            return module.weight.reshape(self.hidden, self.heads, self.head_dim).permute(1, 0, 2)
-        return module.weight.reshape(self.heads, self.head_dim, self.hidden).transpose(1, 2)
+            return weight.reshape(self.hidden, self.heads, self.head_dim).permute(1, 0, 2)
+        return weight.reshape(self.heads, self.head_dim, self.hidden).transpose(1, 2)
 
     def _projection_of(self, layer: int, kind: str) -> tuple[nn.Module, tuple[str, ...]]:
         for module, kinds in self.layers[layer].projections:

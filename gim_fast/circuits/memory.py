@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..integration import input_device
 from ..memory import Dims, InsufficientMemoryError, available_memory, estimate_memory, format_bytes
 from .graph import Graph
 
@@ -105,7 +106,7 @@ def estimate_circuit_memory(config, seq_len: int, batch: int = 1, *, dtype=torch
 
 
 def _free(model) -> int:
-    return int(_HEADROOM * available_memory(model.get_input_embeddings().weight.device))
+    return int(_HEADROOM * available_memory(input_device(model)))
 
 
 def delta_layers(model, graph: Graph, tokens: int, *, positions: int = 1) -> int:
@@ -123,9 +124,9 @@ def check_circuit_memory(model, seq_len: int, batch: int, *, positions: int = 1,
     weight = model.get_input_embeddings().weight
     est = estimate_circuit_memory(model.config, seq_len, batch, dtype=weight.dtype, positions=positions,
                                   per_position=per_position, expanded_layers=0)
-    free = available_memory(weight.device)
+    free = available_memory(input_device(model))
     if est.total > _HEADROOM * free:
         raise InsufficientMemoryError(
-            f"circuit discovery needs at least {format_bytes(est.total)} on {weight.device} for a batch of {batch} "
+            f"circuit discovery needs at least {format_bytes(est.total)} on {input_device(model)} for a batch of {batch} "
             f"prompts × {seq_len} tokens, but only {format_bytes(free)} is free. Use a smaller batch size "
             f"(batch_size=… / --batch-size), shorter prompts, or a device with more memory.\n{est}")

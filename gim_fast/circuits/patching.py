@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..integration import ModelState, eval_mode, frozen_parameters
+from ..integration import ModelState, eval_mode, execution_device, frozen_parameters, loaded_weights, own_forward
 from .attribution import record_outputs
 from .deltas import NodeDeltas
 from .graph import Graph
@@ -148,7 +148,7 @@ def patched_forward(model, layout: Layout, graph: Graph, clean_ids: torch.Tensor
         for layer, parts in enumerate(layout.layers):
             _patch_layer(patch, state, hook, layer, parts)
         final = layout.final_norm
-        final_forward = final.forward
+        final_forward = own_forward(final)
         state.swap_forward(final, lambda x: _norm_of(final_forward, x, patch.inputs(x, graph.n_sources,
                                                                                    [graph.logits_input], "xf")))
         return model(input_ids=clean_ids, use_cache=False, logits_to_keep=positions).logits
@@ -163,14 +163,15 @@ def _norm_of(forward, x: torch.Tensor, inputs) -> torch.Tensor:
 
 def _patch_layer(patch: _Patch, state: ModelState, hook, layer: int, parts) -> None:
     layout, graph, corrupt = patch.layout, patch.graph, patch.corrupt
-    norm_forward = parts.input_norm.forward
+    norm_forward = own_forward(parts.input_norm)
     columns = {"q": graph.query_inputs(layer), "k": graph.key_inputs(layer), "v": graph.value_inputs(layer)}
 
     def own_projection(kind, normed):
         """The kind's part of the layer's own projection of ``normed`` (every head reading the same input)."""
         module, kinds = layout._projection_of(layer, kind)
         offset = sum(layout.width(k) for k in kinds[:kinds.index(kind)])
-        return originals[module](normed)[..., offset:offset + layout.width(kind)]
+        with loaded_weights(module):   # called from the input norm's forward: the projection's own hook has not run
+            return originals[module](normed)[..., offset:offset + layout.width(kind)]
 
     # the layer's attention inputs in graph order: (kind, head) for each query, key and value input
     inputs_of_layer = [(kind, h) for kind, cols in columns.items() for h in range(len(cols))]
@@ -207,9 +208,9 @@ def _patch_layer(patch: _Patch, state: ModelState, hook, layer: int, parts) -> N
         return norm_forward(x)
 
     state.swap_forward(parts.input_norm, input_norm)
-    originals = {module: module.forward for module, _ in parts.projections}
+    originals = {module: own_forward(module) for module, _ in parts.projections}
     for module, kinds in parts.projections:
-        forward = module.forward
+        forward = own_forward(module)
 
         def projection(x, _forward=forward, _kinds=kinds):
             own = [patch.stash.get(k) for k in _kinds]
@@ -227,7 +228,7 @@ def _patch_layer(patch: _Patch, state: ModelState, hook, layer: int, parts) -> N
     hook(parts.o_proj, lambda m, args: patch.deltas.set_heads(layer, args[0] - z_corrupt), pre=True)
     if parts.attn_post_norm is not None:
         hook(parts.attn_post_norm, lambda m, args, out: patch.attn.__setitem__(layer, (args[0], out)))
-    mlp_norm_forward = parts.mlp_norm.forward
+    mlp_norm_forward = own_forward(parts.mlp_norm)
     upstream = graph.upstream(layer) + graph.heads
     state.swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x, patch.inputs(
         x, upstream, [graph.mlp_input(layer)], ("xm", layer))))
@@ -241,7 +242,7 @@ def circuit_metric(model, task: Task, circuits, *, batch_size: int = 32,
     ``circuits`` a sequence) run on every example; the corrupt run of a batch is recorded once for all circuits."""
     layout = layout_of(model)
     graph = graph or Graph.from_model(model)
-    device = layout.embedding.weight.device
+    device = execution_device(layout.embedding)
     out = torch.zeros(len(circuits), len(task))
     with torch.no_grad(), frozen_parameters(model), eval_mode(model):
         for idx in task.batches(batch_size):

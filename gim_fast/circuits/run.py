@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..integration import input_device
 from .attribution import DEFAULT_IG_STEPS, METHODS, Scores, attribute
 from .faithfulness import Faithfulness, faithfulness, spearman
 from .graph import PERCENTAGES, Graph
@@ -103,7 +104,7 @@ def discover(model, tokenizer, task: str | Task, *, model_name: str = "", method
     check_circuit_memory(model, longest, min(batch_size, len(task)), positions=task.metric.positions)
 
     scores, peaks = {}, {}
-    device = next(model.parameters()).device
+    device = input_device(model)
     for method in methods:
         update = bar(len(task), f"scoring: {method}") if bar else None
         with peak_memory(device) as peak:

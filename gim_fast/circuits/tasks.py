@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..examples import capital_examples
-from ..integration import eval_mode
+from ..integration import eval_mode, input_device
 from ..textfiles import iter_lines
 
 __all__ = ["Task", "Metric", "LogitDifference", "YearProbabilityMass", "TaskPerformance", "TaskNotPerformedError",
@@ -403,7 +403,7 @@ def task_metric(model, task: Task, prompts: str = "clean", *, batch_size: int = 
     """m per example ``[N]`` from plain forward passes of the clean (or corrupt) prompts, in eval mode."""
     if prompts not in ("clean", "corrupt"):
         raise ValueError(f"prompts must be 'clean' or 'corrupt', got {prompts!r}")
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     out = torch.zeros(len(task))
     with torch.no_grad(), eval_mode(model):
         for idx in task.batches(batch_size):

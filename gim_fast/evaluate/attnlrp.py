@@ -43,6 +43,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from ..integration import input_device
 from .unavailable import MethodUnavailable
 
 __all__ = ["SIDE_PACKAGES", "LOGIT_RTOL", "side_dir", "unavailable", "shared_distributions", "shared_folder",
@@ -258,7 +259,7 @@ def check_logits(model, batches: list[torch.Tensor]) -> dict:
     ``[B, S]``); refuse (MethodUnavailable) above :data:`LOGIT_RTOL`. Returns the worst relative difference,
     the number of prompts checked and the worker's versions."""
     worker = worker_for(model)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     checked = worker.checked.setdefault(model, set())
     worst, n = 0.0, 0
     for ids in batches:

@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 
 from ..backends import resolve_backend
-from ..cli_args import BACKENDS, UsageError, add_list_argument, make_parser, positive_int, positive_number
+from ..cli_args import (
+    BACKENDS,
+    UsageError,
+    add_list_argument,
+    add_placement_args,
+    make_parser,
+    placement_from_args,
+    positive_int,
+    positive_number,
+)
 from ..data import countries
 from ..models import check_model_name
 from ..outputs import check_empty_output_dir, check_output_dir, run_environment
@@ -149,6 +158,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="GIM attention backend (default auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="converted-model cache (default "
                                                                      "$GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
+    add_placement_args(p)
     p.add_argument("--threads", type=positive_int(1), default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -175,6 +185,7 @@ def _check_models_and_output(args, *, data_check) -> None:
         resolve_backend(args.backend, torch.device("cpu"))      # the models are evaluated where they load
     except (ValueError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
+    args.placement = placement_from_args(args).kwargs()
     for model in args.models:
         try:
             check_model_name(model, cache_dir=args.cache_dir)
@@ -220,7 +231,7 @@ def run_faithfulness(args) -> int:
         try:
             results.append(evaluate_model(model, methods, n=args.n, data=args.data, temperatures=args.temperatures,
                                           seed=args.seed, batch_size=args.batch_size, backend=args.backend,
-                                          cache_dir=args.cache_dir, progress=say))
+                                          cache_dir=args.cache_dir, progress=say, placement=args.placement))
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
             raise UsageError(f"{model}: {e}") from None
     wall = time.perf_counter() - started
@@ -298,11 +309,12 @@ def run_context(args) -> int:
             if args.tasks:
                 results.append(evaluate_tasks(model, methods, args.tasks, counts=counts, split=args.split,
                                               seed=args.seed, backend=args.backend, cache_dir=args.cache_dir,
-                                              progress=say, checkpoint=write))
+                                              progress=say, checkpoint=write, placement=args.placement))
             else:
                 results.append(evaluate_context(model, methods, sizes=args.documents, counts=counts, seed=args.seed,
                                                 limit=args.limit, backend=args.backend, cache_dir=args.cache_dir,
-                                                keep_wrong=args.keep == "all", progress=say, checkpoint=write))
+                                                keep_wrong=args.keep == "all", progress=say, checkpoint=write,
+                                                placement=args.placement))
         except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
             raise UsageError(f"{model}: {e}") from None
     files = write()

@@ -154,16 +154,17 @@ def evaluate_example(model, tokenizer, example, prompt, answer_ids, methods, *, 
 
 def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev", seed: int = 0,
                    backend: str = "auto", cache_dir=None, model_and_tokenizer=None, batch_tokens: int | None = None,
-                   progress=None, checkpoint=None) -> ContextModelResult:
+                   progress=None, checkpoint=None, placement: dict | None = None) -> ContextModelResult:
     """Evaluate ``methods`` on the written tasks (``gim_fast.evaluate.context_tasks``) of ``split``: ``counts[i]``
-    examples of ``tasks[i]``, each with its fixed answer (no generation, no selection)."""
+    examples of ``tasks[i]``, each with its fixed answer (no generation, no selection). ``placement`` as for
+    :func:`evaluate_context`."""
     say = progress or (lambda _msg: None)
     for name in methods:
         if name not in CONTEXT_METHODS:
             raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     t0 = time.perf_counter()
     if model_and_tokenizer is None:
-        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir, **(placement or {}))
     else:
         model, tokenizer = model_and_tokenizer
     fmt = PromptFormat.resolve(tokenizer)
@@ -196,10 +197,11 @@ def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev
 def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DEFAULT_COUNTS, seed: int = 0,
                      limit: int | None = None, backend: str = "auto", cache_dir=None, model_and_tokenizer=None,
                      batch_tokens: int | None = None, keep_wrong: bool = False, progress=None,
-                     checkpoint=None) -> ContextModelResult:
+                     checkpoint=None, placement: dict | None = None) -> ContextModelResult:
     """Evaluate ``methods`` on one model; ``counts[i]`` examples of ``sizes[i]`` documents. ``limit``: ask at most
     this many questions per size. ``keep_wrong``: evaluate wrong answers too (smoke tests on tiny random models).
-    ``model_and_tokenizer`` skips loading.
+    ``model_and_tokenizer`` skips loading; ``placement``: ``device_map``, ``max_memory``, ``offload_folder`` for
+    ``load_pretrained``.
     ``checkpoint(partial result)`` is called after each size (e.g. to write the files so far)."""
     say = progress or (lambda _msg: None)
     for name in methods:
@@ -207,7 +209,7 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
             raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     t0 = time.perf_counter()
     if model_and_tokenizer is None:
-        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir, **(placement or {}))
     else:
         model, tokenizer = model_and_tokenizer
     fmt = PromptFormat.resolve(tokenizer)

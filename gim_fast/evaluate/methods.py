@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..explain import explain_with
-from ..integration import eval_mode, frozen_parameters
+from ..integration import eval_mode, frozen_parameters, input_device
 from ..settings import GIMSettings
 from . import attnlrp
 from .unavailable import MethodUnavailable
@@ -138,7 +138,7 @@ def get_method(name: str) -> Method:
 
 
 def _gim(model, ids, targets, baseline, settings: GIMSettings) -> torch.Tensor:
-    scores = explain_with(model, ids.to(model.get_input_embeddings().weight.device), settings,
+    scores = explain_with(model, ids.to(input_device(model)), settings,
                           target_token_id=targets, baseline_token_id=baseline)
     return scores.detach().float().cpu()
 
@@ -169,7 +169,7 @@ def _integrated_gradients(model, ids: torch.Tensor, targets: list[int], baseline
     except ModuleNotFoundError as e:
         raise MethodUnavailable(f"integrated_gradients needs captum ({e}); install it with: pip install captum "
                                 "(or: pip install 'gim-fast[eval]')") from None
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     ids = ids.to(device)
     keep = torch.tensor([ids.shape[1] - 1], device=device)
 

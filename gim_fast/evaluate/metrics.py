@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from ..examples import DEFAULT_BATCH_ROWS
+from ..integration import input_device
 
 __all__ = ["comprehensiveness", "sufficiency", "faithfulness", "COMPREHENSIVENESS_STEPS", "SUFFICIENCY_RATIOS",
            "MEASURES", "ranking", "comprehensiveness_sets", "sufficiency_sets", "target_logits", "target_values",
@@ -94,7 +95,7 @@ def _position(target_position: int, n: int) -> int:
 
 
 def _model_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return input_device(model)
 
 
 MEASURES = ("logit", "prob")

@@ -171,13 +171,14 @@ def _score_all(model, examples, method_scores: dict[str, list], baseline: int, b
 def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: str = "capitals",
                    temperatures=SWEEP_TEMPERATURES, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                    batch_rows: int = 128, backend: str = "auto", cache_dir=None, model_and_tokenizer=None,
-                   progress=None) -> ModelResult:
+                   progress=None, placement: dict | None = None) -> ModelResult:
     """Evaluate ``methods`` (and GIM at each of ``temperatures``) on one model. ``progress(str)`` gets a line per
-    stage. ``model_and_tokenizer`` skips loading (tests pass tiny models)."""
+    stage. ``model_and_tokenizer`` skips loading (tests pass tiny models); ``placement``: ``device_map``,
+    ``max_memory``, ``offload_folder`` for ``load_pretrained``."""
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     if model_and_tokenizer is None:
-        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir, **(placement or {}))
     else:
         model, tokenizer = model_and_tokenizer
     model.eval()

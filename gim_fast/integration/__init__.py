@@ -3,6 +3,8 @@ models through their hook points (``tlens``; TransformerLens is imported only wh
 Every change to a model is made through ``state.ModelState`` and undone on exit. Knows nothing of Triton."""
 from . import tlens
 from .checkpointing import checkpointed_layers, decoder_layers
+from .dispatch import (execution_device, input_device, is_offloaded, load_sizes, loaded_weights, module_tensor,
+                       own_forward)
 from .families import FAMILIES, Family, family_of
 from .gim import GIM, check_model
 from .heap import can_release_heap, released_heap
@@ -12,4 +14,5 @@ from .state import ModelState, eval_mode, frozen_parameters
 
 __all__ = ["GIM", "check_model", "eval_mode", "frozen_parameters", "ModelState", "checkpointed_layers",
            "decoder_layers", "released_heap", "can_release_heap", "FAMILIES", "Family", "family_of", "tlens",
-           "ModelIO", "hf_model_io", "model_io"]
+           "ModelIO", "hf_model_io", "model_io", "execution_device", "input_device", "is_offloaded", "load_sizes", "loaded_weights",
+           "module_tensor", "own_forward"]

@@ -166,6 +166,7 @@ class GIM:
         settings = self.settings
         state = ModelState()
         try:
+            state.keep_placeholders(self.model)
             state.eval(self.model)
             if tlens.is_transformer_lens_model(self.model):
                 # the bridge computes attention in its own code: GIM goes through its hook points

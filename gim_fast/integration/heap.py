@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from .checkpointing import decoder_layers
+from .dispatch import execution_device
 from .state import ModelState
 
 
@@ -56,7 +57,7 @@ def released_heap(model: torch.nn.Module):
     with ModelState() as state:
         if can_release_heap():
             for layer in decoder_layers(model):
-                if next(layer.parameters()).device.type != "cpu":
+                if execution_device(layer).type != "cpu":   # offloaded layers too: where they compute
                     continue
                 for module in (layer, *layer.children()):
                     state.forward_hook(module, _after_forward)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import execution_device
+
 
 @dataclass
 class ModelIO:
@@ -23,10 +25,17 @@ class ModelIO:
     forward: Callable[..., torch.Tensor]
     hf_model: torch.nn.Module | None = None        # memory estimate and layer checkpointing (None: neither)
     attention: str | None = None                   # "eager": the model materialises its S×S attention itself
+    device: torch.device | None = None             # where the ids go (default: the embedding matrix's device)
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = self.weight.device
 
 
 def hf_model_io(model, *, attention: str | None = None) -> ModelIO:
-    """A Hugging Face causal LM's own input embedding and forward (``logits_to_keep``, no cache)."""
+    """A Hugging Face causal LM's own input embedding and forward (``logits_to_keep``, no cache). The ids go to
+    the embedding's execution device (under accelerate's dispatch its weights may be offloaded ``meta``
+    placeholders)."""
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
 
@@ -36,7 +45,7 @@ def hf_model_io(model, *, attention: str | None = None) -> ModelIO:
 
     return ModelIO(embed=embed, weight=embed.weight, vocab_in=embed.num_embeddings,
                    vocab_out=getattr(head, "out_features", None) or model.config.vocab_size, forward=forward,
-                   hf_model=model, attention=attention)
+                   hf_model=model, attention=attention, device=execution_device(embed))
 
 
 __all__ = ["ModelIO", "hf_model_io"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..chat import chat_prompt
 from .inputs import RawRow, RowError
 
-__all__ = ["Row", "Batch", "TargetResolver", "max_chars_per_token", "tokenize_rows", "pack", "assign_ranks"]
+__all__ = ["Row", "Batch", "TargetResolver", "max_chars_per_token", "tokenize_rows", "pack", "assign_ranks", "owners_for"]
 
 
 @dataclass(frozen=True)
@@ -286,10 +286,15 @@ def assign_ranks(batches: list[Batch], world_size: int) -> list[int]:
     The assignment depends on the whole plan only (not on what is already done), so every rank computes it
     alone, without talking to the others.
     """
+    return owners_for([batch.padded_tokens for batch in batches], world_size)
+
+
+def owners_for(padded_tokens: list[int], world_size: int) -> list[int]:
+    """:func:`assign_ranks` from the batches' padded tokens (in plan order, longest first)."""
     load = [0] * world_size
     owner = []
-    for batch in batches:                       # already longest first
+    for tokens in padded_tokens:
         rank = min(range(world_size), key=lambda r: (load[r], r))
-        load[rank] += batch.padded_tokens
+        load[rank] += tokens
         owner.append(rank)
     return owner

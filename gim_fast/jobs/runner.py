@@ -10,7 +10,6 @@ the numbers an uninterrupted run gives (each batch has the same neighbours, and 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
@@ -33,13 +32,15 @@ from ..engine import attribute
 from ..explain import resolve_baseline
 from ..chat import has_chat_template, special_token_ids
 from ..html import answer_views_from_table, rows_from_table, write_answer_html, write_html
-from ..integration import check_model
+from ..integration import check_model, input_device, is_offloaded, module_tensor
 from .. import models
 from ..outputs import check_output_dir
+from ..placement import Placement
 from ..settings import TARGETS, GIMSettings
 from . import writer
 from .batching import Batch, Row, TargetResolver, assign_ranks, pack, tokenize_rows
 from .inputs import InputError, RowError, check_input, detect_format, fingerprint, read_rows
+from .ranks import Ranks, check_device, default_device, parse_shard, rank_placement, resolve_ranks
 
 __all__ = ["attribute_dataset", "DatasetRun", "RowResult", "AnswerRowResult", "BadRowError", "DEFAULT_BATCH_TOKENS"]
 
@@ -94,48 +95,6 @@ class AnswerRowResult:
     template: list[bool] | None = None    # with --chat: True at the chat template's tokens of the text (score 0)
 
 
-# ------------------------------------------------------------------------------------------ ranks/devices
-
-
-def _rank_and_world() -> tuple[int, int, bool]:
-    """(rank, world size, whether we started the process group) from torch.distributed or the launcher's env."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if world > 1 and dist.is_available() and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        # gloo for coordination only (one barrier at the end); the model runs on each rank's own device.
-        # Ranks may finish hours apart: the barrier waits long.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        return dist.get_rank(), dist.get_world_size(), True
-    if not 0 <= rank < world:
-        raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return rank, world, False
-
-
-def _check_device(device) -> None:
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"device {device!r} is not a device; accepted: cpu, cuda, cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r}: CUDA is not available here; use cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
-    elif parsed.type != "cpu":
-        raise InputError(f"device {device!r}: accepted: cpu, cuda, cuda:N")
-
-
-def _device(device, rank: int, world: int) -> torch.device:
-    if device not in (None, "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank if world > 1 else 0))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------------------------------------- identity
 
 
@@ -146,8 +105,12 @@ def _model_identity(model) -> dict:
                      "_attn_implementation_autoset"):
         config.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for name, p in model.state_dict().items():
+            if p.device.type == "meta":   # offloaded by accelerate: its stored value
+                owner, _, attr = name.rpartition(".")
+                p = module_tensor(modules[owner], attr)
             flat = p.detach().reshape(-1)
             sample = torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy()
             digest.update(name.encode())
@@ -321,7 +284,8 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
                       cache_dir=None, shard_rows: int = DEFAULT_SHARD_ROWS,
                       flush_seconds: float = DEFAULT_FLUSH_SECONDS, html_report: int = 0,
                       progress: bool | None = False, answer_field: str | None = None, generate: int | None = None,
-                      answer_target: str = "logit", chat: bool = False, **gim_settings) -> DatasetRun:
+                      answer_target: str = "logit", chat: bool = False, device_map=None, max_memory=None,
+                      offload_folder=None, shard=None, **gim_settings) -> DatasetRun:
     """GIM attributions for every row of ``data``; an iterator of :class:`RowResult`, one per good row.
 
     Args:
@@ -343,6 +307,14 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
             fields by name (the keywords of :func:`gim_fast.explain`); default GIM's. ``baseline_token``: an id
             or a one-token string (default as in ``explain``).
         dtype, device, cache_dir: how a model given by name is loaded (device default: this rank's GPU, else CPU).
+        device_map, max_memory, offload_folder: a model given by name spread over devices as it loads, or offloaded
+            to CPU memory or disk (``gim_fast.models.load_pretrained``); under torchrun a strategy such as
+            ``"auto"`` spreads each process's model over its own share of the node's GPUs. A loaded model that
+            accelerate dispatched stays where it is.
+        shard: ``"K/N"`` or ``(K, N)``: compute shard K (from 0) of N only, as an independent process (no process
+            group): the N shards are fixed, disjoint parts of the batches, each resumable alone; the last to finish
+            marks the job complete. Without it, inside a SLURM job array (and not under torchrun) the shard is the
+            array task's: ``(SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN) / step`` of ``SLURM_ARRAY_TASK_COUNT``.
         shard_rows, flush_seconds: a shard is written after this many rows, or this many seconds of work.
         html_report: with ``out``, write ``report.html`` with the first N rows (by input line) at the end.
         progress: a tqdm bar (rows/s, tokens/s, ETA) on stderr; ``None``: when stderr is a terminal.
@@ -371,9 +343,10 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         data=data, model=model, tokenizer=tokenizer, settings=settings, baseline_token=baseline_token,
         source=SourceOptions(format, text_field, target_field, id_field, target_type),
         batching=BatchOptions(batch_tokens, batch_size, max_length),
-        loading=LoadOptions(dtype, device, cache_dir),
+        loading=LoadOptions(dtype, device, cache_dir, device_map, max_memory, offload_folder),
         output=OutputOptions(out, shard_rows, flush_seconds, html_report, strict, progress),
-        answer=_answer_mode(answer_field, generate, answer_target, target_field), chat=chat)
+        answer=_answer_mode(answer_field, generate, answer_target, target_field), chat=chat,
+        shard=None if shard is None else parse_shard(shard))
     job.check()
     return DatasetRun(lambda run: _run(run, job))
 
@@ -408,6 +381,13 @@ class LoadOptions:
     dtype: torch.dtype = torch.float32
     device: str | None = None
     cache_dir: str | None = None
+    device_map: object = None
+    max_memory: object = None
+    offload_folder: str | os.PathLike | None = None
+
+    def placement(self) -> Placement:
+        """The device map, checked (ValueError for a bad one)."""
+        return Placement.of(self.device_map, self.max_memory, self.offload_folder)
 
 
 @dataclass(frozen=True)
@@ -447,6 +427,7 @@ class JobConfig:
     output: OutputOptions
     answer: AnswerMode | None
     chat: bool = False
+    shard: tuple[int, int] | None = None
 
     def check(self) -> None:
         """Everything that can be checked without the model, before a model is loaded."""
@@ -468,14 +449,22 @@ class JobConfig:
             check_output_dir(self.output.out)
         device = self.loading.device
         if device not in (None, "auto"):
-            _check_device(device)
+            check_device(device)
+        placement = self.loading.placement()
+        if placement and device not in (None, "auto"):
+            raise InputError(f"give a device ({device!r}) or a device map ({placement.device_map!r}), not both")
+        if placement and not isinstance(self.model, (str, os.PathLike)):
+            raise InputError("device_map/max_memory/offload_folder place a model given by name as it loads; a loaded "
+                             "model is used where it is (load it with gim_fast.models.load_pretrained(..., "
+                             "device_map=...) instead)")
         baseline = self.baseline_token
         if isinstance(baseline, (int, str)) and str(baseline).strip().startswith("-") \
                 and str(baseline).strip()[1:].isdigit():
             raise InputError(f"baseline token id {baseline} is negative; a token id is >= 0")
         if isinstance(self.model, (str, os.PathLike)):
             models.check_model_name(self.model, cache_dir=self.loading.cache_dir)
-            resolve_backend(self.settings.backend, _device(device, 0, 1), self.loading.dtype)
+            if not placement:
+                resolve_backend(self.settings.backend, default_device(device, 0, 1), self.loading.dtype)
 
 
 def _answer_mode(answer_field, generate, answer_target, target_field) -> AnswerMode | None:
@@ -508,18 +497,33 @@ class _Loaded:
     device: torch.device
 
 
-def _load(job: JobConfig, rank: int, world: int) -> _Loaded:
-    """The model on its device. A loaded model stays where it is unless a device is given."""
+def _dispatched(model) -> bool:
+    """Whether accelerate spread ``model`` over devices (``hf_device_map``), or offloads some of its weights."""
+    return getattr(model, "hf_device_map", None) is not None or is_offloaded(model)
+
+
+def _load(job: JobConfig, ranks: Ranks) -> _Loaded:
+    """The model on its device. A loaded model stays where it is unless a device is given; a model accelerate
+    dispatched (a device map) stays where it is, and its inputs go where its embedding computes."""
     model, tokenizer, device = job.model, job.tokenizer, job.loading.device
+    placement = rank_placement(job.loading.placement(), ranks)
     if isinstance(model, (str, os.PathLike)):
         spec = os.fspath(model)
-        model, tokenizer = models.load_pretrained(spec, cache_dir=job.loading.cache_dir, dtype=job.loading.dtype)
-        device = _device(device, rank, world)
+        model, tokenizer = models.load_pretrained(spec, cache_dir=job.loading.cache_dir, dtype=job.loading.dtype,
+                                                  **placement.kwargs())
+        if _dispatched(model):
+            return _Loaded(model, tokenizer, spec, input_device(model))
+        device = input_device(model) if placement else default_device(device, ranks.rank, ranks.world)
     else:
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: attribute_dataset(..., tokenizer=tokenizer)")
         spec = getattr(model, "name_or_path", None) or type(model).__name__
-        device = _device(device, rank, world) if device is not None else next(model.parameters()).device
+        if _dispatched(model):
+            if device is not None:
+                raise InputError(f"device {device!r}: this model is dispatched by accelerate (a device map) and "
+                                 "stays where it is; drop the device")
+            return _Loaded(model, tokenizer, spec, input_device(model))
+        device = default_device(device, ranks.rank, ranks.world) if device is not None else input_device(model)
     return _Loaded(model.to(device), tokenizer, spec, device)
 
 
@@ -601,22 +605,25 @@ def _run(run: DatasetRun, job: JobConfig):
     """The job in this process: load, plan, prepare the output directory, compute this rank's missing batches
     (yielding their rows), complete the manifest, summarise."""
     started = time.perf_counter()
-    rank, world, own_group = _rank_and_world()
+    ranks = resolve_ranks(job.shard)
+    rank, world, own_group = ranks.rank, ranks.world, ranks.own_group
     try:
         run.rank, run.world_size = rank, world
-        loaded = _load(job, rank, world)
+        loaded = _load(job, ranks)
         check_model(loaded.model)
         plan = _plan(job, loaded, world)
         run.errors, run.plan = plan.errors, plan.batches
         config, config_sha = _job_identity(job, loaded, plan)
         counts = {"input_rows": plan.input_rows, "errors": len(plan.errors), "batches": len(plan.batches)}
+        layout = {"shards": world, "split": ranks.source, "rows": [len(b.rows) for b in plan.batches],
+                  "padded_tokens": [b.padded_tokens for b in plan.batches], "owners": plan.owners}
 
         out = None if job.output.out is None else Path(job.output.out)
         done: dict[int, Path] = {}
         lock = contextlib.nullcontext()
         if out is not None:
             run.out = out
-            lock = _prepare_out(out, rank, loaded.spec, config, config_sha, counts, plan.errors)
+            lock = _prepare_out(out, rank, loaded.spec, config, config_sha, counts, plan.errors, layout)
         with lock:
             if out is not None:
                 done = writer.done_batches(out, config_sha)
@@ -632,6 +639,7 @@ def _run(run: DatasetRun, job: JobConfig):
             run.manifest = manifest
             run.summary = _summary(plan, todo, len(mine) - len(todo), rank, world, out, manifest, started,
                                    compute_started)
+            run.summary["independent"] = ranks.independent
     finally:
         if own_group:
             with contextlib.suppress(Exception):
@@ -662,8 +670,12 @@ def _group_active() -> bool:
 _OURS = {"data", writer.ERRORS, writer.MANIFEST, writer.REPORT}
 
 
-def _prepare_out(out: Path, rank: int, spec: str, config: dict, config_sha: str, counts: dict, errors) -> object:
-    """Check (or create) the output directory for this job; returns the held lock."""
+def _prepare_out(out: Path, rank: int, spec: str, config: dict, config_sha: str, counts: dict, errors,
+                 layout: dict) -> object:
+    """Check (or create) the output directory for this job; returns the held lock. Whichever process comes first
+    writes the manifest (every process plans the same job; shards of a SLURM array start in any order), with the
+    plan's layout (rows per batch, each batch's shard) that ``gim-fast status`` reads; each writes the same
+    errors file."""
     if out.exists() and not out.is_dir():
         raise writer.JobError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -678,13 +690,10 @@ def _prepare_out(out: Path, rank: int, spec: str, config: dict, config_sha: str,
                 raise writer.JobError(f"--out {out} holds files that are not from a gim-fast job "
                                       f"({', '.join(sorted(foreign)[:5]) or 'shards without a manifest'}); "
                                       "choose a new or empty directory")
-            if rank == 0:
-                manifest = writer.create_manifest(out, {"model": spec, **config}, config_sha, counts)
-        if manifest is not None:
-            _check_same_job(out, manifest, spec, config)
-        if rank == 0:
-            writer.remove_stale_tmp(out)
-            writer.write_errors(out, errors)
+            manifest = writer.create_manifest(out, {"model": spec, **config}, config_sha, counts, layout)
+        _check_same_job(out, manifest, spec, config)
+        writer.remove_stale_tmp(out)
+        writer.write_errors(out, errors)
     except BaseException:
         lock.__exit__(None, None, None)
         raise
@@ -742,11 +751,11 @@ def _compute_all(loaded: _Loaded, todo: list[Batch], baseline: int, job: JobConf
                 pending.extend(results)
                 pending_batches.append(batch.index)
                 if len(pending) >= shard_rows or time.perf_counter() - last_flush >= flush_seconds:
-                    writer.write_shard(out, pending_batches, pending, rank=rank, config_sha256=config_sha)
+                    writer.write_shard(out, pending_batches, pending, rank=rank, world=world, config_sha256=config_sha)
                     pending, pending_batches, last_flush = [], [], time.perf_counter()
             yield from results
         if pending:
-            writer.write_shard(out, pending_batches, pending, rank=rank, config_sha256=config_sha)
+            writer.write_shard(out, pending_batches, pending, rank=rank, world=world, config_sha256=config_sha)
     finally:
         bar.close()
 

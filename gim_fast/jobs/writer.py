@@ -69,8 +69,14 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in platform.node()) or "host"
+
+
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # host and pid: processes on several machines (a SLURM array) share the folder; a leftover is removed only by
+    # a process on its own host that sees its pid gone
+    return path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
 
 
 def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
@@ -98,10 +104,14 @@ def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
 
 
 def remove_stale_tmp(out: Path) -> None:
-    """Temporary files of killed runs (their process is gone)."""
+    """Temporary files of killed runs of this host (their process is gone)."""
+    prefix = f"{_host()}-"
     for folder in (out, out / DATA):
         for tmp in folder.glob(".*.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
+            owner = tmp.name.split(".tmp-", 1)[1]
+            if not owner.startswith(prefix):
+                continue
+            pid = owner[len(prefix):]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -187,13 +197,15 @@ def _read_tokens(result) -> int:
     return len(result.token_ids) + len(getattr(result, "answer_ids", None) or ())
 
 
-def write_shard(out: Path, batches: list[int], results: list, *, rank: int, config_sha256: str) -> Path:
-    """Write the results of ``batches`` as one Parquet shard, atomically; named after its first batch."""
+def write_shard(out: Path, batches: list[int], results: list, *, rank: int, config_sha256: str,
+                world: int | None = None) -> Path:
+    """Write the results of ``batches`` as one Parquet shard, atomically; named after its first batch. Its metadata
+    records the batches, the rank (of ``world``) that computed them, the rows and tokens."""
     import pyarrow.parquet as pq
 
     path = shard_path(out, batches[0])
-    meta = {"batches": batches, "rank": rank, "rows": len(results), "tokens": sum(_read_tokens(r) for r in results),
-            "config_sha256": config_sha256}
+    meta = {"batches": batches, "rank": rank, "world": world, "rows": len(results),
+            "tokens": sum(_read_tokens(r) for r in results), "config_sha256": config_sha256}
     table = _table(results, meta)
     tmp = _tmp_name(path)
     pq.write_table(table, tmp, compression="zstd")
@@ -287,11 +299,15 @@ def compare_configs(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def create_manifest(out: Path, config: dict, config_sha256: str, counts: dict) -> dict:
-    """The manifest of a new job (written only if none exists; a concurrent rank may have written it first)."""
+def create_manifest(out: Path, config: dict, config_sha256: str, counts: dict, plan: dict | None = None) -> dict:
+    """The manifest of a new job (written only if none exists; a concurrent rank may have written it first).
+    ``plan``: the batches' layout (``shards``, and per batch its ``rows``, ``padded_tokens`` and shard in
+    ``owners``), which ``gim-fast status`` reads."""
     manifest = {"format": _FORMAT, "version": _VERSION, "status": "running", "created": _now(), "completed": None,
                 "config": config, "config_sha256": config_sha256, "versions": versions(), "counts": counts,
                 "files": {"data": f"{DATA}/", "errors": ERRORS}}
+    if plan is not None:
+        manifest["plan"] = plan
     write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode(),
                  exclusive=True)
     return read_manifest(out)

@@ -211,3 +211,63 @@ def test_evaluate_without_a_sweep(tiny_dir, tmp_path, temperatures, capsys):
     md = (out / "faithfulness.md").read_text()
     assert "--temperatures none" in md and "temperature_sweep.png" not in md
     assert "2 examples" in md
+
+
+# ------------------------------------------------------------------------------------------------- device maps
+
+@pytest.mark.parametrize("command", ["explain", "attribute", "circuit", "evaluate"])
+def test_device_map_options_are_checked_before_loading(command, no_loading, tmp_path):
+    """--device-map, --max-memory, --offload-folder: an unknown device, an unparsable size, a folder that cannot be
+    written are one-line errors with exit code 2, before any weight is read."""
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    base = {"explain": ["explain", "hi"],
+            "attribute": ["attribute", "--data", data, "--out", tmp_path / "o", "--no-progress"],
+            "circuit": ["circuit", "--task", "ioi", "--out", tmp_path / "o"],
+            "evaluate": ["evaluate", "--data", data, "--methods", "gim", "--out", tmp_path / "o", "--quiet"]}[command]
+    _refused([*base, "--device-map", "tpu"], "--device-map", "unknown device_map 'tpu'", "auto, balanced")
+    _refused([*base, "--device-map", "cuda:7"], "--device-map", "unknown device 'cuda:7'")
+    _refused([*base, "--device-map", '{"model.layers.0": "gpu"}'], "device_map['model.layers.0']",
+             "unknown device 'gpu'")
+    _refused([*base, "--device-map", tmp_path / "absent.json"], "--device-map", "cannot read it")
+    _refused([*base, "--max-memory", "cpu=12XB"], "--max-memory", "unparsable size '12XB'", "GiB")
+    _refused([*base, "--max-memory", "cpu:12GiB"], "--max-memory", "DEVICE=SIZE")
+    _refused([*base, "--max-memory", "npu=1GiB"], "--max-memory", "unknown device 'npu'")
+    for folder in _unwritable_dirs(tmp_path):
+        _refused([*base, "--device-map", "auto", "--offload-folder", folder / "offload"], "--offload-folder",
+                 "cannot write")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    _refused([*base, "--device-map", "auto", "--offload-folder", a_file], "--offload-folder", "not a directory")
+    _refused([*base, "--offload-folder", tmp_path / "off"], "--offload-folder", "give --device-map")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "off").exists()
+
+
+def test_attribute_device_and_device_map_are_exclusive(no_loading, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    _refused(["attribute", "--data", data, "--out", tmp_path / "o", "--device", "cpu", "--device-map", "auto"],
+             "give a device ('cpu') or a device map ('auto'), not both")
+
+
+def test_bad_device_map_in_a_real_process(tmp_path):
+    done = run_cli(["explain", "hi", "--max-memory", "cpu=lots"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("gim-fast explain: error: argument --max-memory: unparsable size")
+
+
+def test_load_pretrained_checks_the_placement_before_reading_weights(tiny_dir, tmp_path, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    for kwargs, message in (({"device_map": "gpu"}, "unknown device_map 'gpu'"),
+                            ({"max_memory": {"cpu": "a lot"}}, "unparsable size 'a lot'"),
+                            ({"max_memory": {7: "1GiB"}}, "unknown device 7"),
+                            ({"device_map": {"lm_head": "cloud"}}, "unknown device 'cloud'"),
+                            ({"device_map": "auto", "offload_folder": tmp_path / "f" / "x"}, None)):
+        if message is None:
+            (tmp_path / "f").write_text("a file")
+            message = "is a file"
+        with pytest.raises(ValueError, match=message):
+            gim_fast.models.load_pretrained(tiny_dir, **kwargs)

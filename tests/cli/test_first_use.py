@@ -178,7 +178,7 @@ def test_list_options_take_spaces_and_commas_everywhere():
 
 @pytest.mark.parametrize("argv", [
     ["attribute", "--data", "d.jsonl", "--out", "x", "--batch-tok", "100"],      # --batch-tokens
-    ["attribute", "--data", "d.jsonl", "--out", "x", "--shard", "5"],            # --shard-rows
+    ["attribute", "--data", "d.jsonl", "--out", "x", "--shard-r", "5"],          # --shard-rows (--shard is its own)
     ["explain", "hi", "--tar", " Paris"],                                         # --target
     ["evaluate", "--meth", "gim"],                                                # --methods
     ["circuit", "--task", "ioi", "--out", "x", "--meth", "gim"],                  # --methods

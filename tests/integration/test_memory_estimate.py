@@ -43,6 +43,25 @@ def test_estimate_bounds_the_measured_peak(smollm2):
         f"(ratio {estimate / measured:.2f}, allowed 1 to {BOUND})\n" + json.dumps(row["estimate_parts"], indent=1))
 
 
+@pytest.mark.parametrize("checkpointing", ["on", "off"])
+def test_estimate_bounds_the_measured_peak_with_layers_on_disk(smollm2, checkpointing):
+    """SmolLM2-135M with every decoder layer offloaded to disk (accelerate reads each layer's weights from the
+    model's safetensors when it runs), 1,024 tokens, float32. With checkpointing the forward keeps no loaded weights
+    and the backward's recomputation loads one layer at a time: the estimate counts one layer's weights (13.5 MiB)
+    on top of the activations; without, the autograd graph keeps every layer's (405 MiB) until the backward."""
+    row = _measure("--seq", "1024", "--dtype", "fp32", "--backend", "torch", "--checkpointing", checkpointing,
+                   "--offload", "disk")
+    measured, estimate = row["measured_bytes"], row["estimate_bytes"]
+    parts = row["estimate_parts"]
+    hidden, kv, intermediate = 576, 3 * 64, 1536       # SmolLM2-135M: 9 query heads and 3 key/value heads of 64
+    layer = 4 * (2 * hidden * hidden + 2 * kv * hidden + 3 * intermediate * hidden + 2 * hidden)
+    loaded = [v for k, v in parts.items() if k.startswith("offloaded weights")]
+    assert loaded == [layer if checkpointing == "on" else 30 * layer], parts
+    assert measured <= estimate <= BOUND * measured, (
+        f"estimate {estimate / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB "
+        f"(ratio {estimate / measured:.2f}, allowed 1 to {BOUND})\n" + json.dumps(parts, indent=1))
+
+
 def test_estimate_of_the_llama_8b_case_in_the_issue():
     """Llama-3.1-8B, bf16, 2,048 tokens on the CPU: the tensors (6.0 GiB of saved activations) and the margin
     (5 %, heap holes, framework) are all counted; the old estimate said 6.5 GiB, and the process was killed."""

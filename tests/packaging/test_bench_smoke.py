@@ -87,3 +87,21 @@ def test_circuits_benchmark_estimate():
     found = re.search(r"64 prompts × 32 tokens, bf16, Δ of every layer expanded: ([\d.]+) GB with the weights "
                       r"\(fits 80 GB\)", proc.stdout)
     assert found and 16.1 + 17.7 < float(found.group(1)) < 80, proc.stdout[:600]
+
+
+def test_offload_benchmark_tiny(tmp_path):
+    """bench/offload.py on a 3-layer model: its weights written once (again: nothing to do), both layouts run in
+    their child processes with every layer on disk, the same scores, a report."""
+    import json
+
+    args = [sys.executable, "bench/offload.py", "--config", "smollm2-135m-arch", "--layers", "3", "--vocab", "512",
+            "--tokens", "16", "--cpu-memory", "20MB", "--folder", str(tmp_path / "weights"), "--out", str(tmp_path)]
+    for _ in range(2):
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "weights already written" in proc.stderr
+    result = json.loads((tmp_path / "offload.json").read_text())
+    assert [r["layout"] for r in result["runs"]] == ["max-memory", "disk"]
+    assert all(r["status"] == "ok" and r["layers_on_disk"] == 3 and r["finite"] for r in result["runs"])
+    assert result["max_abs_difference"] <= result["tolerance"]
+    assert "| disk |" in (tmp_path / "offload.md").read_text()

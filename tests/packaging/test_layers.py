@@ -12,8 +12,8 @@ ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml"
 LAYERS = [
     ("gim_fast.kernels",),                                   # Triton kernels: nothing of gim_fast
     ("gim_fast.settings", "gim_fast.cli_args", "gim_fast.outputs", "gim_fast.data", "gim_fast.display",
-     "gim_fast.sources", "gim_fast.textfiles", "gim_fast.progress",
-     "gim_fast.chat"),                                       # plain values, checks and formatting
+     "gim_fast.sources", "gim_fast.textfiles", "gim_fast.progress", "gim_fast.chat",
+     "gim_fast.placement"),                                  # plain values, checks and formatting
     ("gim_fast.backends",),                                  # which backend runs
     ("gim_fast.ops",),                                       # GIM's autograd Functions on tensors
     ("gim_fast.integration",),                               # GIM on models; reversible model state
