@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,7 +62,8 @@ def dispatched(saved, family: str, layout: str, tmp_path):
 
 
 def close(a, b) -> None:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float64))
+            for x in (a, b))                             # NumPy values copied: read-only arrays too
     assert a.shape == b.shape
     difference = float((a - b).abs().max())
     assert difference <= TOLERANCE * max(1.0, float(b.abs().max())), difference
