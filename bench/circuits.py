@@ -1,9 +1,10 @@
-"""The README's circuit tables: ``gim-fast circuit`` on every task and model, exact patching, tiny models, the 8B
-memory estimate, all written to ``bench/results/circuits/`` (one folder per run and ``tables.md``).
+"""The circuit tables of the docs (docs/circuits.md): ``gim-fast circuit`` on every task and model, exact patching,
+tiny models, the 8B memory estimate, all written to ``bench/results/circuits/`` (one folder per run and
+``tables.md``).
 
     python bench/circuits.py                 # run what is missing, write and print bench/results/circuits/tables.md
     python bench/circuits.py --table-only    # tables.md from the runs already there
-    python bench/circuits.py --n 32 --redo   # the issue's size, every run again (a quiet machine: about 4x longer)
+    python bench/circuits.py --n 32 --redo   # 32 prompts per task, every run again (about 4x longer)
     python bench/circuits.py --estimate      # only print the Llama-3.1-8B memory estimate (seconds)
 
 Each run is ``gim-fast circuit --task T --model M --n N --threads T --quiet --out bench/results/circuits/T-M`` (N = 8
@@ -35,7 +36,7 @@ METHODS = ("gim", "eap", "eap-ig", "random")
 EXACT = ["--task", "ioi", "--model", "smollm2-135m", "--levels", "edge", "--percentages", "100",
          "--exact-edges", "150"]
 SHORT = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
-# the issue's size on the CPU, with MIB's two rankings (CPR signed, CMD |score|)
+# 32 prompts on the CPU, with MIB's two rankings (CPR signed, CMD |score|)
 SCALE = ("ioi-n32-smollm2-135m", ["--task", "ioi", "--model", "smollm2-135m", "--n", "32", "--ranking", "both"])
 
 

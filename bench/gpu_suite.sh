@@ -55,9 +55,9 @@ stage() {
           --jobs 8 --out "$OUT" 2>&1 | tee "$OUT/compile_report.log" | tail -12
       fi ;;
     tests)
-      timeout 560 $PY -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_triton_norm.py tests/test_triton_fallback.py \
-        tests/test_ops.py tests/test_model_gim.py tests/test_engine.py tests/test_answers.py \
-        tests/test_cotangents.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
+      timeout 560 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py tests/kernels/test_triton_norm.py \
+        tests/kernels/test_triton_fallback.py tests/ops/test_ops.py tests/integration/test_model_gim.py \
+        tests/integration/test_engine.py tests/api/test_answers.py tests/ops/test_cotangents.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
     attention)
       timeout 560 $PY bench/attention.py --seqlens 1024 2048 4096 8192 16384 32768 --head-dims 64 128 \
         --out "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -40 ;;

@@ -5,6 +5,8 @@
     gim-fast explain "The capital of France is" --html paris.html
     gim-fast explain "The capital of France is" --answer " Paris, on the Seine"   # every answer token's sources
     gim-fast explain "The capital of France is" --generate 8 --html answer.html
+    gim-fast explain "What is the capital of France?" --chat --generate 8   # in the chat template, the message scored
+    gim-fast explain - < report.txt                                   # the text from standard input (or --text-file)
     gim-fast attribute --data prompts.jsonl --out runs/capitals          # a whole data set, resumable
     torchrun --nproc-per-node 4 -m gim_fast attribute --data prompts.jsonl --out runs/capitals
     gim-fast circuit --task ioi --model smollm2-135m --out runs/ioi      # circuits: GIM vs EAP vs EAP-IG (MIB metrics)
@@ -17,20 +19,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import logging
+import os
 import sys
+from pathlib import Path
 
-from .cli_args import (BACKENDS, DTYPES, PROG, UsageError, optional_number, positive_int,  # noqa: F401
-                       positive_number)
+import torch
+
+from . import models
+from .answers import explain_answer_with, explain_generation_with
+from .backends import resolve_backend
+from .circuits.cli import add_subparser as add_circuit_subparser
+from .cli_args import (
+    DTYPES,
+    PROG,
+    UsageError,
+    add_settings_args,
+    make_parser,
+    positive_int,
+    positive_number,
+    settings_from_args,
+)
+from .chat import NoChatTemplate, chat_prompt, special_mask
+from .display import LONG_INPUT, format_answer, format_attributions, format_summary, plural, top_positions
+from .evaluate.cli import add_subparser as add_evaluate_subparser
+from .explain import explain_with
+from .html import AnswerView, HtmlRow, write_answer_html, write_html
+from .jobs import BadRowError, InputError, JobError, attribute_dataset
+from .jobs.runner import DEFAULT_BATCH_TOKENS
+from .outputs import check_output_file
+from .textfiles import TextFileError, read_text
 
 __all__ = ["main", "build_parser"]
 
-_UNSET = object()
-# CLI option -> keyword of gim_fast.explain
-_SETTINGS = {"temperature": "softmax_temperature", "q_scale": "q_scale", "k_scale": "k_scale",
-             "v_scale": "v_scale", "gate_scale": "gate_scale", "up_scale": "up_scale"}
-
+TOP_LONG = 30      # tokens printed for a long input (the largest |score|)
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", metavar="M",
@@ -39,20 +61,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="where converted models are cached (default $GIM_FAST_CACHE or ~/.cache/gim_fast/models)")
-
-
-def _add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """The GIM settings, each with the library's default; 'none' turns a modification off."""
-    group = parser.add_argument_group("GIM settings ('none' turns a modification off)")
-    group.add_argument("--temperature", type=optional_number(0.0, strict=True), default=_UNSET, metavar="T|none",
-                       help="softmax temperature of the attention backward (default 2.0)")
-    for name, default in (("q-scale", 0.25), ("k-scale", 0.25), ("v-scale", 0.5),
-                          ("gate-scale", 0.5), ("up-scale", 0.5)):
-        group.add_argument(f"--{name}", type=optional_number(0.0, strict=False), default=_UNSET, metavar="X|none",
-                           help=f"gradient scale (default {default})")
-    group.add_argument("--no-freeze-norm", dest="freeze_norm", action="store_false",
-                       help="let gradients flow through the normalisation statistics (default: frozen)")
-    group.add_argument("--backend", choices=BACKENDS, default="auto", help="attention backend (default auto)")
 
 
 def _add_generate_args(group, exclusive, what: str) -> None:
@@ -65,16 +73,24 @@ def _add_generate_args(group, exclusive, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         prog=PROG, description="Fast, faithful GIM attributions for Hugging Face language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    ex = sub.add_parser(
-        "explain", help="attribute the next-token logit to the input tokens",
+    ex = make_parser(
+        sub, "explain", help="attribute the next-token logit to the input tokens",
         description="Attribute the logit of a target token at the last position to each input token with GIM "
                     "and print one line per token with its score.",
         epilog="Settings not given keep gim_fast.explain's defaults; 'none' turns a modification off.")
-    ex.add_argument("text", metavar="TEXT", help="the input text")
+    ex.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                    help="the input text; '-' reads it from standard input (or give --text-file)")
+    ex.add_argument("--text-file", default=None, metavar="PATH",
+                    help="read the input text from PATH (UTF-8; the whole file, its last line break dropped)")
+    ex.add_argument("--chat", action="store_true",
+                    help="TEXT is the user's message: put it in the tokenizer's chat template (with the generation "
+                         "prompt, so the target is the start of the model's reply) and score the message's tokens "
+                         "only; the template's tokens are shown as special with score 0 (refused for a model "
+                         "without a chat template)")
     ex.add_argument("--target", default=None, metavar="TOKEN|ID",
                     help="the token to explain: a string that is one token (e.g. ' Paris') or an integer token id; "
                          "default: the model's own top prediction")
@@ -88,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--top", type=positive_int(1), default=3, metavar="K",
                         help="source tokens shown per answer token (default 3)")
     _add_model_args(ex)
-    _add_settings_args(ex)
+    add_settings_args(ex)
     ex.add_argument("--html", default=None, metavar="FILE",
                     help="also write the tokens coloured by score to FILE, a self-contained HTML page")
     ex.add_argument("--width", type=positive_int(0), default=40, metavar="N",
@@ -96,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "scale and show their score only)")
     ex.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                     help="color the bars (default auto: when writing to a terminal and NO_COLOR is unset)")
+    ex.add_argument("--all-tokens", action="store_true",
+                    help=f"print one line per token also for a long input (default: from {LONG_INPUT} tokens on, "
+                         f"the {TOP_LONG} tokens with the largest |score| and a summary)")
     ex.set_defaults(func=_cmd_explain)
 
-    at = sub.add_parser(
-        "attribute", help="attribute every row of a data set; Parquet shards, resumable, multi-process",
+    at = make_parser(
+        sub, "attribute", help="attribute every row of a data set; Parquet shards, resumable, multi-process",
         description="Attribute the next-token logit of every row of a data set to its tokens with GIM. Rows are "
                     "grouped by length into batches under a token budget; results go to Parquet shards in "
                     "OUT/data/ with OUT/manifest.json (model, settings, versions, row counts). Bad rows (empty "
@@ -139,19 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_args(answers, source, "each row")
     io.add_argument("--html-report", type=positive_int(0), default=0, metavar="N",
                     help="write OUT/report.html with the first N rows (by input line) as coloured tokens")
+    io.add_argument("--chat", action="store_true",
+                    help="each row's text is the user's message: put it in the tokenizer's chat template (with the "
+                         "generation prompt) and score the message's tokens only; the template's tokens get 0 and "
+                         "the output a 'template' column (refused for a model without a chat template)")
     io.add_argument("--strict", action="store_true",
                     help="stop at the first bad row (exit code 2) instead of writing it to OUT/errors.jsonl")
     _add_model_args(at)
     at.add_argument("--device", default=None, metavar="DEV",
                     help="cpu, cuda or cuda:N (default: this process's GPU under torchrun, else cuda if available, "
                          "else cpu)")
-    _add_settings_args(at)
+    add_settings_args(at)
     at.add_argument("--baseline", default=None, metavar="TOKEN|ID",
                     help="the baseline token (one-token string or id; default: the tokenizer's ' ' token, else its "
                          "pad or unk token)")
     perf = at.add_argument_group("batching and shards")
     perf.add_argument("--batch-tokens", type=positive_int(1), default=None, metavar="N",
-                      help=f"padded tokens per batch (default {_default_batch_tokens()}; rows longer than this get a "
+                      help=f"padded tokens per batch (default {DEFAULT_BATCH_TOKENS}; rows longer than this get a "
                            "batch of their own); raise it on a GPU")
     perf.add_argument("--batch-size", type=positive_int(1), default=None, metavar="N",
                       help="at most N rows per batch (default: no limit; 1 attributes one row at a time)")
@@ -165,28 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the progress bar (default: when stderr is a terminal)")
     at.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
     at.set_defaults(func=_cmd_attribute)
-    from .evaluate.cli import add_subparser as _add_evaluate   # gim-fast evaluate (gim_fast/evaluate/cli.py)
-    _add_evaluate(sub)
-    from .circuits.cli import add_subparser as _add_circuit   # gim-fast circuit (gim_fast/circuits/cli.py)
-    _add_circuit(sub)
+    add_evaluate_subparser(sub)
+    add_circuit_subparser(sub)
     return parser
-
-
-def _default_batch_tokens() -> int:
-    from .jobs.runner import DEFAULT_BATCH_TOKENS
-
-    return DEFAULT_BATCH_TOKENS
-
-
-def _explain_function():
-    import gim_fast
-
-    fn = getattr(gim_fast, "explain", None)
-    if fn is not None and not callable(fn):       # the submodule, if the package does not re-export it
-        fn = getattr(fn, "explain", None)
-    if fn is None:
-        raise RuntimeError("gim_fast.explain is not available in this installation")
-    return fn
 
 
 def _resolve_target(target: str | None, tokenizer, logits) -> tuple[int, str]:
@@ -209,8 +213,6 @@ def _resolve_target(target: str | None, tokenizer, logits) -> tuple[int, str]:
 
 
 def _last_logits(model, input_ids):
-    import torch
-
     with torch.no_grad():
         try:
             out = model(input_ids=input_ids[None], logits_to_keep=1)
@@ -236,36 +238,45 @@ def _model_log():
 
 
 def _load_model(args):
-    import torch
-
-    from .models import load_pretrained
-
     with _model_log():
         try:
-            return load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+            return models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
         except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise UsageError(str(e)) from None
 
 
-def _settings_kwargs(args) -> dict:
-    kwargs = {"freeze_norm": args.freeze_norm, "backend": args.backend}
-    for option, keyword in _SETTINGS.items():
-        value = getattr(args, option)
-        if value is not _UNSET:
-            kwargs[keyword] = value
-    return kwargs
+def _read_input_text(args) -> str:
+    """The text to explain: TEXT, standard input for '-', or --text-file's content (exactly one of them)."""
+    if args.text_file is not None:
+        if args.text is not None:
+            raise UsageError("give the text as TEXT, '-' (standard input) or --text-file PATH, not two of them")
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise UsageError(f"--text-file {args.text_file}: no such file")
+        try:
+            text = read_text(path)
+        except (TextFileError, OSError) as e:
+            raise UsageError(f"--text-file {e}" if isinstance(e, TextFileError) else
+                             f"--text-file {args.text_file}: cannot read it ({e.strerror or e})") from None
+        return text[:-1] if text.endswith("\n") else text
+    if args.text is None:
+        raise UsageError("no text to explain: give TEXT, '-' to read standard input, or --text-file PATH")
+    if args.text == "-":
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return text[:-1] if text.endswith("\n") else text
+    return args.text
 
 
 def _check_explain_args(args) -> None:
-    """Every argument that can be checked before the model loads."""
-    import torch
-
-    from .models import check_model_name
-    from .outputs import check_output_file
-    from .settings import resolve_backend
-
+    """Every argument that can be checked before the model loads (the text is read here: TEXT, '-' or a file)."""
+    source = ("--text-file " + args.text_file if args.text_file is not None
+              else "standard input" if args.text == "-" else "TEXT")
+    args.text = _read_input_text(args)
     if args.text == "":
-        raise UsageError("TEXT is empty; give the text to explain")
+        raise UsageError(f"{source} is empty; give the text to explain")
     if (args.answer is not None or args.generate is not None) and args.target is not None:
         raise UsageError("--target names the one next token to explain; --answer/--generate explain a whole answer: "
                          "give one or the other")
@@ -275,7 +286,7 @@ def _check_explain_args(args) -> None:
     if target == args.target and target.startswith("-") and target[1:].isdigit():
         raise UsageError(f"--target {args.target}: a token id is >= 0")
     try:
-        check_model_name(args.model, cache_dir=args.cache_dir)
+        models.check_model_name(args.model, cache_dir=args.cache_dir)
         if args.html:
             check_output_file(args.html, "--html")
         resolve_backend(args.backend, torch.device("cpu"), getattr(torch, args.dtype))
@@ -284,40 +295,54 @@ def _check_explain_args(args) -> None:
 
 
 def _cmd_explain(args) -> int:
-    from .display import format_attributions, plural
-
     _check_explain_args(args)
     model, tokenizer = _load_model(args)
 
-    input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
+    template = None
+    if args.chat:
+        try:
+            prompt = chat_prompt(tokenizer, args.text)
+        except (NoChatTemplate, ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        input_ids, template = torch.tensor(prompt.input_ids), prompt.template
+    else:
+        input_ids = tokenizer(args.text, return_tensors="pt").input_ids[0]
     if input_ids.numel() == 0:
         raise UsageError("TEXT is empty after tokenization")
     if args.answer is not None or args.generate is not None:
-        return _explain_answer(args, model, tokenizer, input_ids)
+        return _explain_answer(args, model, tokenizer, input_ids, template)
     logits = _last_logits(model, input_ids)
     target_id, how = _resolve_target(args.target, tokenizer, logits)
     rank = int((logits > logits[target_id]).sum()) + 1
 
-    explain = _explain_function()
-    kwargs = _settings_kwargs(args)
+    settings = settings_from_args(args)
     try:
-        scores = explain(model, input_ids, target_token_id=target_id, tokenizer=tokenizer, **kwargs)
+        scores = explain_with(model, input_ids, settings, target_token_id=target_id, tokenizer=tokenizer)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    special = special_mask(tokenizer, input_ids.tolist())
+    if template is not None:       # the chat template's tokens are held fixed: not scored, shown as special
+        scores = scores.masked_fill(torch.tensor(template, device=scores.device), 0.0)
+        special = [s or t for s, t in zip(special, template)]
 
-    shown = _settings_line(explain, kwargs)
+    shown = _settings_line(settings)
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), {plural(input_ids.numel(), 'token')}")
     print(f"target: {tokenizer.decode([target_id])!r} (id {target_id}, {how}) after the last token; "
           f"logit {float(logits[target_id]):.4g}, rank {rank}")
     if shown:
         print(f"settings: {shown}")
+    if template is not None:
+        print(f"chat: the message is {plural(template.count(False), 'token')} of the chat template's "
+              f"{plural(len(template), 'token')}; the template's tokens are not scored")
     tokens = [tokenizer.decode([int(i)]) for i in input_ids]
-    special = _special_mask(tokenizer, input_ids.tolist())
     color = {"auto": None, "always": True, "never": False}[args.color]
-    print(format_attributions(tokens, scores, color=color, width=args.width, special=special))
+    long_input = len(tokens) >= LONG_INPUT and not args.all_tokens
+    if long_input:
+        print(f"{format_summary(scores, special)}; the {TOP_LONG} with the largest |score|, in text order "
+              "(--all-tokens prints every token, --html FILE colours the whole text):")
+    only = top_positions(scores, TOP_LONG, special) if long_input else None
+    print(format_attributions(tokens, scores, color=color, width=args.width, special=special, only=only))
     if args.html:
-        from .html import HtmlRow, write_html
-
         row = HtmlRow(tokens, scores, label=args.text, target=tokenizer.decode([target_id]),
                       target_logit=float(logits[target_id]), token_ids=input_ids.tolist(), special=special)
         try:
@@ -328,32 +353,26 @@ def _cmd_explain(args) -> int:
     return 0
 
 
-def _explain_answer(args, model, tokenizer, input_ids) -> int:
+def _explain_answer(args, model, tokenizer, input_ids, template=None) -> int:
     """``gim-fast explain TEXT --answer A`` / ``--generate N``: every answer token's top source tokens."""
-    import torch
-
-    import gim_fast
-
-    from .display import format_answer, plural
-
-    kwargs = _settings_kwargs(args)
+    settings = settings_from_args(args)
     try:
         if args.answer is not None:
             answer_ids = tokenizer.encode(args.answer, add_special_tokens=False)
             if not answer_ids:
                 raise UsageError(f"--answer {args.answer!r} encodes to no token")
             how = "given"
-            result = gim_fast.explain_answer(model, input_ids, torch.tensor(answer_ids), tokenizer=tokenizer,
-                                             target=args.answer_target, **kwargs)
-        else:      # explain_generation tokenizes TEXT as above
-            result = gim_fast.explain_generation(model, tokenizer, args.text, max_new_tokens=args.generate,
-                                                 target=args.answer_target, **kwargs)
+            result = explain_answer_with(model, input_ids, torch.tensor(answer_ids), settings, tokenizer=tokenizer,
+                                         target=args.answer_target, chat_template=template)
+        else:      # explain_generation tokenizes TEXT as above (in the chat template with --chat)
+            result = explain_generation_with(model, tokenizer, args.text, settings, max_new_tokens=args.generate,
+                                             target=args.answer_target, chat=args.chat)
             answer_ids = result.target_ids.tolist()
             how = f"generated, greedy, at most {args.generate} tokens"
     except ValueError as e:
         raise UsageError(str(e)) from None
     values = result.target_logits if args.answer_target == "logit" else result.target_logprobs
-    shown = _settings_line(gim_fast.explain_answer, kwargs)
+    shown = _settings_line(settings)
     print(f"model: {args.model} ({type(model).__name__}, {args.dtype}), prompt {plural(input_ids.numel(), 'token')}, "
           f"answer {plural(len(answer_ids), 'token')} ({how}): {tokenizer.decode(answer_ids)!r}")
     print(f"explained: each answer token's {args.answer_target}; ← its {args.top} highest-scored source tokens "
@@ -364,10 +383,8 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     answer_tokens = result.tokens[input_ids.numel():]
     print(format_answer(result.tokens, answer_tokens, result.scores, values, top=args.top, color=color))
     if args.html:
-        from .html import AnswerView, write_answer_html
-
         view = AnswerView(sources=result.tokens, answer_tokens=answer_tokens, scores=result.scores, label=args.text,
-                          joiner="", special=_special_mask(tokenizer, [*input_ids.tolist(), *answer_ids]))
+                          joiner="", special=_answer_special(tokenizer, input_ids.tolist(), answer_ids, result))
         try:
             path = write_answer_html(args.html, [view], title=f"GIM attributions of an answer: {args.model}",
                                      subtitle=f"each answer token's {args.answer_target}; {shown}")
@@ -377,18 +394,16 @@ def _explain_answer(args, model, tokenizer, input_ids) -> int:
     return 0
 
 
-def _special_mask(tokenizer, token_ids: list[int]) -> list[bool]:
-    """Which tokens are the tokenizer's special tokens (<bos>, <eos>, ...): shown, but not on the display scale."""
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    return [i in special for i in token_ids]
+def _answer_special(tokenizer, prompt_ids: list[int], answer_ids: list[int], result) -> list[bool]:
+    """Per column of an answer attribution: a special token, or a chat template's token."""
+    special = special_mask(tokenizer, [*prompt_ids, *answer_ids])
+    if result.template_mask is not None:
+        special = [s or bool(t) for s, t in zip(special, result.template_mask.tolist())]
+    return special
 
 
 def _cmd_attribute(args) -> int:
-    import torch
-
-    from .jobs import BadRowError, InputError, JobError, attribute_dataset
-
-    kwargs = _settings_kwargs(args)
+    settings = settings_from_args(args)
     optional = {"batch_tokens": args.batch_tokens, "shard_rows": args.shard_rows,
                 "flush_seconds": args.flush_seconds}
     try:
@@ -399,7 +414,7 @@ def _cmd_attribute(args) -> int:
             baseline_token=args.baseline, dtype=getattr(torch, args.dtype), device=args.device,
             cache_dir=args.cache_dir, html_report=args.html_report, progress=args.progress,
             answer_field=args.answer_field, generate=args.generate, answer_target=args.answer_target,
-            **{k: v for k, v in optional.items() if v is not None}, **kwargs)
+            chat=args.chat, settings=settings, **{k: v for k, v in optional.items() if v is not None})
         with _model_log():
             summary = run.run()
     except (InputError, JobError, BadRowError) as e:
@@ -414,10 +429,6 @@ def _cmd_attribute(args) -> int:
 
 def _print_summary(run, summary: dict) -> None:
     """What the job did: this process's share and speed, and (from the manifest) the whole job."""
-    import os
-
-    from .display import plural
-
     who = f"rank {summary['rank']} of {summary['world_size']}: " if summary["world_size"] > 1 else ""
     done = summary["already_done_batches"]
     resumed = f" ({plural(done, 'batch')} {'was' if done == 1 else 'were'} already done)" if done else ""
@@ -445,23 +456,9 @@ def _print_summary(run, summary: dict) -> None:
               "finish it")
 
 
-def _settings_line(explain, kwargs: dict) -> str:
-    """The GIM settings in effect: explain()'s defaults overridden by what was given."""
-    try:
-        params = inspect.signature(explain).parameters
-    except (TypeError, ValueError):
-        params = {}
-    names = ("freeze_norm", *_SETTINGS.values(), "backend")
-    parts = []
-    for name in names:
-        if name in kwargs:
-            value = kwargs[name]
-        elif name in params and params[name].default is not inspect.Parameter.empty:
-            value = params[name].default
-        else:
-            continue
-        parts.append(f"{name}={value}")
-    return " ".join(parts)
+def _settings_line(settings) -> str:
+    """The GIM settings in effect, ``name=value`` each."""
+    return " ".join(f"{name}={value}" for name, value in settings.as_dict().items())
 
 
 def main(argv: list[str] | None = None) -> int:

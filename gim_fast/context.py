@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from .settings import GIMSettings
+from .answers import explain_answer_with, max_positions
+from .integration import check_model, eval_mode, tlens
+from .settings import DEFAULTS, TARGETS, GIMSettings
 from .sources import DEFAULT_SEPARATOR, build_prompt
 
-__all__ = ["attribute_context", "generate_answers"]
-
-_DEFAULTS = GIMSettings()
-TARGETS = ("logit", "logprob")
+__all__ = ["attribute_context", "attribute_context_with", "generate_answers"]
 
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
@@ -28,8 +27,6 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 64, **gene
     ``generate_kwargs`` say otherwise, up to ``max_new_tokens`` tokens, cut before the first end-of-sequence token
     (which is not part of the answer). ``generate_kwargs`` go to ``model.generate`` (e.g. ``do_sample=True``, or
     ``stop_strings=["\\n"]``, which gets the tokenizer passed along). The model is left as it was."""
-    from .integration import eval_mode
-
     config = model.generation_config
     eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
@@ -66,9 +63,9 @@ def _answer_ids(tokenizer, answer) -> list[int]:
 def attribute_context(model, tokenizer, sources, query: str, answer: str | None = None, *, template: str | None = None,
                       separator: str = DEFAULT_SEPARATOR, chat: bool | None = None, per_token: bool = True,
                       target: str = "logprob", max_new_tokens: int = 64, baseline_token_id=None,
-                      freeze_norm=_DEFAULTS.freeze_norm, softmax_temperature=_DEFAULTS.softmax_temperature,
-                      q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale, v_scale=_DEFAULTS.v_scale,
-                      gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend,
+                      freeze_norm=DEFAULTS.freeze_norm, softmax_temperature=DEFAULTS.softmax_temperature,
+                      q_scale=DEFAULTS.q_scale, k_scale=DEFAULTS.k_scale, v_scale=DEFAULTS.v_scale,
+                      gate_scale=DEFAULTS.gate_scale, up_scale=DEFAULTS.up_scale, backend=DEFAULTS.backend,
                       chunk=None, **generate_kwargs):
     """Attribute an answer to the sources of its prompt.
 
@@ -98,26 +95,32 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
     Raises ValueError/TypeError, before the model is touched, for empty or non-string sources, an empty query, a
     template without ``{context}`` or ``{query}``, an empty answer, a prompt longer than the model's positions.
     """
-    import gim_fast
+    settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
+                           k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
+                           backend=backend)
+    return attribute_context_with(model, tokenizer, sources, query, settings, answer, template=template,
+                                  separator=separator, chat=chat, per_token=per_token, target=target,
+                                  max_new_tokens=max_new_tokens, baseline_token_id=baseline_token_id, chunk=chunk,
+                                  **generate_kwargs)
 
-    from .context_table import context_table   # pandas, imported only here
 
-    settings = dict(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
-                    k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale, backend=backend)
-    GIMSettings(**settings)
+def attribute_context_with(model, tokenizer, sources, query: str, settings: GIMSettings, answer: str | None = None,
+                           *, template: str | None = None, separator: str = DEFAULT_SEPARATOR,
+                           chat: bool | None = None, per_token: bool = True, target: str = "logprob",
+                           max_new_tokens: int = 64, baseline_token_id=None, chunk=None, **generate_kwargs):
+    """:func:`attribute_context` with the GIM settings as one :class:`~gim_fast.settings.GIMSettings`."""
+    # pandas (the result is a DataFrame) is imported only when a context is attributed: `import gim_fast` stays
+    # light
+    from .context_table import context_table
+
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {target!r}")
     if not isinstance(per_token, bool):
         raise TypeError(f"per_token must be True or False, got {per_token!r}")
-    from .answers import max_positions
-    from .integration import check_model
-
     check_model(model)
     prompt = build_prompt(tokenizer, sources, query, template=template, separator=separator, chat=chat)
     limit = max_positions(model)
     if answer is None:
-        from .integration import tlens
-
         if tlens.is_transformer_lens_model(model):
             raise TypeError("generating the answer needs a Hugging Face model's generate(); for a TransformerLens "
                             "model, generate the answer yourself and pass it: attribute_context(..., answer=text)")
@@ -136,9 +139,9 @@ def attribute_context(model, tokenizer, sources, query: str, answer: str | None 
                             "when the answer is generated (answer=None)")
         answer_ids = _answer_ids(tokenizer, answer)
 
-    result = gim_fast.explain_answer(model, torch.tensor(prompt.input_ids), torch.tensor(answer_ids),
-                                     tokenizer=tokenizer, target=target, total=not per_token,
-                                     baseline_token_id=baseline_token_id, chunk=chunk, **settings)
+    result = explain_answer_with(model, torch.tensor(prompt.input_ids), torch.tensor(answer_ids), settings,
+                                 tokenizer=tokenizer, target=target, total=not per_token,
+                                 baseline_token_id=baseline_token_id, chunk=chunk)
     return context_table(prompt, answer_ids, tokenizer, result, target, per_token)
 
 

@@ -7,7 +7,11 @@ import os
 import sys
 import unicodedata
 
-__all__ = ["format_attributions", "format_answer", "plural", "display_peak"]
+__all__ = ["format_attributions", "format_answer", "format_summary", "top_positions", "plural", "display_peak",
+           "LONG_INPUT"]
+
+# From this many tokens on, the command line prints the top tokens and a summary instead of one line per token.
+LONG_INPUT = 200
 
 _FULL = "█"
 _PARTIAL = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")   # 0/8 .. 7/8 of a cell
@@ -102,19 +106,20 @@ def _auto_color() -> bool:
 
 
 def format_attributions(tokens: list[str], scores, *, color: bool | None = None, width: int = 40,
-                        special=None) -> str:
+                        special=None, only=None) -> str:
     """Format one attribution score per token as lines of ``position  token  score  bar``.
 
     ``tokens`` are the token strings as text (decode each id, e.g. ``[tok.decode([i]) for i in ids]``);
     spaces show as '·', newlines and tabs as ``\\n``/``\\t``, other unprintable characters as Python escapes.
     ``scores`` is a list, a NumPy array or a torch tensor of the same length. Scores show with 4 significant
     digits; the bar's length is ``width * |score| / max|score|`` in eighth-of-a-cell steps. ``special``: one flag
-    per token marking special tokens (``<bos>``, ...; e.g. ``[i in tok.all_special_ids for i in ids]``): they are
+    per token marking special tokens (``<bos>``, ...; ``gim_fast.chat.special_mask(tok, ids)``): they are
     left out of max|score| and show their exact score with ``(special)`` instead of a bar, so that a large score
     on <bos> does not flatten the bars of the real tokens. With ``color``
     the bar is green for a positive score and red for a negative one (ANSI escapes); ``None`` means color when
-    standard output is a terminal and ``NO_COLOR`` is not set. Returns the lines joined by newlines, with no
-    trailing newline.
+    standard output is a terminal and ``NO_COLOR`` is not set. ``only``: the positions to print (e.g.
+    :func:`top_positions` of a long input), in the order given; each keeps its position number, and the bars keep the
+    scale of the whole input. Returns the lines joined by newlines, with no trailing newline.
     """
     values = _as_floats(scores)
     tokens = list(tokens)
@@ -127,17 +132,25 @@ def format_attributions(tokens: list[str], scores, *, color: bool | None = None,
     if not values:
         return ""
 
+    flags = list(special) if special is not None else [False] * len(values)
+    if len(flags) != len(values):
+        raise ValueError(f"special has {len(flags)} flags for {len(values)} scores; give one per token")
+    rows = list(range(len(values))) if only is None else [int(i) for i in only]
+    if any(not 0 <= i < len(values) for i in rows):
+        raise ValueError(f"only: positions must lie in [0, {len(values)})")
+    if not rows:
+        return ""
     shown = [_visible(str(t)) for t in tokens]
-    token_cells = min(max(_cells(s) for s in shown), _MAX_TOKEN_CELLS)
+    token_cells = min(max(_cells(shown[i]) for i in rows), _MAX_TOKEN_CELLS)
     index_cells = len(str(len(values) - 1))
     texts = [f"{v:+.4g}" if not math.isnan(v) else "nan" for v in values]
-    score_cells = max(len(t) for t in texts)
-    flags = list(special) if special is not None else [False] * len(values)
+    score_cells = max(len(texts[i]) for i in rows)
     peak = display_peak(values, flags)
     scaled_all = all(flags)          # every token special: they are the scale
 
     lines = []
-    for i, (token, value, text) in enumerate(zip(shown, values, texts)):
+    for i in rows:
+        token, value, text = shown[i], values[i], texts[i]
         if flags[i] and not scaled_all:
             lines.append(f"{i:>{index_cells}}  {_fit(token, token_cells)}  {text:>{score_cells}}  (special)")
             continue
@@ -153,6 +166,28 @@ def format_attributions(tokens: list[str], scores, *, color: bool | None = None,
         line = f"{i:>{index_cells}}  {_fit(token, token_cells)}  {text:>{score_cells}}  {bar}"
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def top_positions(scores, k: int, special=None) -> list[int]:
+    """The positions of the ``k`` largest |scores| among the tokens that are not special (all tokens when every
+    one is), in position order."""
+    values = _as_floats(scores)
+    flags = list(special) if special is not None else [False] * len(values)
+    pool = [i for i in range(len(values)) if not flags[i]] or list(range(len(values)))
+    ranked = sorted(pool, key=lambda i: (-(abs(values[i]) if math.isfinite(values[i]) else math.inf), i))
+    return sorted(ranked[:k])
+
+
+def format_summary(scores, special=None) -> str:
+    """One line about all the scores of an input: how many tokens, the sum, the positive and negative parts, and
+    how many special tokens are left out of them."""
+    values = _as_floats(scores)
+    flags = list(special) if special is not None else [False] * len(values)
+    real = [v for v, f in zip(values, flags) if not f and math.isfinite(v)]
+    left_out = sum(flags)
+    extra = f" ({plural(left_out, 'special token')} left out)" if left_out else ""
+    return (f"{plural(len(values), 'token')}: sum {sum(real):+.4g} = positive {sum(v for v in real if v > 0):+.4g} "
+            f"+ negative {sum(v for v in real if v < 0):+.4g}{extra}")
 
 
 def format_answer(tokens: list[str], answer_tokens: list[str], scores, values, *, top: int = 3,

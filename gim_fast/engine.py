@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .integration import GIM, checkpointed_layers, eval_mode, released_heap
-# ModelIO and hf_model_io live in the integration layer; still importable from here, where they used to be
-from .integration.model_io import ModelIO, hf_model_io, model_io  # noqa: F401
+from .integration import GIM, ModelIO, ModelState, checkpointed_layers, model_io, released_heap
 from .memory import plan_checkpointing, plan_cotangents
-from .settings import GIMSettings, resolve_backend
+from .backends import resolve_backend
+from .settings import GIMSettings
 
 
 @dataclass
@@ -29,19 +28,6 @@ class Attribution:
     target_logits: torch.Tensor   # [B], the raw logit being explained
     target_positions: torch.Tensor  # [B], absolute positions in the padded input
     checkpointing: bool = False   # whether decoder layers were checkpointed
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: torch.nn.Module):
-    """``requires_grad_(False)`` on every parameter for the duration; the flags are restored exactly."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _check_not_inference(model) -> None:
@@ -108,15 +94,15 @@ def forward_pass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k
     # Positions count real tokens only, so a left-padded row sees the same positions as when it is alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(frozen_parameters(model))
-        stack.enter_context(eval_mode(model))
+    with ModelState() as state:
+        state.freeze_parameters(model)
+        state.eval(model)
         if settings is not None:
-            stack.enter_context(GIM.from_settings(model, settings))
+            state.enter_context(GIM.from_settings(model, settings))
         if use_checkpoints:
-            stack.enter_context(checkpointed_layers(io.hf_model))
+            state.enter_context(checkpointed_layers(io.hf_model))
         if io.hf_model is not None:  # the memory estimate counts on it for layers on the CPU
-            stack.enter_context(released_heap(io.hf_model))
+            state.enter_context(released_heap(io.hf_model))
         with torch.no_grad():
             baseline = io.embed(torch.full_like(input_ids, baseline_token_id))
             inputs = io.embed(input_ids)
@@ -161,10 +147,9 @@ def attribute(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targ
                        target_positions, run.checkpointing)
 
 
-TARGETS = ("logit", "logprob")
-# explain_answer's automatic chunk: at most this many cotangents per backward pass (when the memory allows). On
-# the CPU (SmolLM2's shapes, 1k tokens) 4–8 were fastest: a bigger stack shares more attention work but its
-# elementwise passes fall out of cache. On a GPU a bigger stack fills the device (not measured yet).
+# explain_answer's automatic chunk: at most this many cotangents per backward pass (when the memory allows). On a
+# CPU a bigger stack shares more attention work but its elementwise passes fall out of cache; on a GPU a bigger
+# stack fills the device (docs/performance.md).
 MAX_CHUNK = {"cpu": 8, "cuda": 32}
 
 

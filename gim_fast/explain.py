@@ -11,11 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .engine import attribute, model_io
-from .integration import check_model
-from .settings import GIMSettings
-
-_DEFAULTS = GIMSettings()
+from .engine import attribute
+from .integration import check_model, model_io
+from .settings import DEFAULTS, GIMSettings
 
 
 def _as_index(value, what: str) -> int:
@@ -106,20 +104,18 @@ def _per_row(value, batch: int, what: str) -> list | None:
     return [_as_index(value, what)] * batch
 
 
-def checked_call(model, checkpointing, **gim_settings) -> GIMSettings:
-    """The GIM settings, the model and ``checkpointing`` checked, before anything runs: the settings."""
-    settings = GIMSettings(**gim_settings)
+def check_call(model, settings: GIMSettings, checkpointing) -> None:
+    """The model and ``checkpointing`` checked before anything runs (``settings`` were checked when built)."""
     check_model(model)
     if checkpointing not in ("auto", True, False):
         raise ValueError(f"checkpointing must be 'auto', True or False, got {checkpointing!r}")
-    return settings
 
 
 def explain(model, input_ids, *, target_token_id=None, target_position=-1, baseline_token_id=None, tokenizer=None,
-            attention_mask=None, freeze_norm=_DEFAULTS.freeze_norm,
-            softmax_temperature=_DEFAULTS.softmax_temperature, q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale,
-            v_scale=_DEFAULTS.v_scale, gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale,
-            backend=_DEFAULTS.backend, checkpointing="auto") -> torch.Tensor:
+            attention_mask=None, freeze_norm=DEFAULTS.freeze_norm,
+            softmax_temperature=DEFAULTS.softmax_temperature, q_scale=DEFAULTS.q_scale, k_scale=DEFAULTS.k_scale,
+            v_scale=DEFAULTS.v_scale, gate_scale=DEFAULTS.gate_scale, up_scale=DEFAULTS.up_scale,
+            backend=DEFAULTS.backend, checkpointing="auto") -> torch.Tensor:
     """GIM attribution of each input token to one target logit.
 
     Args:
@@ -134,8 +130,8 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
             token, else its unk token).
         attention_mask: ``[B, S]`` with 1 for real tokens and 0 for padding (left or right); each row gives
             the same scores as when attributed alone.
-        freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale: GIM settings;
-            ``None`` turns one off.
+        freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale: GIM settings
+            (``gim_fast.GIMSettings``); ``None`` turns one off.
         backend: ``"auto"``, ``"torch"``, ``"eager"`` or ``"triton"`` (see ``gim_fast.ops``).
         checkpointing: ``"auto"`` checkpoints decoder layers only when the memory estimate says the activations
             would not fit otherwise; True/False force it. A request that cannot fit even with checkpointing
@@ -145,9 +141,18 @@ def explain(model, input_ids, *, target_token_id=None, target_position=-1, basel
         Scores ``[S]`` for 1-D input, ``[B, S]`` for 2-D (0 at padded positions), float32 (float64 for a
         float64 model), on the model's device.
     """
-    settings = checked_call(model, checkpointing, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
-                            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
-                            up_scale=up_scale, backend=backend)
+    settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
+                           k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
+                           backend=backend)
+    return explain_with(model, input_ids, settings, target_token_id=target_token_id,
+                        target_position=target_position, baseline_token_id=baseline_token_id, tokenizer=tokenizer,
+                        attention_mask=attention_mask, checkpointing=checkpointing)
+
+
+def explain_with(model, input_ids, settings: GIMSettings, *, target_token_id=None, target_position=-1,
+                 baseline_token_id=None, tokenizer=None, attention_mask=None, checkpointing="auto") -> torch.Tensor:
+    """:func:`explain` with the GIM settings as one :class:`~gim_fast.settings.GIMSettings`."""
+    check_call(model, settings, checkpointing)
     ids = as_id_tensor(input_ids)
     squeeze = ids.dim() == 1
     mask = as_mask(attention_mask, ids)

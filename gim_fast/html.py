@@ -99,6 +99,30 @@ def _token_html(token: str) -> str:
     return out
 
 
+_HEADING_CHARS = 100      # a label longer than this (a long prompt) is cut in the heading; the full text is its tooltip
+
+
+def _heading_html(label: str) -> str:
+    """A block's heading: the label's first line, cut to 100 characters, so that a long prompt does not push its
+    coloured tokens off the first screen; the whole label (up to 2,000 characters) is the heading's tooltip."""
+    label = _printable(label)
+    first = label.split("\n", 1)[0]
+    if len(first) <= _HEADING_CHARS and first == label:
+        return escape(label)
+    cut = first[:_HEADING_CHARS].rstrip() + " …"
+    tip = label if len(label) <= 2000 else label[:2000] + " …"
+    return f'<span title="{escape(tip)}">{escape(cut, quote=False)}</span>'
+
+
+def _label_text(text: str) -> str:
+    """A label that stays visible when it is only whitespace (a newline token as a row label): line breaks as
+    '↵', tabs as '⇥', spaces as '·'; other labels as they are."""
+    text = _printable(text)
+    if text.strip():
+        return text.replace("\n", "↵").replace("\t", "⇥")
+    return "".join({"\n": "↵", "\t": "⇥", "\r": "␍"}.get(c, "·") for c in text) or "∅"
+
+
 def _row_html(row: HtmlRow, number: int) -> str:
     scores = _floats(row.scores)
     tokens = [str(t) for t in row.tokens]
@@ -122,7 +146,7 @@ def _row_html(row: HtmlRow, number: int) -> str:
             tip += " | special token: not on the colour scale"
         spans.append(f'<span class="{kind}" style="background-color: {colour}" data-score="{score:.6g}" '
                      f'title="{escape(tip)}">{_token_html(token)}</span>')
-    heading = escape(_printable(row.label or f"row {number}"))
+    heading = _heading_html(row.label or f"row {number}")
     meta = []
     if row.target is not None:
         meta.append(f"target {escape(_printable(repr(row.target)))}")
@@ -172,12 +196,20 @@ def _write_page(path, text: str) -> Path:
 
 def rows_from_table(table, special_ids: Iterable[int] = ()) -> list[HtmlRow]:
     """HtmlRows from a job's results (a pyarrow Table or a list of dicts with the job's output columns);
-    ``special_ids``: the tokenizer's special token ids (``tokenizer.all_special_ids``), kept off the colour scale."""
+    ``special_ids``: the tokenizer's special token ids (``gim_fast.chat.special_token_ids``), kept off the colour
+    scale."""
     records = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
     special_ids = set(special_ids)
     return [HtmlRow(r["tokens"], r["scores"], label=f"id {r['id']} (line {r['line']})", target=r["target"],
                     target_logit=r["target_logit"], token_ids=r["token_ids"],
-                    special=[i in special_ids for i in r["token_ids"]]) for r in records]
+                    special=_special_flags(r, r["token_ids"], special_ids)) for r in records]
+
+
+def _special_flags(record: dict, ids, special_ids: set) -> list[bool]:
+    """A job row's special tokens: the tokenizer's, and a chat template's (its ``template`` column, --chat)."""
+    template = record.get("template") or [False] * len(record["token_ids"])
+    flags = [i in special_ids for i in ids]
+    return [f or (j < len(template) and bool(template[j])) for j, f in enumerate(flags)]
 
 
 # ------------------------------------------------------------------------------------------ answers × sources
@@ -263,27 +295,37 @@ def _answer_view_html(view: AnswerView, number: int) -> str:
         for m, t in enumerate(answer))
     body = (f'<div class="av tokens">{answer_spans}<span class="alabel">answer (point at a token):</span>'
             f'<div class="srcs">{joiner.join(spans)}</div></div>')
-    heatmap = view.heatmap if view.heatmap is not None else len(sources) <= HEATMAP_MAX_SOURCES
+    heatmap = _draws_heatmap(view)
     table = ""
+    if not heatmap:
+        why = (f"{plural(len(sources), 'source')}, more than {HEATMAP_MAX_SOURCES}" if view.heatmap is None
+               else "heatmap=False")
+        table = (f'<p class="legend nohm">The sources × answer tokens table is left out ({why}; '
+                 "AnswerView(heatmap=True) draws it): point at an answer token to colour the sources.</p>")
     if heatmap:
         head = "".join(f'<th title="answer token {m}">{_token_html(t)}</th>' for m, t in enumerate(answer))
         rows = []
         for j in range(len(sources)):
             colour = (lambda _score, _peak: "transparent") if off_scale[j] else _colour
             cells = "".join(
-                f'<td class="v" style="background-color: {colour(row[j], peaks[m])}" '
+                f'<td class="v c{m}" style="background-color: {colour(row[j], peaks[m])}" '
                 f'title="{escape(f"{_printable(repr(answer[m]))} ← {_printable(labels[j])}: {row[j]:+.6g}")}"></td>'
                 for m, row in enumerate(scores))
-            rows.append(f'<tr><td class="lab" title="{escape(_printable(sources[j]))}">{escape(_printable(labels[j]))}'
-                        f'</td>{cells}<td class="v" style="background-color: {colour(total[j], total_peak)}" '
+            rows.append(f'<tr><td class="lab" title="{escape(_printable(sources[j]))}">'
+                        f'{escape(_label_text(labels[j]), quote=False)}</td>'
+                        f'{cells}<td class="v" style="background-color: {colour(total[j], total_peak)}" '
                         f'title="whole answer: {total[j]:+.6g}"></td></tr>')
         table = (f'<table class="hm"><tr><th>source</th>{head}<th>whole answer</th></tr>' + "".join(rows)
                  + "</table>")
     meta = [plural(len(sources), "source"), plural(len(answer), "answer token")]
     meta += [escape(f"{k} {v}") for k, v in view.meta.items()]
-    heading = escape(_printable(view.label or f"answer {number}"))
+    heading = _heading_html(view.label or f"answer {number}")
     return (f'<section class="row">\n<h2>{heading} <span class="meta">— {" · ".join(meta)}</span></h2>\n'
             f"{body}\n{table}\n</section>")
+
+
+def _draws_heatmap(view: AnswerView) -> bool:
+    return view.heatmap if view.heatmap is not None else len(view.sources) <= HEATMAP_MAX_SOURCES
 
 
 def render_answer_html(views: Iterable[AnswerView], *, title: str = "Which sources the answer came from",
@@ -296,13 +338,17 @@ def render_answer_html(views: Iterable[AnswerView], *, title: str = "Which sourc
     views = list(views)
     blocks = [_answer_view_html(v, n) for n, v in enumerate(views, start=1)]
     longest = max((len(v.answer_tokens) for v in views), default=0)
-    rules = "".join(f".a{m}:hover ~ .srcs .src, .a{m}:focus ~ .srcs .src, .a{m}:target ~ .srcs .src "
+    # answer token m hovered, focused or the URL's #fragment, or a heatmap cell of its column hovered: the sources
+    # take their colour for m (:has() finds the hovered cell below the sources)
+    rules = "".join(f".a{m}:hover ~ .srcs .src, .a{m}:focus ~ .srcs .src, .a{m}:target ~ .srcs .src, "
+                    f"section.row:has(td.c{m}:hover) .srcs .src "
                     f"{{ background-color: var(--a{m}, transparent); }}\n" for m in range(longest))
     sub = f'<p class="legend">{escape(subtitle)}</p>\n' if subtitle else ""
+    cells = " or a cell" if any(_draws_heatmap(v) for v in views) else ""
     legend = ('<p class="legend">Sources are coloured by their score for the whole answer; point at an answer token '
-              "to colour them by their score for that token alone. Green raises the answer's target, red lowers it; "
-              "strength is relative to the largest |score|, special tokens (dashed outline) left out. Hover a source "
-              "or a cell for its exact score.</p>")
+              f"{'(or a cell of its column) ' if cells else ''}to colour them by their score for that token alone. "
+              "Green raises the answer's target, red lowers it; strength is relative to the largest |score|, special "
+              f"tokens (dashed outline) left out. Hover a source{cells} for its exact score.</p>")
     return _page(title, _STYLE + _ANSWER_STYLE + rules, sub + legend, blocks)
 
 
@@ -319,5 +365,5 @@ def answer_views_from_table(table, special_ids: Iterable[int] = ()) -> list[Answ
     special_ids = set(special_ids)
     return [AnswerView(sources=[*r["tokens"], *r["answer_tokens"]], answer_tokens=r["answer_tokens"],
                        scores=r["scores"], label=f"id {r['id']} (line {r['line']}): answer {r['answer']!r}",
-                       joiner="", special=[i in special_ids for i in [*r["token_ids"], *r["answer_ids"]]])
+                       joiner="", special=_special_flags(r, [*r["token_ids"], *r["answer_ids"]], special_ids))
             for r in records]

@@ -26,10 +26,10 @@ Hq/Hkv heads of dim D:
 
 Without checkpointing every layer's saved tensors live until the backward reaches it, and the peak is inside
 the first layer's backward: L × saved + one backward. With per-layer checkpointing only each layer's input is
-kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward. These counts match the tensor
-bytes measured with a dispatch-mode tracker within 0–8 % (``bench/memory.py --tensors``).
+kept (L·b·N·H) and one layer is recomputed at a time: + 1 × saved + one backward. ``bench/memory.py --tensors``
+compares these counts with the tensor bytes a dispatch-mode tracker sees (docs/memory.md).
 
-The margin on top of the tensors, by device (the README's memory section has the measurements):
+The margin on top of the tensors, by device (docs/memory.md has the measurements):
 
 * CPU: glibc's ``malloc`` serves blocks below its dynamic mmap threshold (at most 32 MiB) from a heap that keeps
   what is freed and fragments. ``explain`` hands freed heap memory back after every decoder layer and each of its
@@ -52,26 +52,26 @@ from dataclasses import dataclass, field
 import torch
 
 from .integration.heap import can_release_heap
+from .ops.attention_chunked import auto_chunk_size
 
 # glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): smaller blocks come from the heap.
 _HEAP_BLOCK = 32 << 20
 # CPU, with freed heap memory handed back between modules (integration.released_heap, glibc): resident bytes per
 # byte of tensors, plus this many of the largest heap-sized tensor (holes the heap cannot reuse between two
 # trims), plus what the first call loads (BLAS buffers, oneDNN kernels, code pages). Calibrated on the grid of
-# bench/memory.py: SmolLM2-135M, Gemma-3-270M and two Llama-3.1-8B layers, 512–8k tokens (README).
+# bench/memory.py: SmolLM2-135M, Gemma-3-270M and two Llama-3.1-8B layers, 512–8k tokens (docs/memory.md).
 _CPU_FACTOR = 1.05
 _HEAP_HOLES = 4
 _FRAMEWORK = 28 << 20
 # CPU, attention math in float32 on reduced-precision inputs by gim_fast's own code (the eager backend, the torch
 # backend's row-chunked path): its float32 copies and results, allocated and freed inside one module (no trim
-# between), leave holes: this many times float32 Q, K and V, plus _CAST_FIXED for the eager backend (measured on
-# SmolLM2-135M and Gemma-3-270M in bfloat16, 512–2,048 tokens; the torch backend's row tiles re-measured at 512–4,096
-# after they became its one backward, 2026-12-01: no fixed part needed).
+# between), leave holes: this many times float32 Q, K and V, plus _CAST_FIXED for the eager backend (the torch
+# backend's row tiles need no fixed part). Calibrated on bench/memory.py's grid (docs/memory.md).
 _CAST_HOLES = 3
 _CAST_FIXED = 16 << 20
 # CPU without malloc_trim (not glibc): the heap keeps its high-water mark; tensors under _HEAP_BLOCK may cost twice.
 _HEAP_FACTOR = 2.0
-# CUDA: the caching allocator's rounding (512 B blocks, 2 MiB segments) and the cuBLAS workspace (not yet measured).
+# CUDA: the caching allocator's rounding (512 B blocks, 2 MiB segments) and the cuBLAS workspace.
 _CUDA_FACTOR = 1.05
 # explain_answer: below this many cotangents per backward pass, checkpointing (to fit more) is worth its recompute
 _SMALL_CHUNK = 4
@@ -175,18 +175,15 @@ def _layer_saved(d: Dims, batch: int, seq: int, b: int, c: int, backend: str) ->
 
 
 def _cast_holes(d: Dims, batch: int, c: int, backend: str, cotangents: int) -> bool:
-    """Whether a 16-bit torch-backend call leaves the heap holes of float32 copies (``_CAST_HOLES``): measured on
-    the calls whose forward runs in row tiles too (soft-capping, windows, padded batches) or that push a stack of
-    cotangents back; one unpadded row (the CPU flash forward, then the row-tiled backward) measured without them
-    (SmolLM2-135M, Gemma-3-270M, two Llama-3.1-8B layers, 512–8,192 tokens, bfloat16)."""
+    """Whether a 16-bit torch-backend call leaves the heap holes of float32 copies (``_CAST_HOLES``): the calls
+    whose forward runs in row tiles too (soft-capping, windows, padded batches) or that push a stack of cotangents
+    back do; one unpadded row (the CPU flash forward, then the row-tiled backward) does not (docs/memory.md)."""
     return backend == "torch" and (d.softcap or c == 8 or cotangents > 1 or batch > 1
                                    or d.sliding_window is not None)
 
 
 def _attention_backward(d: Dims, batch: int, seq: int, b: int, c: int, backend: str, cotangents: int) -> Tensors:
     """The transient tensors of one layer's attention backward."""
-    from .ops.attention_chunked import auto_chunk_size
-
     n = batch * seq
     q, kv = n * d.q_heads * d.head_dim, n * d.kv_heads * d.head_dim
     if backend == "eager":  # dP, P_T, dP − rowsum, dS (P itself is freed by then)

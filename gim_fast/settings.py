@@ -1,13 +1,20 @@
-"""The GIM settings, their validation, and the choice of backend."""
+"""The GIM settings, defined once: their defaults, validation and command-line options.
+
+Everything that lists the settings reads them from here: the public functions' keyword arguments
+(``explain``, ``explain_answer``, ``explain_generation``, ``attribute_context``, ``GIM``) take their defaults from
+:data:`DEFAULTS`, the command line builds its options from :func:`cli_options`, the evaluation's ablations come
+from :meth:`GIMSettings.only`, and a job's manifest records :meth:`GIMSettings.as_dict`. Inside the package a
+function that applies GIM takes one :class:`GIMSettings`.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 BACKENDS = ("auto", "eager", "torch", "triton")
+# what an answer attribution explains for each answer token: its raw logit or its log-probability
+TARGETS = ("logit", "logprob")
 
 
 def _is_number(value) -> bool:
@@ -23,6 +30,18 @@ def check_temperature(value):
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"softmax_temperature must be a finite number > 0 or None (off), got {value!r}")
     return float(value)
+
+
+def tempered(temperature: float | None) -> float | None:
+    """The temperature the backward applies: ``None`` when the rule is the plain softmax gradient.
+
+    With P_T = softmax(S / T) the rule is ``dS = P_T ⊙ (dP − rowsum(dP ⊙ P_T))``; at T = 1, P_T = P and this is
+    exactly the softmax's own gradient, so T = 1 and ``None`` (off) are the same rule. Every backend and the
+    TransformerLens hooks decide "is the temperature on" through this one function.
+    """
+    if temperature is None or float(temperature) == 1.0:
+        return None
+    return float(temperature)
 
 
 def check_scale(name: str, value):
@@ -42,54 +61,101 @@ def check_backend(value) -> str:
     return value
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _setting(default, kind: str, option: str, help: str, modification: str | None):
+    """A field of :class:`GIMSettings` with what the command line and the ablations need to know of it.
 
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs: ``auto`` is ``triton`` on CUDA (float16/bfloat16/float32) and ``torch`` elsewhere.
-
-    ``triton`` runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests); the kernels
-    compute in float32, so float64 inputs need ``torch`` or ``eager``.
+    kind: ``"switch"`` (a bool, on by default: the option turns it off), ``"temperature"`` (a number > 0 or
+    none), ``"scale"`` (a number >= 0 or none), ``"choice"`` (one of :data:`BACKENDS`). modification: the
+    group of the paper's ablation the setting belongs to (None: not a modification).
     """
-    device = torch.device(device)
-    if backend == "auto":
-        usable = device.type == "cuda" and dtype != torch.float64 and _triton_available()
-        return "triton" if usable else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton); "
-                             "use backend='torch' (row-chunked, any device) or 'eager'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, "
-                             f"for tests), got tensors on {device}; use backend='torch' or 'auto'")
-        if dtype == torch.float64:
-            raise ValueError("backend='triton' computes in float32 and takes float16, bfloat16 or float32 "
-                             "inputs, got float64; use backend='torch' or 'eager' for float64")
-    return backend
+    return field(default=default, metadata={"kind": kind, "option": option, "help": help,
+                                            "modification": modification})
 
 
 @dataclass(frozen=True)
 class GIMSettings:
-    """Every GIM knob; ``None`` turns a modification off. With all off the backward is plain autograd."""
+    """Every GIM knob; ``None`` turns a modification off. With all off the backward is plain autograd.
 
-    freeze_norm: bool = True
-    softmax_temperature: float | None = 2.0
-    q_scale: float | None = 0.25
-    k_scale: float | None = 0.25
-    v_scale: float | None = 0.5
-    gate_scale: float | None = 0.5
-    up_scale: float | None = 0.5
-    backend: str = "auto"
+    Validated on construction (a ``TypeError``/``ValueError`` naming the setting and what is accepted) and
+    immutable: ``settings.replace(q_scale=None)`` makes a changed copy.
+    """
+
+    freeze_norm: bool = _setting(True, "switch", "--no-freeze-norm",
+                                 "let gradients flow through the normalisation statistics (default: frozen)",
+                                 "freeze_norm")
+    softmax_temperature: float | None = _setting(2.0, "temperature", "--temperature",
+                                                 "softmax temperature of the attention backward", "temperature")
+    q_scale: float | None = _setting(0.25, "scale", "--q-scale", "gradient scale", "qkv_scaling")
+    k_scale: float | None = _setting(0.25, "scale", "--k-scale", "gradient scale", "qkv_scaling")
+    v_scale: float | None = _setting(0.5, "scale", "--v-scale", "gradient scale", "qkv_scaling")
+    gate_scale: float | None = _setting(0.5, "scale", "--gate-scale", "gradient scale", "mlp_scaling")
+    up_scale: float | None = _setting(0.5, "scale", "--up-scale", "gradient scale", "mlp_scaling")
+    backend: str = _setting("auto", "choice", "--backend", "attention backend", None)
 
     def __post_init__(self):
-        if not isinstance(self.freeze_norm, bool):
-            raise TypeError(f"freeze_norm must be True or False, got {self.freeze_norm!r}")
-        object.__setattr__(self, "softmax_temperature", check_temperature(self.softmax_temperature))
-        for name in ("q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
-            object.__setattr__(self, name, check_scale(name, getattr(self, name)))
-        check_backend(self.backend)
+        for f in dataclasses.fields(self):
+            kind, value = f.metadata["kind"], getattr(self, f.name)
+            if kind == "switch" and not isinstance(value, bool):
+                raise TypeError(f"{f.name} must be True or False, got {value!r}")
+            if kind == "temperature":
+                object.__setattr__(self, f.name, check_temperature(value))
+            elif kind == "scale":
+                object.__setattr__(self, f.name, check_scale(f.name, value))
+            elif kind == "choice":
+                check_backend(value)
+
+    @classmethod
+    def off(cls, *, backend: str = "auto") -> "GIMSettings":
+        """Every modification off: the backward is plain autograd's."""
+        return cls(**{f.name: False if f.metadata["kind"] == "switch" else None
+                      for f in dataclasses.fields(cls) if f.metadata["modification"]}, backend=backend)
+
+    @classmethod
+    def only(cls, modification: str, *, backend: str = "auto") -> "GIMSettings":
+        """One modification of the paper at its default (one of :data:`MODIFICATIONS`), every other one off."""
+        if modification not in MODIFICATIONS:
+            raise ValueError(f"unknown modification {modification!r}; accepted: {', '.join(MODIFICATIONS)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.metadata["modification"] == modification}
+        return cls.off(backend=backend).replace(**defaults)
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature the backward applies (``None`` when it is the plain softmax gradient; see
+        :func:`tempered`)."""
+        return tempered(self.softmax_temperature)
+
+    def replace(self, **changes) -> "GIMSettings":
+        """A copy with ``changes`` (checked like the constructor's arguments)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """``{name: value}`` in field order: the keyword arguments of ``gim_fast.explain`` and friends."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The settings' names, in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+DEFAULTS = GIMSettings()
+# the paper's modifications, each a group of settings switched on and off together in its ablation
+MODIFICATIONS = tuple(dict.fromkeys(f.metadata["modification"] for f in dataclasses.fields(GIMSettings)
+                                    if f.metadata["modification"]))
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """One command-line option of a GIM setting, as :func:`cli_options` describes it."""
+
+    name: str          # the GIMSettings field (and argparse dest)
+    flag: str          # e.g. "--q-scale"
+    kind: str          # "switch", "temperature", "scale" or "choice"
+    default: object    # the setting's default
+    help: str
+
+
+def cli_options() -> list[CliOption]:
+    """The command-line option of every GIM setting, in field order."""
+    return [CliOption(f.name, f.metadata["option"], f.metadata["kind"], f.default, f.metadata["help"])
+            for f in dataclasses.fields(GIMSettings)]

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import frozen_parameters
-from ..integration import GIM, eval_mode, family_of
+from ..integration import GIM, ModelState, eval_mode, family_of, frozen_parameters
 from ..settings import GIMSettings
 from .deltas import NodeDeltas
 from .graph import Graph
@@ -70,7 +69,7 @@ class Scores:
 # ------------------------------------------------------------------------------------------------------ recording
 
 
-def record_outputs(layout: Layout, store: dict, stack: contextlib.ExitStack, *, reads: bool = False) -> None:
+def record_outputs(layout: Layout, store: dict, state: ModelState, *, reads: bool = False) -> None:
     """Hooks that put each node's output into ``store`` during a forward pass: ``"emb"``, ``("z", l)`` (the output
     projection's input), ``("mlp", l)``; with post-norms also ``("A", l)``/``("P", l)``, the attention norm's input
     and output. With ``reads``, also the residual stream where the inputs read it: ``("x", l)`` (the input norm's
@@ -81,20 +80,18 @@ def record_outputs(layout: Layout, store: dict, stack: contextlib.ExitStack, *, 
     def keep_input(key):
         return lambda module, args: store.__setitem__(key, args[0])
 
-    handles = [layout.embedding.register_forward_hook(keep_output("emb"))]
+    state.forward_hook(layout.embedding, keep_output("emb"))
     for i, parts in enumerate(layout.layers):
-        handles.append(parts.o_proj.register_forward_pre_hook(keep_input(("z", i))))
-        handles.append(parts.mlp_out.register_forward_hook(keep_output(("mlp", i))))
+        state.forward_pre_hook(parts.o_proj, keep_input(("z", i)))
+        state.forward_hook(parts.mlp_out, keep_output(("mlp", i)))
         if parts.attn_post_norm is not None:
-            handles.append(parts.attn_post_norm.register_forward_pre_hook(keep_input(("A", i))))
-            handles.append(parts.attn_post_norm.register_forward_hook(keep_output(("P", i))))
+            state.forward_pre_hook(parts.attn_post_norm, keep_input(("A", i)))
+            state.forward_hook(parts.attn_post_norm, keep_output(("P", i)))
         if reads:
-            handles.append(parts.input_norm.register_forward_pre_hook(keep_input(("x", i))))
-            handles.append(parts.mlp_norm.register_forward_pre_hook(keep_input(("xm", i))))
+            state.forward_pre_hook(parts.input_norm, keep_input(("x", i)))
+            state.forward_pre_hook(parts.mlp_norm, keep_input(("xm", i)))
     if reads:
-        handles.append(layout.final_norm.register_forward_pre_hook(keep_input("xf")))
-    for handle in handles:
-        stack.callback(handle.remove)
+        state.forward_pre_hook(layout.final_norm, keep_input("xf"))
 
 
 def norm_jvp(model, norm: torch.nn.Module, x: torch.Tensor, v: torch.Tensor, *, frozen: bool) -> torch.Tensor:
@@ -146,19 +143,16 @@ class _Scorer:
         self.scores, self.per_position = scores, per_position
         self.norm_inputs: dict[int, torch.Tensor] = {}
 
-    def install(self, stack: contextlib.ExitStack) -> None:
-        handles = []
+    def install(self, state: ModelState) -> None:
+        """The scoring hooks, removed when ``state`` exits."""
         for layer, parts in enumerate(self.layout.layers):
-            handles.append(parts.input_norm.register_forward_pre_hook(self._keep_norm_input(layer)))
+            state.forward_pre_hook(parts.input_norm, self._keep_norm_input(layer))
             for module, kinds in parts.projections:
-                handles.append(module.register_forward_hook(self._on_projection(layer, kinds)))
+                state.forward_hook(module, self._on_projection(layer, kinds))
             rows = self.graph.upstream(layer) + self.graph.heads
-            handles.append(parts.mlp_norm.register_forward_pre_hook(
-                self._on_residual_read(rows, [self.graph.mlp_input(layer)])))
-        handles.append(self.layout.final_norm.register_forward_pre_hook(
-            self._on_residual_read(self.graph.n_sources, [self.graph.logits_input])))
-        for handle in handles:
-            stack.callback(handle.remove)
+            state.forward_pre_hook(parts.mlp_norm, self._on_residual_read(rows, [self.graph.mlp_input(layer)]))
+        state.forward_pre_hook(self.layout.final_norm,
+                               self._on_residual_read(self.graph.n_sources, [self.graph.logits_input]))
 
     def _keep_norm_input(self, layer):
         def hook(module, args):
@@ -229,11 +223,9 @@ class _Scorer:
 @contextlib.contextmanager
 def _embedding_override(layout: Layout, value_fn):
     """Replace the embedding's output by ``value_fn(output)`` (a leaf that requires grad) for the duration."""
-    handle = layout.embedding.register_forward_hook(lambda module, args, out: value_fn(out))
-    try:
+    with ModelState() as state:
+        state.forward_hook(layout.embedding, lambda module, args, out: value_fn(out))
         yield
-    finally:
-        handle.remove()
 
 
 def _forward(model, ids: torch.Tensor, positions: int) -> torch.Tensor:
@@ -243,8 +235,8 @@ def _forward(model, ids: torch.Tensor, positions: int) -> torch.Tensor:
 def _record(model, layout: Layout, ids: torch.Tensor, positions: int) -> dict:
     """Every node's output for ``ids`` (no gradient)."""
     store = {}
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        record_outputs(layout, store, stack)
+    with torch.no_grad(), ModelState() as state:
+        record_outputs(layout, store, state)
         _forward(model, ids, positions)
     return store
 
@@ -258,11 +250,11 @@ def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int]
     if expanded_layers is None:
         expanded_layers = delta_layers(model, graph, clean_ids.numel(), positions=positions)
     corrupt = _record(model, layout, corrupt_ids, positions)
-    with contextlib.ExitStack() as stack:
+    with ModelState() as state:
         if method == "gim":
-            stack.enter_context(GIM.from_settings(model, settings))
+            state.enter_context(GIM.from_settings(model, settings))
         scorer = _Scorer(layout, graph, scores, per_position)
-        scorer.install(stack)
+        scorer.install(state)
         if method == "eap-ig":   # Δ from plain clean and corrupt runs; gradients at k/steps of the way
             clean = _record(model, layout, clean_ids, positions)
             scorer.delta = node_deltas(model, layout, graph, clean, corrupt, frozen_post_norm=False,
@@ -277,7 +269,7 @@ def _score_batch(model, layout: Layout, graph: Graph, task: Task, idx: list[int]
             return
         # gim / eap: one clean forward (recording, with gradient), Δ, one backward
         clean = {}
-        with contextlib.ExitStack() as rec:
+        with ModelState() as rec:
             record_outputs(layout, clean, rec)
             with _embedding_override(layout, lambda out: out.detach().requires_grad_(True)):
                 m = task.metric(_forward(model, clean_ids, positions), targets).sum()

@@ -7,31 +7,25 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
-from ..cli_args import DTYPES, UsageError, positive_int, positive_number
+from ..cli_args import DTYPES, UsageError, add_list_argument, make_parser, positive_int, positive_number
+from ..memory import InsufficientMemoryError
+from .. import models
+from ..progress import Progress
+from ..outputs import check_empty_output_dir, check_output_dir, run_environment
+from .attribution import DEFAULT_IG_STEPS, METHODS
+from .graph import PERCENTAGES
+from .report import markdown_summary, write_results
+from .run import discover
+from .tasks import TASKS, read_task_file
 
 __all__ = ["add_subparser", "run"]
 
+# The most examples one run takes: each is scored by every method and run through every circuit size, so more
+# would run for days on a CPU (and the generated tasks repeat their templates long before).
+MAX_EXAMPLES = 10_000
 _RANKINGS = {"signed": ("signed",), "absolute": ("absolute",), "both": ("signed", "absolute")}
-
-
-def _methods(text: str) -> list[str]:
-    from .attribution import METHODS
-
-    names = [m for m in text.replace(",", " ").split() if m]
-    bad = [m for m in names if m not in METHODS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected methods among {', '.join(METHODS)}, got {text!r}")
-    return names
-
-
-def _levels(text: str) -> list[str]:
-    names = [m for m in text.replace(",", " ").split() if m]
-    if not names or any(m not in ("edge", "node") for m in names):
-        raise argparse.ArgumentTypeError(f"expected levels among edge, node, got {text!r}")
-    return names
 
 
 def _fraction(text: str) -> float:
@@ -53,17 +47,16 @@ def _percent(text: str) -> float:
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``circuit`` on the ``gim-fast`` sub-command parsers."""
-    from .attribution import DEFAULT_IG_STEPS
-    from .graph import PERCENTAGES
-
-    p = subparsers.add_parser(
-        "circuit", help="circuit discovery (edge attribution patching with GIM, EAP, EAP-IG) and its faithfulness",
+    p = make_parser(
+        subparsers, "circuit",
+        help="circuit discovery (edge attribution patching with GIM, EAP, EAP-IG) and its faithfulness",
         description="Score every edge of the model's graph (embedding, attention heads with their q/k/v inputs, "
                     "MLPs, logits) by attribution patching on a task of clean/corrupt prompt pairs, then measure "
                     "the faithfulness of the top-k% circuits as the MIB benchmark's circuit track does: f(k) = "
                     "(m(C) - m(empty)) / (m(full) - m(empty)), CPR = area under f (higher is better), CMD = area "
                     "under |1 - f| (lower is better). Writes OUT/summary.csv, OUT/curve.csv, OUT/edges.parquet, "
-                    "OUT/faithfulness.png and OUT/run.json.",
+                    "OUT/faithfulness.png, OUT/circuit.html (the circuit drawn: pick a size and a method, point at "
+                    "a node or an edge for its score) and OUT/run.json.",
         epilog="Tasks: ioi (ABBA/BABA templates, corrupt prompts with three other names; m = logit(IO) - "
                "logit(S)), greater-than (m = probability of the years after YY minus up to YY), capitals "
                "(country pairs the model knows; m = logit difference of the two capitals), or a JSON Lines file "
@@ -72,12 +65,15 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, metavar="ioi|greater-than|capitals|FILE.jsonl", help="the task")
     p.add_argument("--model", default="smollm2-135m", metavar="M",
                    help="'smollm2-135m' (default), 'gemma3-270m', a Hugging Face model directory or a .gguf file")
-    p.add_argument("--methods", type=_methods, default=["gim", "eap", "eap-ig", "random"], metavar="LIST",
-                   help="comma-separated scoring methods among gim, eap, eap-ig, random (default: all)")
-    p.add_argument("--levels", type=_levels, default=["edge", "node"], metavar="LIST",
-                   help="circuit levels: edge, node or edge,node (default)")
+    add_list_argument(p, "--methods", choices=METHODS, default=["gim", "eap", "eap-ig", "random"], metavar="M",
+                      help="scoring methods among gim, eap, eap-ig, random, separated by spaces or commas "
+                           "(default: all)")
+    add_list_argument(p, "--levels", choices=("edge", "node"), default=["edge", "node"], metavar="L",
+                      help="circuit levels: edge, node or both (default)")
     p.add_argument("--n", type=positive_int(1), default=32, metavar="N", help="examples (default 32)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder, new or empty (created)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an output folder that already holds files (replacing the files of the same names)")
     p.add_argument("--ranking", choices=("signed", "absolute", "both"), default="signed",
                    help="rank edges (nodes) by score (signed, default), by |score| (absolute) or evaluate both; the "
                         "MIB benchmark reports CPR with the signed ranking and CMD with the absolute one")
@@ -85,8 +81,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="the same as --ranking absolute")
     p.add_argument("--no-prune", dest="prune", action="store_false",
                    help="keep circuits as selected (default: prune nodes without incoming or outgoing edges, as MIB)")
-    p.add_argument("--percentages", type=_percent, nargs="+", default=list(PERCENTAGES), metavar="P",
-                   help="circuit sizes in percent (default: MIB's 0.1 0.2 0.5 1 2 5 10 20 50 100)")
+    add_list_argument(p, "--percentages", item=_percent, default=list(PERCENTAGES), metavar="P",
+                      help="circuit sizes in percent (default: MIB's 0.1 0.2 0.5 1 2 5 10 20 50 100)")
     p.add_argument("--ig-steps", type=positive_int(1), default=DEFAULT_IG_STEPS, metavar="M",
                    help=f"EAP-IG interpolation steps (default {DEFAULT_IG_STEPS})")
     p.add_argument("--exact-edges", type=positive_int(0), default=0, metavar="K",
@@ -109,36 +105,35 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
-
-    from ..memory import InsufficientMemoryError
-    from ..evaluate.cli import _environment   # the same record of the machine as gim-fast evaluate
-    from ..models import check_model_name, load_pretrained
-    from ..outputs import check_output_dir
-    from .report import markdown_summary, write_results
-    from .run import discover
-    from .tasks import TASKS
 
     # every argument is checked before the model loads
     if args.task not in TASKS and not Path(args.task).is_file():
         raise UsageError(f"--task: unknown task {args.task!r}; expected one of {', '.join(TASKS)} or a .jsonl file"
                          if not args.task.endswith((".jsonl", ".json", ".ndjson")) else
                          f"--task: no such task file: {args.task!r}")
+    if args.n > MAX_EXAMPLES:
+        raise UsageError(f"--n {args.n}: at most {MAX_EXAMPLES:,} examples (each is scored by every method and run "
+                         f"through every circuit size; the MIB benchmark uses hundreds); give --n {MAX_EXAMPLES} or "
+                         "fewer")
     try:
+        if args.task not in TASKS:
+            read_task_file(args.task, args.n)           # UTF-8, JSON and fields, line by line
         check_output_dir(args.out)
-        check_model_name(args.model, cache_dir=args.cache_dir)
+        if not args.overwrite:
+            check_empty_output_dir(args.out)
+        models.check_model_name(args.model, cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
+        model, tokenizer = models.load_pretrained(args.model, cache_dir=args.cache_dir, dtype=getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     bars = []
 
     def bar(total: int, desc: str):
-        b = tqdm(total=total, desc=desc, disable=args.quiet, file=sys.stderr, leave=False)
+        b = Progress(total, desc, prefix="gim-fast circuit", enabled=not args.quiet)
         bars.append(b)
         return b.update
 
@@ -153,7 +148,7 @@ def run(args) -> int:
     finally:
         for b in bars:
             b.close()
-    files = write_results(result, args.out, command=_command(args), environment=_environment())
+    files = write_results(result, args.out, command=_command(args), environment=run_environment())
     print(markdown_summary(result))
     print(f"\nwrote {', '.join(str(f) for f in files.values())}")
     return 0

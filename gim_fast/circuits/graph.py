@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory import Dims
+from .layout import layout_of
+
 __all__ = ["Graph", "PERCENTAGES"]
 
 # The MIB circuit track's circuit sizes, in percent of the scored edges (or nodes).
@@ -80,16 +83,12 @@ class Graph:
     @classmethod
     def from_config(cls, config) -> "Graph":
         """The graph of a Hugging Face config (no model needed: e.g. to count the edges of an 8B model)."""
-        from ..memory import Dims
-
         d = Dims.of(config)
         return cls(d.layers, d.q_heads, d.kv_heads)
 
     @classmethod
     def from_model(cls, model) -> "Graph":
         """The graph of a Hugging Face causal LM of a supported family (a clear error for any other)."""
-        from .layout import layout_of
-
         layout = layout_of(model)
         return cls(len(layout.layers), layout.heads, layout.kv_heads)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..integration import family_of, tlens
+from ..memory import Dims
 
 __all__ = ["Layout", "LayerParts", "layout_of"]
 
@@ -112,8 +113,6 @@ def layout_of(model) -> Layout:
     """The layout of a Hugging Face causal LM of a supported family; a ValueError/TypeError naming what is
     supported for anything else."""
     from transformers import PreTrainedModel
-
-    from ..memory import Dims
 
     if tlens.is_transformer_lens_model(model):
         raise TypeError("gim_fast.circuits works on Hugging Face models directly; pass the Hugging Face model a "

@@ -20,8 +20,8 @@ patching (one circuit run, no gradient):
     the forward working set (one layer, no gradient)      as one layer of ``estimate_memory``
 
 ``delta_layers`` picks E: every layer when it fits the free memory, fewer otherwise (each compact layer costs one
-output-projection product per use). For Llama-3.1-8B in bf16, 64 prompts × 32 tokens, every layer expanded: Δ =
-16.5 GiB, 28.5 GiB in all, 46.7 GB with the weights: one 80 GB GPU (``python bench/circuits.py --estimate``).
+output-projection product per use). ``python bench/circuits.py --estimate`` prints the estimate for
+Llama-3.1-8B (docs/circuits.md).
 """
 from __future__ import annotations
 

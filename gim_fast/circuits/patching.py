@@ -23,14 +23,11 @@ is then differentiable in it, and ∂m/∂w(u → v) at w = 1 is exactly the att
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from ..engine import frozen_parameters
-from ..integration import eval_mode
-from ..integration.gim import _swap_forward as swap_forward
+from ..integration import ModelState, eval_mode, frozen_parameters
 from .attribution import record_outputs
 from .deltas import NodeDeltas
 from .graph import Graph
@@ -48,8 +45,8 @@ class CorruptRun(dict):
     @classmethod
     def of(cls, model, layout: Layout, corrupt_ids: torch.Tensor) -> "CorruptRun":
         run = cls()
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            record_outputs(layout, run, stack, reads=True)
+        with torch.no_grad(), ModelState() as state:
+            record_outputs(layout, run, state, reads=True)
             model(input_ids=corrupt_ids, use_cache=False, logits_to_keep=1)
         return run
 
@@ -140,18 +137,20 @@ def patched_forward(model, layout: Layout, graph: Graph, clean_ids: torch.Tensor
     if expanded_layers is None:
         expanded_layers = delta_layers(model, graph, clean_ids.numel(), positions=positions)
     patch = _Patch(layout, graph, corrupt, weights, expanded_layers)
-    with contextlib.ExitStack() as stack:
+    with ModelState() as state:
         def hook(module, fn, pre=False):
-            handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
-            stack.callback(handle.remove)
+            if pre:
+                state.forward_pre_hook(module, fn)
+            else:
+                state.forward_hook(module, fn)
 
         hook(layout.embedding, lambda m, a, out: patch.deltas.set_embedding(out - corrupt["emb"]))
         for layer, parts in enumerate(layout.layers):
-            _patch_layer(patch, stack, hook, layer, parts)
+            _patch_layer(patch, state, hook, layer, parts)
         final = layout.final_norm
         final_forward = final.forward
-        swap_forward(final, lambda x: _norm_of(final_forward, x, patch.inputs(x, graph.n_sources,
-                                                                             [graph.logits_input], "xf")), stack)
+        state.swap_forward(final, lambda x: _norm_of(final_forward, x, patch.inputs(x, graph.n_sources,
+                                                                                   [graph.logits_input], "xf")))
         return model(input_ids=clean_ids, use_cache=False, logits_to_keep=positions).logits
 
 
@@ -162,7 +161,7 @@ def _norm_of(forward, x: torch.Tensor, inputs) -> torch.Tensor:
     return forward(inputs.value if isinstance(inputs, CorruptRead) else inputs[0])
 
 
-def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
+def _patch_layer(patch: _Patch, state: ModelState, hook, layer: int, parts) -> None:
     layout, graph, corrupt = patch.layout, patch.graph, patch.corrupt
     norm_forward = parts.input_norm.forward
     columns = {"q": graph.query_inputs(layer), "k": graph.key_inputs(layer), "v": graph.value_inputs(layer)}
@@ -207,7 +206,7 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
             patch.stash[kind] = torch.cat(pieces[kind], dim=-1) if patched[kind] else None
         return norm_forward(x)
 
-    swap_forward(parts.input_norm, input_norm, stack)
+    state.swap_forward(parts.input_norm, input_norm)
     originals = {module: module.forward for module, _ in parts.projections}
     for module, kinds in parts.projections:
         forward = module.forward
@@ -222,7 +221,7 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
             pieces = out.split([layout.width(k) for k in _kinds], dim=-1)
             return torch.cat([p if o is None else o for p, o in zip(pieces, own)], dim=-1)
 
-        swap_forward(module, projection, stack)
+        state.swap_forward(module, projection)
 
     z_corrupt = corrupt[("z", layer)]
     hook(parts.o_proj, lambda m, args: patch.deltas.set_heads(layer, args[0] - z_corrupt), pre=True)
@@ -230,8 +229,8 @@ def _patch_layer(patch: _Patch, stack, hook, layer: int, parts) -> None:
         hook(parts.attn_post_norm, lambda m, args, out: patch.attn.__setitem__(layer, (args[0], out)))
     mlp_norm_forward = parts.mlp_norm.forward
     upstream = graph.upstream(layer) + graph.heads
-    swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x, patch.inputs(
-        x, upstream, [graph.mlp_input(layer)], ("xm", layer))), stack)
+    state.swap_forward(parts.mlp_norm, lambda x: _norm_of(mlp_norm_forward, x, patch.inputs(
+        x, upstream, [graph.mlp_input(layer)], ("xm", layer))))
     mlp_corrupt = corrupt[("mlp", layer)]
     hook(parts.mlp_out, lambda m, args, out: patch.deltas.set_mlp(layer, out - mlp_corrupt))
 

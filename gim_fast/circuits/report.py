@@ -1,5 +1,5 @@
-"""The files of a circuit run: summary.csv, curve.csv, edges.parquet, faithfulness.png, run.json (and
-exact.csv when scores were compared with exact patching)."""
+"""The files of a circuit run: summary.csv, curve.csv, edges.parquet, faithfulness.png, circuit.html (the circuit
+drawn, see ``gim_fast.circuits.html``), run.json (and exact.csv when scores were compared with exact patching)."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from .html import write_circuit_html
 from .run import CircuitResult
 
 __all__ = ["write_results", "summary_rows", "markdown_summary"]
@@ -87,6 +88,7 @@ def write_results(result: CircuitResult, out, *, command: str = "", environment:
         files["exact"] = out / "exact.csv"
         _write_csv(files["exact"], rows)
 
+    files["html"] = write_circuit_html(result, out / "circuit.html")
     plot = _plot(result, out / "faithfulness.png")
     if plot is not None:
         files["plot"] = plot

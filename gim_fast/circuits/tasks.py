@@ -27,8 +27,13 @@ from pathlib import Path
 
 import torch
 
+from ..examples import capital_examples
+from ..integration import eval_mode
+from ..textfiles import iter_lines
+
 __all__ = ["Task", "Metric", "LogitDifference", "YearProbabilityMass", "TaskPerformance", "TaskNotPerformedError",
-           "ioi", "greater_than", "capitals", "from_jsonl", "load_task", "performance", "task_metric", "TASKS", "NAMES"]
+           "ioi", "greater_than", "capitals", "from_jsonl",
+           "read_task_file", "load_task", "performance", "task_metric", "TASKS", "NAMES"]
 
 TASKS = ("ioi", "greater-than", "capitals")
 
@@ -41,16 +46,17 @@ NAMES = ("Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Michael", "Da
 PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park", "beach",
           "library", "market")
 OBJECTS = ("ring", "book", "drink", "snack", "apple", "letter", "gift", "ball", "bottle", "key", "pen", "bag")
-# {x} and {y} name the pair, {s} the one who acts; the answer is the other one of the pair.
+# {x} and {y} name the pair, {s} the one who acts; the answer is the other one of the pair; {a_obj} is the object
+# with its article ("a ring", "an apple").
 IOI_TEMPLATES = (
-    "When {x} and {y} went to the {place}, {s} gave a {obj} to",
-    "After {x} and {y} arrived at the {place}, {s} handed a {obj} to",
-    "Then, {x} and {y} were working at the {place}. {s} decided to give a {obj} to",
-    "While {x} and {y} were walking to the {place}, {s} passed a {obj} to",
-    "Today {x} and {y} spent the day at the {place}. Later, {s} gave a {obj} to",
-    "Yesterday {x} and {y} met at the {place}, and {s} offered a {obj} to",
-    "Friends {x} and {y} found a {obj} at the {place}. {s} gave it to",
-    "At the {place}, {x} and {y} had a long talk. Afterwards {s} sent a {obj} to",
+    "When {x} and {y} went to the {place}, {s} gave {a_obj} to",
+    "After {x} and {y} arrived at the {place}, {s} handed {a_obj} to",
+    "Then, {x} and {y} were working at the {place}. {s} decided to give {a_obj} to",
+    "While {x} and {y} were walking to the {place}, {s} passed {a_obj} to",
+    "Today {x} and {y} spent the day at the {place}. Later, {s} gave {a_obj} to",
+    "Yesterday {x} and {y} met at the {place}, and {s} offered {a_obj} to",
+    "Friends {x} and {y} found {a_obj} at the {place}. {s} gave it to",
+    "At the {place}, {x} and {y} had a long talk. Afterwards {s} sent {a_obj} to",
 )
 EVENTS = ("war", "expedition", "drought", "siege", "journey", "strike", "famine", "dynasty", "reign", "voyage",
           "occupation", "campaign", "revolt", "construction", "trial", "epidemic")
@@ -213,8 +219,9 @@ def ioi(tokenizer, n: int = 32, *, seed: int = 0) -> Task:
             a, b, c, d, e = rng.sample(names, 5)
             place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
             x, y = (a, b) if i % 2 == 0 else (b, a)          # ABBA, then BABA
-            clean_text = template.format(x=x, y=y, s=b, place=place, obj=obj)
-            corrupt_text = template.format(x=c, y=d, s=e, place=place, obj=obj)
+            a_obj = f"{'an' if obj[0] in 'aeiou' else 'a'} {obj}"
+            clean_text = template.format(x=x, y=y, s=b, place=place, a_obj=a_obj)
+            corrupt_text = template.format(x=c, y=d, s=e, place=place, a_obj=a_obj)
             ids, bad = _ids(tokenizer, clean_text), _ids(tokenizer, corrupt_text)
             if ids.shape == bad.shape:
                 break
@@ -276,8 +283,6 @@ def capitals(model, tokenizer, n: int | None = 32, *, seed: int = 0) -> Task:
     """Pairs of countries whose capital the model predicts (its first token is the top prediction after "The
     capital of {country} is"), with prompts of equal token length and different answer tokens: clean = one,
     corrupt = the other. Countries are taken in a seeded random order, up to 4·n known ones."""
-    from ..evaluate.run import capital_examples
-
     # four times as many known countries as pairs wanted leaves enough partners of each prompt length
     known = capital_examples(model, tokenizer, None if n is None else 4 * n, seed=seed).examples
     by_len = defaultdict(list)
@@ -302,44 +307,57 @@ def capitals(model, tokenizer, n: int | None = 32, *, seed: int = 0) -> Task:
     return task.subset(n)
 
 
+_TASK_FIELDS = ("clean", "corrupt", "answer", "corrupt_answer")
+
+
+def read_task_file(path, n: int | None = None) -> list[tuple[int, dict]]:
+    """The rows of a task file as ``(line number, row)``, at most ``n``, checked without a tokenizer (so before a
+    model loads): UTF-8 text, one JSON object per non-empty line with the four non-empty strings ``clean``,
+    ``corrupt``, ``answer`` and ``corrupt_answer``. Errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such task file: {str(path)!r}")
+    rows = []
+    for line_no, line in iter_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k] for k in _TASK_FIELDS):
+            raise ValueError(f"{where}: expected an object with non-empty strings {', '.join(_TASK_FIELDS)}")
+        rows.append((line_no, row))
+        if n is not None and len(rows) >= n:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
 def from_jsonl(path, tokenizer, n: int | None = None) -> Task:
     """A task from a JSON Lines file: ``{"clean", "corrupt", "answer", "corrupt_answer"}`` per line (strings; the
     answers are the one token that follows the prompt, e.g. " Paris"). Errors name the line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such task file: {str(path)!r}")
     clean, corrupt, targets, texts = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            fields = ("clean", "corrupt", "answer", "corrupt_answer")
-            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) or not row[k] for k in fields):
-                raise ValueError(f"{where}: expected an object with non-empty strings {', '.join(fields)}")
-            ids, bad = _ids(tokenizer, row["clean"]), _ids(tokenizer, row["corrupt"])
-            if ids.shape != bad.shape:
-                raise ValueError(f"{where}: the clean and corrupt prompts tokenize to {ids.numel()} and "
-                                 f"{bad.numel()} tokens; they must have the same length")
-            try:
-                a = answer_token(tokenizer, row["clean"], row["answer"], "answer")
-                b = answer_token(tokenizer, row["clean"], row["corrupt_answer"], "corrupt_answer")
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            if a == b:
-                raise ValueError(f"{where}: answer and corrupt_answer are the same token; the metric would be 0")
-            clean.append(ids)
-            corrupt.append(bad)
-            targets.append([a, b])
-            texts.append({k: row[k] for k in fields})
-            if n is not None and len(clean) >= n:
-                break
-    if not clean:
-        raise ValueError(f"{path}: no examples")
+    for line_no, row in read_task_file(path, n):
+        where = f"{path}:{line_no}"
+        ids, bad = _ids(tokenizer, row["clean"]), _ids(tokenizer, row["corrupt"])
+        if ids.shape != bad.shape:
+            raise ValueError(f"{where}: the clean and corrupt prompts tokenize to {ids.numel()} and "
+                             f"{bad.numel()} tokens; they must have the same length")
+        try:
+            a = answer_token(tokenizer, row["clean"], row["answer"], "answer")
+            b = answer_token(tokenizer, row["clean"], row["corrupt_answer"], "corrupt_answer")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if a == b:
+            raise ValueError(f"{where}: answer and corrupt_answer are the same token; the metric would be 0")
+        clean.append(ids)
+        corrupt.append(bad)
+        targets.append([a, b])
+        texts.append({k: row[k] for k in _TASK_FIELDS})
     return Task(path.stem, clean, corrupt, torch.tensor(targets), LogitDifference(), texts)
 
 
@@ -383,8 +401,6 @@ class TaskPerformance:
 
 def task_metric(model, task: Task, prompts: str = "clean", *, batch_size: int = 32) -> torch.Tensor:
     """m per example ``[N]`` from plain forward passes of the clean (or corrupt) prompts, in eval mode."""
-    from ..integration import eval_mode
-
     if prompts not in ("clean", "corrupt"):
         raise ValueError(f"prompts must be 'clean' or 'corrupt', got {prompts!r}")
     device = model.get_input_embeddings().weight.device

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..integration import eval_mode
 from ..sources import ContextPrompt
 
 __all__ = ["answer_logprobs", "ContextAblations", "top_k_sets", "top_k_drop", "lds", "spearman", "random_masks",
@@ -41,8 +42,6 @@ def answer_logprobs(model, prompts: Sequence[Sequence[int]], answer_ids: Sequenc
                     batch_tokens: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
     """``[len(prompts)]`` float64: log p(answer | prompt) for each prompt (lists of token ids), the same answer
     after every prompt. The model is left as it was (eval mode for the call)."""
-    from ..integration import eval_mode
-
     answer = [int(t) for t in answer_ids]
     m = len(answer)
     if m == 0:

@@ -43,10 +43,10 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from .methods import MethodUnavailable
+from .unavailable import MethodUnavailable
 
 __all__ = ["SIDE_PACKAGES", "LOGIT_RTOL", "side_dir", "unavailable", "shared_distributions", "shared_folder",
-           "model_dir", "Worker", "worker_for",
+           "model_dir", "WorkerClient", "worker_for",
            "check_logits", "prepare", "attribute", "conservation_by_block", "close_all"]
 
 # What `make venv` installs into the side folder with --no-deps: everything else transformers 4.52 needs (numpy,
@@ -141,8 +141,9 @@ def model_dir(model) -> Path:
     return path.resolve()
 
 
-class Worker:
-    """One ``lxt_worker.py`` process (CPU, this process's thread count) serving one model at a time."""
+class WorkerClient:
+    """The client side: starts one ``lxt_worker.py`` process (CPU, this process's thread count), which serves one
+    model at a time (its ``WorkerServer``), and sends it requests as JSON lines."""
 
     def __init__(self, threads: int | None = None, side: Path | None = None):
         reason = unavailable() if side is None else None
@@ -220,20 +221,20 @@ class Worker:
         shutil.rmtree(self._shared, ignore_errors=True)
 
 
-_WORKERS: dict[tuple, Worker] = {}
+_WORKERS: dict[tuple, WorkerClient] = {}
 
 
 def _dtype_name(model) -> str:
     return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
 
-def worker_for(model) -> Worker:
+def worker_for(model) -> WorkerClient:
     """The worker, started on first use (one per side install and thread count; another one is closed first),
     holding this model's files in its dtype."""
     key = (str(side_dir()), torch.get_num_threads())
     if key not in _WORKERS:
         close_all()
-        _WORKERS[key] = Worker(key[1])
+        _WORKERS[key] = WorkerClient(key[1])
     worker = _WORKERS[key]
     worker.use(model_dir(model), _dtype_name(model))
     return worker

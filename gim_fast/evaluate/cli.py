@@ -13,13 +13,35 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_args import BACKENDS, UsageError, positive_int, positive_number
+from ..backends import resolve_backend
+from ..cli_args import BACKENDS, UsageError, add_list_argument, make_parser, positive_int, positive_number
+from ..data import countries
+from ..models import check_model_name
+from ..outputs import check_empty_output_dir, check_output_dir, run_environment
+from .context_methods import CONTEXT_METHODS
+from .context_report import markdown_context_table, write_context_results
+from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context
+from .methods import DEFAULT_METHODS, METHODS, get_method
+from .report import markdown_table, write_results
+from .run import (
+    DEFAULT_BATCH_SIZE,
+    SWEEP_TEMPERATURES,
+    _capital_shots,
+    evaluate_model,
+    jsonl_candidates,
+    unavailable_notes,
+)
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
-DEFAULT_N = None   # every example the model answers right (55 for SmolLM2, 18 for Gemma 3: ~2 min on 2 cores)
-DEFAULT_OUT = "bench/results/faithfulness"
-DEFAULT_CONTEXT_OUT = "bench/results/context"
+DEFAULT_N = None   # every example the model answers right
 TASKS = ("faithfulness", "context")
+
+
+def default_out(task: str) -> str:
+    """A new folder per run, never one that holds committed results: ``runs/evaluate-<task>-<UTC date-time>``."""
+    import datetime as dt
+
+    return f"runs/evaluate-{task}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
 def _n(text: str):
@@ -58,13 +80,9 @@ def _sweep(temperatures: list) -> list[float]:
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``gim-fast`` sub-command parsers."""
-    from .context_methods import CONTEXT_METHODS
-    from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES
-    from .methods import DEFAULT_METHODS, METHODS
-    from .run import DEFAULT_BATCH_SIZE, SWEEP_TEMPERATURES
-
-    p = subparsers.add_parser(
-        "evaluate", help="faithfulness of GIM and its peers: comprehensiveness and sufficiency (the GIM paper's)",
+    p = make_parser(
+        subparsers, "evaluate",
+        help="faithfulness of GIM and its peers: comprehensiveness and sufficiency (the GIM paper's)",
         description="Compare attribution methods by the GIM paper's comprehensiveness (mean logit drop when the top-k "
                     "tokens are replaced by the baseline token, k = 1..50; higher is better) and sufficiency (mean "
                     "drop when 50/80/90/95/99% of the least important tokens are replaced; lower is better), both "
@@ -79,32 +97,37 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                "documents (one states the answer) and scores which documents each method says the model's "
                "generated answer came from with ContextCite's top-k drop (k = 1, 3, 5) and LDS (32 random "
                "half-ablations), plus the rank of the gold document; it writes OUT/summary.csv, OUT/examples.csv, "
-               f"OUT/context.md and OUT/run.json (default OUT {DEFAULT_CONTEXT_OUT}). Context methods: "
+               "OUT/context.md and OUT/run.json. Context methods: "
                f"{', '.join(CONTEXT_METHODS)}.")
     p.add_argument("--task", choices=TASKS, default="faithfulness",
                    help="faithfulness (default: the GIM paper's metrics on next-token prompts) or context (which "
                         "documents of a context a generated answer came from, against ablation)")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="M",
-                   help=f"models to evaluate (default: {' '.join(DEFAULT_MODELS)}); a packaged name, a Hugging Face "
-                        "model directory or a .gguf file")
+    add_list_argument(p, "--models", default=list(DEFAULT_MODELS), metavar="M",
+                      help=f"models to evaluate (default: {' '.join(DEFAULT_MODELS)}); a packaged name, a Hugging "
+                           "Face model directory or a .gguf file")
     p.add_argument("--data", default="capitals", metavar="capitals|FILE.jsonl",
                    help="the examples (default: capitals)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help=f"methods to compare (default: all of the task's: {' '.join(DEFAULT_METHODS)}; with --task "
-                        f"context: {' '.join(CONTEXT_METHODS)})")
+    add_list_argument(p, "--methods", default=None, metavar="METHOD",
+                      help=f"methods to compare, separated by spaces or commas (default: all of the task's: "
+                           f"{' '.join(DEFAULT_METHODS)}; with --task context: {' '.join(CONTEXT_METHODS)})")
     p.add_argument("--n", type=_n, default=DEFAULT_N, metavar="N|all",
                    help="examples per model: the first N the model answers right, in a seeded random order "
                         "(default: all of them)")
-    p.add_argument("--temperatures", nargs="*", type=_temperature, default=list(SWEEP_TEMPERATURES), metavar="T",
-                   help="GIM softmax temperatures of the sweep (default 1 1.5 2 3 5; 'none' or nothing: no sweep)")
+    add_list_argument(p, "--temperatures", item=_temperature, allow_empty=True, default=list(SWEEP_TEMPERATURES),
+                      metavar="T", help="GIM softmax temperatures of the sweep (default 1 1.5 2 3 5; 'none' or "
+                                        "nothing: no sweep)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help=f"output folder (default {DEFAULT_OUT}; with --task context {DEFAULT_CONTEXT_OUT})")
+                   help="output folder, new or empty (default: a new runs/evaluate-<task>-<UTC date and time> "
+                        "under the current folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an output folder that already holds files (replacing the files of the same "
+                        "names; `make evaluate` rewrites bench/results/faithfulness this way)")
     ctx = p.add_argument_group("--task context")
-    ctx.add_argument("--documents", nargs="+", type=positive_int(1), default=list(DEFAULT_SIZES), metavar="N",
-                     help=f"context sizes in documents (default {' '.join(map(str, DEFAULT_SIZES))}; 2 to 194)")
-    ctx.add_argument("--counts", nargs="+", type=positive_int(1), default=None, metavar="C",
-                     help="examples per context size: one per --documents, or one for all (default "
-                          f"{' '.join(map(str, DEFAULT_COUNTS))} for the default sizes, else 10 each)")
+    add_list_argument(ctx, "--documents", item=positive_int(1), default=list(DEFAULT_SIZES), metavar="N",
+                      help=f"context sizes in documents (default {' '.join(map(str, DEFAULT_SIZES))}; 2 to 194)")
+    add_list_argument(ctx, "--counts", item=positive_int(1), default=None, metavar="C",
+                      help="examples per context size: one per --documents, or one for all (default "
+                           f"{' '.join(map(str, DEFAULT_COUNTS))} for the default sizes, else 10 each)")
     ctx.add_argument("--limit", type=positive_int(1), default=None, metavar="Q",
                      help="ask at most Q questions per size while looking for answers the model gets right "
                           "(default: all 193)")
@@ -136,13 +159,11 @@ def _check_models_and_output(args, *, data_check) -> None:
     output folder, the backend, every model name."""
     import torch
 
-    from ..models import check_model_name
-    from ..outputs import check_output_dir
-    from ..settings import resolve_backend
-
     try:
         data_check()
         check_output_dir(args.out)
+        if not args.overwrite:
+            check_empty_output_dir(args.out)
         resolve_backend(args.backend, torch.device("cpu"))      # the models are evaluated where they load
     except (ValueError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
@@ -156,14 +177,9 @@ def _check_models_and_output(args, *, data_check) -> None:
 def run_faithfulness(args) -> int:
     import torch
 
-    from ..data import countries
-    from .methods import DEFAULT_METHODS, get_method
-    from .report import write_results
-    from .run import _capital_shots, evaluate_model, jsonl_candidates, unavailable_notes
-
     # every argument is checked before the first model loads
     args.methods = list(DEFAULT_METHODS) if args.methods is None else args.methods
-    args.out = DEFAULT_OUT if args.out is None else args.out
+    args.out = default_out("faithfulness") if args.out is None else args.out
     args.temperatures = _sweep(args.temperatures)
     for name in args.methods:
         try:
@@ -207,9 +223,8 @@ def run_faithfulness(args) -> int:
         return 1
 
     command = _command(args)
-    files = write_results(results, Path(args.out), command=command, environment=_environment(),
+    files = write_results(results, Path(args.out), command=command, environment=run_environment(),
                           notes=notes, data=args.data, seed=args.seed, wall_seconds=wall)
-    from .report import markdown_table
 
     print(markdown_table(results, notes))
     print(f"\nwall time {wall:.0f} s; wrote " + ", ".join(str(p) for p in files.values()))
@@ -218,10 +233,6 @@ def run_faithfulness(args) -> int:
 
 def run_context(args) -> int:
     import torch
-
-    from .context_methods import CONTEXT_METHODS
-    from .context_report import markdown_context_table, write_context_results
-    from .context_run import DEFAULT_COUNTS, DEFAULT_SIZES, evaluate_context
 
     methods = list(CONTEXT_METHODS) if args.methods is None else args.methods
     for name in methods:
@@ -238,8 +249,7 @@ def run_context(args) -> int:
     elif len(counts) != len(args.documents):
         raise UsageError(f"--counts has {len(counts)} values for {len(args.documents)} --documents sizes; give one "
                          "per size, or one for all")
-    args.out = DEFAULT_CONTEXT_OUT if args.out is None else args.out
-    from ..data import countries
+    args.out = default_out("context") if args.out is None else args.out
 
     _check_models_and_output(args, data_check=countries)
     if args.threads:
@@ -261,13 +271,15 @@ def run_context(args) -> int:
         parts += ["--backend", args.backend]
     if args.threads:
         parts += ["--threads", str(args.threads)]
+    if args.overwrite:
+        parts.append("--overwrite")
     command = " ".join(shlex.quote(p) for p in parts)
     started = time.perf_counter()
     results = []
 
     def write(partial=None):      # after every context size: a long run leaves its results so far
         done = results + ([partial] if partial is not None else [])
-        return write_context_results(done, out, command=command, environment=_environment(), seed=args.seed,
+        return write_context_results(done, out, command=command, environment=run_environment(), seed=args.seed,
                                      wall_seconds=time.perf_counter() - started)
 
     for model in args.models:
@@ -286,8 +298,6 @@ def run_context(args) -> int:
 
 def _command(args) -> str:
     """The command that reproduces this run, every option spelled out."""
-    from .run import DEFAULT_BATCH_SIZE
-
     parts = ["gim-fast", "evaluate", "--models", *args.models, "--data", args.data, "--methods", *args.methods,
              "--n", "all" if args.n is None else str(args.n),
              "--temperatures", *([f"{t:g}" for t in args.temperatures] or ["none"]),
@@ -298,16 +308,6 @@ def _command(args) -> str:
         parts += ["--backend", args.backend]
     if args.threads:
         parts += ["--threads", str(args.threads)]
+    if args.overwrite:
+        parts.append("--overwrite")
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _environment() -> dict:
-    import datetime as dt
-    import platform
-
-    import torch
-    import transformers
-
-    return {"device": f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}

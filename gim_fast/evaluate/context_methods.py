@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..answers import explain_answer_with
+from ..settings import GIMSettings
 from .ablation import KEEP_PROBABILITY, ContextAblations
 
 __all__ = ["SourceScores", "CONTEXT_METHODS", "DEFAULT_CONTEXT_METHODS", "contextcite_masks", "lasso_surrogate",
@@ -32,8 +34,6 @@ __all__ = ["SourceScores", "CONTEXT_METHODS", "DEFAULT_CONTEXT_METHODS", "contex
 
 CONTEXTCITE_ABLATIONS = 64
 CONTEXTCITE_ALPHA = 0.01
-_OFF = dict(freeze_norm=False, softmax_temperature=None, q_scale=None, k_scale=None, v_scale=None, gate_scale=None,
-            up_scale=None)
 
 
 @dataclass
@@ -44,13 +44,11 @@ class SourceScores:
     backwards: int          # backward passes
 
 
-def _gradient(settings: dict) -> Callable:
+def _gradient(settings: GIMSettings) -> Callable:
     def method(model, tokenizer, ablations: ContextAblations, *, backend="auto", **_) -> tuple[np.ndarray, int, int]:
-        import gim_fast
-
         prompt = ablations.prompt
-        result = gim_fast.explain_answer(model, prompt.input_ids, ablations.answer_ids, tokenizer=tokenizer,
-                                         target="logprob", total=True, backend=backend, **settings)
+        result = explain_answer_with(model, prompt.input_ids, ablations.answer_ids, settings.replace(backend=backend),
+                                     tokenizer=tokenizer, target="logprob", total=True)
         tokens = result.scores[0, :len(prompt.input_ids)].detach().double().cpu().numpy()
         return tokens @ prompt.weights()[:, :ablations.n], 1, 1
     return method
@@ -113,8 +111,8 @@ def _random(model, tokenizer, ablations: ContextAblations, *, key: str = "", see
 
 
 CONTEXT_METHODS: dict[str, tuple[str, Callable]] = {
-    "gim": ("GIM of the answer's log-probability (explain_answer, total=True)", _gradient({})),
-    "grad_x_input": ("gradient × input (every GIM modification off)", _gradient(_OFF)),
+    "gim": ("GIM of the answer's log-probability (explain_answer, total=True)", _gradient(GIMSettings())),
+    "grad_x_input": ("gradient × input (every GIM modification off)", _gradient(GIMSettings.off())),
     "leave_one_out": ("exact leave-one-out: f(all) − f(all but j)", _leave_one_out),
     "contextcite": (f"ContextCite surrogate ({CONTEXTCITE_ABLATIONS} ablations + LASSO)", _contextcite),
     "random": ("random N(0, 1) per source", _random),

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..context import generate_answers
+from ..data import context_examples
+from .. import models
 from ..sources import PromptFormat, build_prompt
 from .ablation import LDS_ABLATIONS, TOP_K, ContextAblations, lds, random_masks, top_k_drop
 from .context_methods import CONTEXT_METHODS, run_method
@@ -25,7 +28,7 @@ __all__ = ["ContextRow", "ContextSelection", "ContextModelResult", "evaluate_con
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (10, 30, 100)
-DEFAULT_COUNTS = (10, 4, 1)   # examples per size: the committed run (bench/results/context; ~2 h on a shared 2-core CPU)
+DEFAULT_COUNTS = (10, 4, 1)   # examples per size, as in the run of bench/results/context
 MAX_NEW_TOKENS = 16
 GENERATION_BATCH = 8
 
@@ -81,9 +84,6 @@ def select_context_examples(model, tokenizer, fmt: PromptFormat, documents: int,
                             progress=None):
     """([(example, prompt, answer_ids)] of up to ``count`` examples answered right (with ``keep_wrong``: answered
     at all), ContextSelection)."""
-    from ..context import generate_answers
-    from ..data import context_examples
-
     say = progress or (lambda _msg: None)
     candidates = context_examples(documents, seed=seed)
     limit = len(candidates) if limit is None else min(limit, len(candidates))
@@ -136,9 +136,7 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
             raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     t0 = time.perf_counter()
     if model_and_tokenizer is None:
-        from ..models import load_pretrained
-
-        model, tokenizer = load_pretrained(model_name, cache_dir=cache_dir)
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
     else:
         model, tokenizer = model_and_tokenizer
     fmt = PromptFormat.resolve(tokenizer)

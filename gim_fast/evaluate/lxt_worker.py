@@ -23,7 +23,7 @@ worker goes on.
     The last position's logits of the (patched) model, base64 of the raw values (native byte order: both processes
     run on one machine), with their ``shape`` and ``dtype``: the main environment compares them with its own.
 ``{"op": "blocks", "input_ids": [[...]], "target": T}``
-    For one row: the relevance entering and leaving every attention and MLP block (see :meth:`Worker.blocks`).
+    For one row: the relevance entering and leaving every attention and MLP block (see :meth:`WorkerServer.blocks`).
 ``{"op": "exit"}`` (or the end of stdin) ends the worker.
 
 What LXT's rules do (lxt/efficient/patches.py): RMSNorm with the rsqrt statistic detached (identity rule), the
@@ -118,7 +118,10 @@ def _import_lxt():
     return lxt_efficient
 
 
-class Worker:
+class WorkerServer:
+    """The server side, in the side environment: loads the model, answers the requests that
+    ``gim_fast.evaluate.attnlrp.WorkerClient`` sends (JSON lines on stdin, answers on stdout)."""
+
     def __init__(self):
         self.model = None
         self.patched = set()   # the transformers modules LXT has patched (a module is patched once)
@@ -236,7 +239,7 @@ class Worker:
 def main() -> int:
     answers = sys.stdout
     sys.stdout = sys.stderr   # only answers go to the real stdout
-    worker = Worker()
+    worker = WorkerServer()
     for line in sys.stdin:
         if not line.strip():
             continue

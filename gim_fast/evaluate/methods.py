@@ -31,16 +31,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..explain import explain_with
+from ..integration import eval_mode, frozen_parameters
+from ..settings import GIMSettings
+from . import attnlrp
+from .unavailable import MethodUnavailable
+
 __all__ = ["Method", "METHODS", "DEFAULT_METHODS", "get_method", "temperature_method", "attnlrp_unavailable",
            "MethodUnavailable", "IG_STEPS"]
 
 IG_STEPS = 50
-_OFF = dict(freeze_norm=False, softmax_temperature=None, q_scale=None, k_scale=None, v_scale=None,
-            gate_scale=None, up_scale=None)
-
-
-class MethodUnavailable(RuntimeError):
-    """A method that cannot run in this environment (a missing or broken package); the message says why."""
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Method:
     name: str
     description: str
     kind: str                              # "gim", "ig", "random" or "attnlrp"
-    settings: tuple = ()                   # gim: explain() keyword arguments, as sorted (key, value) pairs
+    settings: GIMSettings | None = None    # gim: the GIM settings (the backend is chosen per run)
 
     def prepare(self, model, batches: list[torch.Tensor]) -> dict:
         """One-time work before the (timed) attributions of ``batches`` (each ``[B, S]``), returning what it
@@ -65,9 +65,7 @@ class Method:
         reason = attnlrp_unavailable()
         if reason:
             raise MethodUnavailable(reason)
-        from .attnlrp import prepare
-
-        return prepare(model, batches)
+        return attnlrp.prepare(model, batches)
 
     def attribute(self, model, input_ids: torch.Tensor, target_ids, baseline_token_id: int, *,
                   example_keys=None, seed: int = 0, backend: str = "auto") -> Output:
@@ -78,7 +76,7 @@ class Method:
         ids = torch.as_tensor(input_ids).long()
         targets = [int(t) for t in torch.as_tensor(target_ids).reshape(-1).tolist()]
         if self.kind == "gim":
-            return Output(_gim(model, ids, targets, baseline_token_id, dict(self.settings), backend))
+            return Output(_gim(model, ids, targets, baseline_token_id, self.settings.replace(backend=backend)))
         if self.kind == "ig":
             return _integrated_gradients(model, ids, targets, baseline_token_id)
         if self.kind == "random":
@@ -92,19 +90,18 @@ class Method:
         raise ValueError(f"unknown method kind {self.kind!r}")
 
 
-def _gim_method(name: str, description: str, **settings) -> Method:
-    return Method(name, description, "gim", tuple(sorted(settings.items())))
+def _gim_method(name: str, description: str, settings: GIMSettings) -> Method:
+    return Method(name, description, "gim", settings)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    _gim_method("gim", "GIM, gim_fast.explain defaults"),
-    _gim_method("grad_x_input", "gradient × input (every modification off)", **_OFF),
-    _gim_method("freeze_norm_only", "GIM: norm freezing only", **{**_OFF, "freeze_norm": True}),
-    _gim_method("temperature_only", "GIM: softmax temperature T = 2 only", **{**_OFF, "softmax_temperature": 2.0}),
-    _gim_method("qkv_scaling_only", "GIM: q/k/v gradient scaling only",
-                **{**_OFF, "q_scale": 0.25, "k_scale": 0.25, "v_scale": 0.5}),
-    _gim_method("mlp_scaling_only", "GIM: gate/up gradient scaling only",
-                **{**_OFF, "gate_scale": 0.5, "up_scale": 0.5}),
+    _gim_method("gim", "GIM, gim_fast.explain defaults", GIMSettings()),
+    _gim_method("grad_x_input", "gradient × input (every modification off)", GIMSettings.off()),
+    # the paper's ablation: one modification at a time (GIMSettings.only)
+    _gim_method("freeze_norm_only", "GIM: norm freezing only", GIMSettings.only("freeze_norm")),
+    _gim_method("temperature_only", "GIM: softmax temperature T = 2 only", GIMSettings.only("temperature")),
+    _gim_method("qkv_scaling_only", "GIM: q/k/v gradient scaling only", GIMSettings.only("qkv_scaling")),
+    _gim_method("mlp_scaling_only", "GIM: gate/up gradient scaling only", GIMSettings.only("mlp_scaling")),
     Method("integrated_gradients", f"Integrated Gradients (captum, embeddings, {IG_STEPS} steps)", "ig"),
     Method("random", "random scores |N(0,1)|", "random"),
     Method("attnlrp", "AttnLRP (lxt)", "attnlrp"),
@@ -120,7 +117,7 @@ def _format_t(t: float) -> str:
 def temperature_method(temperature: float) -> Method:
     """GIM with every default but the softmax temperature (``gim_t1``, ``gim_t1.5``, …)."""
     return _gim_method(f"gim_t{_format_t(temperature)}", f"GIM, softmax temperature T = {_format_t(temperature)}",
-                       softmax_temperature=float(temperature))
+                       GIMSettings(softmax_temperature=float(temperature)))
 
 
 def get_method(name: str) -> Method:
@@ -140,11 +137,9 @@ def get_method(name: str) -> Method:
 # ----------------------------------------------------------------------------------------------- GIM
 
 
-def _gim(model, ids, targets, baseline, settings, backend) -> torch.Tensor:
-    import gim_fast
-
-    scores = gim_fast.explain(model, ids.to(model.get_input_embeddings().weight.device), target_token_id=targets,
-                              baseline_token_id=baseline, backend=backend, **settings)
+def _gim(model, ids, targets, baseline, settings: GIMSettings) -> torch.Tensor:
+    scores = explain_with(model, ids.to(model.get_input_embeddings().weight.device), settings,
+                          target_token_id=targets, baseline_token_id=baseline)
     return scores.detach().float().cpu()
 
 
@@ -174,8 +169,6 @@ def _integrated_gradients(model, ids: torch.Tensor, targets: list[int], baseline
     except ModuleNotFoundError as e:
         raise MethodUnavailable(f"integrated_gradients needs captum ({e}); install it with: pip install captum "
                                 "(or: pip install 'gim-fast[eval]')") from None
-    from gim_fast.engine import frozen_parameters
-
     device = model.get_input_embeddings().weight.device
     ids = ids.to(device)
     keep = torch.tensor([ids.shape[1] - 1], device=device)
@@ -185,9 +178,7 @@ def _integrated_gradients(model, ids: torch.Tensor, targets: list[int], baseline
         return model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits[:, -1].float()
 
     ig = LayerIntegratedGradients(forward, model.get_input_embeddings(), multiply_by_inputs=True)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with frozen_parameters(model):
             attributions, delta = ig.attribute(
                 ids, baselines=torch.full_like(ids, baseline), target=targets, n_steps=IG_STEPS,
@@ -195,8 +186,6 @@ def _integrated_gradients(model, ids: torch.Tensor, targets: list[int], baseline
         with torch.no_grad():
             index = torch.tensor(targets, device=device)[:, None]
             difference = (forward(ids).gather(1, index) - forward(torch.full_like(ids, baseline)).gather(1, index))[:, 0]
-    finally:
-        model.train(was_training)
     scores = attributions.detach().float().sum(-1).cpu()
     return Output(scores, {"ig_completeness_gap": delta.detach().float().cpu().tolist(),
                            "ig_logit_difference": difference.cpu().tolist()})
@@ -208,13 +197,9 @@ def _integrated_gradients(model, ids: torch.Tensor, targets: list[int], baseline
 def attnlrp_unavailable() -> str | None:
     """Why AttnLRP cannot run here (no side install of transformers 4.52 + lxt 2.1, see
     ``gim_fast.evaluate.attnlrp``), or None."""
-    from .attnlrp import unavailable
-
-    return unavailable()
+    return attnlrp.unavailable()
 
 
 def _attnlrp(model, ids, targets) -> Output:
-    from .attnlrp import attribute
-
-    scores, extra = attribute(model, ids, targets)
+    scores, extra = attnlrp.attribute(model, ids, targets)
     return Output(scores, extra)

@@ -33,13 +33,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..examples import DEFAULT_BATCH_ROWS
+
 __all__ = ["comprehensiveness", "sufficiency", "faithfulness", "COMPREHENSIVENESS_STEPS", "SUFFICIENCY_RATIOS",
            "MEASURES", "ranking", "comprehensiveness_sets", "sufficiency_sets", "target_logits", "target_values",
            "combine"]
 
 COMPREHENSIVENESS_STEPS = 50
 SUFFICIENCY_RATIOS = (0.5, 0.8, 0.9, 0.95, 0.99)
-DEFAULT_BATCH_ROWS = 64
 
 
 def _ids_1d(input_ids) -> torch.Tensor:

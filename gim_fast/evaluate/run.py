@@ -19,8 +19,12 @@ from pathlib import Path
 
 import torch
 
+from .. import models
 from ..display import plural
-from ..settings import GIMSettings
+from ..explain import resolve_baseline
+from ..examples import Example, Selection, capital_examples, select_examples
+from ..settings import DEFAULTS
+from ..textfiles import iter_lines
 from . import metrics as M
 from .methods import METHODS, Method, MethodUnavailable, attnlrp_unavailable, get_method, temperature_method
 
@@ -30,102 +34,6 @@ log = logging.getLogger(__name__)
 
 SWEEP_TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 5.0)
 DEFAULT_BATCH_SIZE = 32
-
-
-@dataclass
-class Example:
-    key: str                 # a stable id: the country's alpha-3 code, or the JSONL line number
-    text: str
-    input_ids: torch.Tensor  # [S], int64, CPU
-    target_id: int
-    target: str              # the target token as text
-    answer: str = ""         # the full expected answer (the capital), when known
-
-
-@dataclass
-class Selection:
-    examples: list[Example]
-    candidates: int          # how many candidates were looked at
-    correct: int             # how many of them the model got right
-    total: int               # how many the data set has
-
-
-def _first_token_after(tokenizer, text: str, continuation: str) -> int:
-    """The first token of ``continuation`` as the model sees it after ``text`` (tokenized together, so a
-    tokenizer that merges across the boundary is handled), else of the continuation alone."""
-    prompt = tokenizer(text).input_ids
-    full = tokenizer(text + continuation).input_ids
-    if len(full) > len(prompt) and full[:len(prompt)] == prompt:
-        return int(full[len(prompt)])
-    ids = tokenizer.encode(continuation, add_special_tokens=False)
-    if not ids:
-        raise ValueError(f"{continuation!r} encodes to no token")
-    return int(ids[0])
-
-
-@torch.no_grad()
-def _predictions(model, ids_list: list[torch.Tensor], batch_rows: int) -> list[int]:
-    """Each sequence's top prediction at its last position (grouped by length: no padding)."""
-    out = [0] * len(ids_list)
-    groups = defaultdict(list)
-    for i, ids in enumerate(ids_list):
-        groups[ids.numel()].append(i)
-    device = model.get_input_embeddings().weight.device
-    for _, idx in sorted(groups.items()):
-        for start in range(0, len(idx), batch_rows):
-            chunk = idx[start:start + batch_rows]
-            rows = torch.stack([ids_list[i] for i in chunk]).to(device)
-            logits = model(input_ids=rows, use_cache=False, logits_to_keep=1).logits[:, -1]
-            for i, p in zip(chunk, logits.argmax(-1).tolist()):
-                out[i] = int(p)
-    return out
-
-
-def _select(model, tokenizer, candidates: list[tuple[str, str, str | None, str]], n: int | None,
-            batch_rows: int) -> Selection:
-    """Walk the (already ordered) candidates (key, text, continuation or None, answer) in chunks and keep those the
-    model predicts right, until ``n`` are kept. A candidate without a continuation explains the model's own top
-    prediction (always kept)."""
-    kept: list[Example] = []
-    looked = correct = 0
-    chunk_size = 16   # candidates per look: a small n stops after a few forwards
-    for start in range(0, len(candidates), chunk_size):
-        if n is not None and len(kept) >= n:
-            break
-        chunk = candidates[start:start + chunk_size]
-        ids_list = [torch.tensor(tokenizer(text).input_ids, dtype=torch.long) for _, text, _, _ in chunk]
-        preds = _predictions(model, ids_list, batch_rows)
-        for (key, text, continuation, answer), ids, pred in zip(chunk, ids_list, preds):
-            if n is not None and len(kept) >= n:
-                break
-            looked += 1
-            target = pred if continuation is None else _first_token_after(tokenizer, text, continuation)
-            if pred != target:
-                continue
-            correct += 1
-            kept.append(Example(key, text, ids, target, tokenizer.decode([target]), answer))
-    return Selection(kept, looked, correct, len(candidates))
-
-
-def capital_examples(model, tokenizer, n: int | None = None, *, seed: int = 0, shots: int = 0,
-                     batch_rows: int = M.DEFAULT_BATCH_ROWS) -> Selection:
-    """'The capital of {country} is' prompts the model completes with the capital's first token.
-
-    The 193 countries are shuffled with ``seed`` (so a subsample is a random one, the same on every machine) and
-    taken in that order until ``n`` correct ones are found (``None``: all of them). ``shots`` > 0 puts that many
-    solved examples of other countries first ("The capital of Peru is Lima. … The capital of France is"), drawn
-    per country with ``seed``: longer prompts, with context tokens that matter less than the country."""
-    from gim_fast.data import countries
-
-    rows = countries()
-    random.Random(seed).shuffle(rows)
-    candidates = []
-    for c in rows:
-        pick = random.Random(f"{seed}:{c.code}")
-        others = pick.sample([o for o in rows if o.code != c.code], shots) if shots else []
-        context = "".join(f"{o.prompt} {o.capital}. " for o in others)
-        candidates.append((c.code, context + c.prompt, " " + c.capital, c.capital))
-    return _select(model, tokenizer, candidates, n, batch_rows)
 
 
 def _capital_shots(data: str) -> int | None:
@@ -144,27 +52,26 @@ def jsonl_examples(path, model, tokenizer, n: int | None = None, *, seed: int = 
     model's top prediction is explained. Rows are shuffled with ``seed``."""
     candidates = jsonl_candidates(path)
     random.Random(seed).shuffle(candidates)
-    return _select(model, tokenizer, candidates, n, batch_rows)
+    return select_examples(model, tokenizer, candidates, n, batch_rows)
 
 
 def jsonl_candidates(path) -> list[tuple]:
     """The rows of an evaluation JSON Lines file as (id, text, target, answer); ValueError naming the line of the
     first bad one. Needs no model: the command line checks the file before loading any."""
     candidates = []
-    with open(path, encoding="utf-8-sig") as f:     # a leading byte-order mark is dropped
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
-                raise ValueError(f'{path}:{line_no}: expected an object with a non-empty "text" string')
-            target = row.get("target")
-            if target is not None and not isinstance(target, str):
-                raise ValueError(f'{path}:{line_no}: "target" must be a string (the text that follows)')
-            candidates.append((str(row.get("id", line_no)), row["text"], target, target or ""))
+    for line_no, line in iter_lines(path):           # UTF-8 (a leading byte-order mark dropped)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: not JSON: {e}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+            raise ValueError(f'{path}:{line_no}: expected an object with a non-empty "text" string')
+        target = row.get("target")
+        if target is not None and not isinstance(target, str):
+            raise ValueError(f'{path}:{line_no}: "target" must be a string (the text that follows)')
+        candidates.append((str(row.get("id", line_no)), row["text"], target, target or ""))
     return candidates
 
 
@@ -267,14 +174,10 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
                    progress=None) -> ModelResult:
     """Evaluate ``methods`` (and GIM at each of ``temperatures``) on one model. ``progress(str)`` gets a line per
     stage. ``model_and_tokenizer`` skips loading (tests pass tiny models)."""
-    from gim_fast.explain import resolve_baseline
-
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     if model_and_tokenizer is None:
-        from gim_fast.models import load_pretrained
-
-        model, tokenizer = load_pretrained(model_name, cache_dir=cache_dir)
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir)
     else:
         model, tokenizer = model_and_tokenizer
     model.eval()
@@ -300,7 +203,7 @@ def evaluate_model(model_name: str, methods: list[str], *, n: int | None, data: 
     sweep_alias = {}
     for t in temperatures:
         m = temperature_method(t)
-        if float(t) == GIMSettings().softmax_temperature and "gim" in todo:
+        if float(t) == DEFAULTS.softmax_temperature and "gim" in todo:
             sweep_alias[m.name] = "gim"
         todo.setdefault(m.name, m)
     for alias in sweep_alias:

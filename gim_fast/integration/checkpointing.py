@@ -12,26 +12,22 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .state import ModelState
+
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    """The model's decoder layers (transformers' ``GradientCheckpointingLayer`` modules), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # loaded on first use, not on import
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 @contextlib.contextmanager
 def checkpointed_layers(model: torch.nn.Module):
-    layers = decoder_layers(model)
-    saved = [(layer, "forward" in layer.__dict__, layer.__dict__.get("forward")) for layer in layers]
-    try:
-        for layer in layers:
+    """Every decoder layer's forward runs under ``torch.utils.checkpoint`` for the duration."""
+    with ModelState() as state:
+        for layer in decoder_layers(model):
             inner = layer.forward
-            layer.forward = lambda *args, _inner=inner, **kwargs: checkpoint(_inner, *args, use_reentrant=False,
-                                                                              **kwargs)
+            state.swap_forward(layer, lambda *args, _inner=inner, **kwargs: checkpoint(
+                _inner, *args, use_reentrant=False, **kwargs))
         yield
-    finally:
-        for layer, had_own, old in saved:
-            if had_own:
-                layer.forward = old
-            else:
-                layer.__dict__.pop("forward", None)

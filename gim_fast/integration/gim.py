@@ -5,8 +5,8 @@ gim_fast's (registered with transformers' ``AttentionInterface``/``AttentionMask
 ``forward`` is swapped for the frozen-statistic one; gated MLPs get their own forward with the product
 ``act(gate) · up`` through ``ops.gated_product`` (same value; a backward that serves a stack of cotangents
 cheaply) and a hook that scales the gate and up gradients (on the MLP's input when the two scales are equal).
-On exit, also after an exception, all of it is undone. The forward pass stays the model's own: same modules,
-same order, same values.
+On exit, also after an exception, all of it is undone: every change goes through one
+``integration.state.ModelState``. The forward pass stays the model's own: same modules, same order, same values.
 
 TransformerLens models (a ``TransformerBridge``, or a legacy ``HookedTransformer``) compute attention in their own
 code, so for them GIM goes through their hook points instead (``tlens.apply_gim``); TransformerLens is imported
@@ -14,18 +14,16 @@ only when such a model is passed.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops.grad_scale import scale_grad
-from ..settings import GIMSettings
+from ..settings import DEFAULTS, GIMSettings
 from . import hf_attention, tlens
 from .families import Family, family_of
-
-_DEFAULTS = GIMSettings()
+from .norms import frozen_norm_forward
+from .state import ModelState
 
 
 def check_model(model) -> Family | None:
@@ -33,7 +31,7 @@ def check_model(model) -> Family | None:
 
     TransformerLens models (a ``TransformerBridge``, a Hugging Face model a bridge rebuilt, a legacy
     ``HookedTransformer``) are checked by ``tlens.check_model``; TransformerLens is imported only then."""
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel  # transformers' model classes load on first use, not on import
 
     if tlens.is_transformer_lens_model(model):
         return tlens.check_model(model)
@@ -55,19 +53,6 @@ def check_model(model) -> Family | None:
     return family
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """``model.eval()`` for the duration; every module's own training flag is restored on exit."""
-    modules = tlens.module_trees(model) if tlens.is_transformer_lens_model(model) else model.modules()
-    training = [(m, m.training) for m in modules]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, flag in training:
-            module.training = flag  # per module: .train() would recurse into the children
-
-
 def _attn_configs(model: nn.Module) -> list:
     """Every config whose attention implementation set_attn_implementation may change."""
     from transformers import PreTrainedModel
@@ -83,7 +68,7 @@ def _attn_configs(model: nn.Module) -> list:
     return out
 
 
-def _use_gim_attention(model, stack: contextlib.ExitStack) -> None:
+def _use_gim_attention(model, state: ModelState) -> None:
     configs = _attn_configs(model)
     saved = [(c, c._attn_implementation_internal) for c in configs]
 
@@ -91,33 +76,9 @@ def _use_gim_attention(model, stack: contextlib.ExitStack) -> None:
         for config, value in saved:
             config._attn_implementation_internal = value
 
-    stack.callback(restore)
+    state.callback(restore)
     hf_attention.register()
     model.set_attn_implementation(hf_attention.ATTENTION_NAME)
-
-
-def _swap_forward(module: nn.Module, forward, stack: contextlib.ExitStack) -> None:
-    had_own = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
-    module.forward = forward
-
-    def restore():
-        if had_own:
-            module.forward = old
-        else:
-            del module.forward
-
-    stack.callback(restore)
-
-
-def _frozen_norm_forward(module: nn.Module, family: Family, backend: str):
-    if family.norm_kind == "layer":
-        if len(module.normalized_shape) != 1:
-            raise ValueError(f"frozen LayerNorm supports normalisation over the last dim only, got {module.normalized_shape}")
-        return lambda x: ops.frozen_layer_norm(x, module.weight, module.bias, module.eps, backend=backend)
-    offset = 1.0 if family.norm_kind == "rms_gemma" else 0.0
-    eps = getattr(module, family.norm_eps_attr)
-    return lambda x: ops.frozen_rms_norm(x, module.weight, eps, offset=offset, backend=backend)
 
 
 def _scale_output_grad(scale: float):
@@ -156,17 +117,17 @@ def _scale_input_grad(scale: float):
     return hook
 
 
-def _scale_gate_up(mlp: nn.Module, gate_scale: float | None, up_scale: float | None, stack) -> None:
+def _scale_gate_up(mlp: nn.Module, gate_scale: float | None, up_scale: float | None, state: ModelState) -> None:
     """The gate and up gradient scales of a gated MLP ``down(act(gate(x)) · up(x))``. Equal scales go on the
     MLP's input instead (x feeds only gate and up, so s·dx_gate + s·dx_up = s·dx): one multiplication over the
     hidden size H per backward instead of two over the intermediate size (bit for bit the same for the default
     0.5, a power of two)."""
     if gate_scale is not None and gate_scale == up_scale:
-        stack.callback(mlp.register_forward_pre_hook(_scale_input_grad(gate_scale), with_kwargs=True).remove)
+        state.forward_pre_hook(mlp, _scale_input_grad(gate_scale), with_kwargs=True)
         return
     for proj, scale in ((mlp.gate_proj, gate_scale), (mlp.up_proj, up_scale)):
         if scale is not None:
-            stack.callback(proj.register_forward_hook(_scale_output_grad(scale)).remove)
+            state.forward_hook(proj, _scale_output_grad(scale))
 
 
 class GIM:
@@ -182,57 +143,63 @@ class GIM:
             logits[0, -1, target].backward()
     """
 
-    def __init__(self, model, *, freeze_norm=_DEFAULTS.freeze_norm, softmax_temperature=_DEFAULTS.softmax_temperature,
-                 q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale, v_scale=_DEFAULTS.v_scale,
-                 gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend):
+    def __init__(self, model, *, freeze_norm=DEFAULTS.freeze_norm, softmax_temperature=DEFAULTS.softmax_temperature,
+                 q_scale=DEFAULTS.q_scale, k_scale=DEFAULTS.k_scale, v_scale=DEFAULTS.v_scale,
+                 gate_scale=DEFAULTS.gate_scale, up_scale=DEFAULTS.up_scale, backend=DEFAULTS.backend):
         self.model = model
         self.settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
                                     q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale,
                                     up_scale=up_scale, backend=backend)
-        self._stack: contextlib.ExitStack | None = None
+        self._state: ModelState | None = None
 
     @classmethod
     def from_settings(cls, model, settings: GIMSettings) -> "GIM":
-        return cls(model, **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
+        """The context for one :class:`~gim_fast.settings.GIMSettings` (what the package's own code uses)."""
+        gim = cls.__new__(cls)
+        gim.model, gim.settings, gim._state = model, settings, None
+        return gim
 
     def __enter__(self):
-        if self._stack is not None:
+        if self._state is not None:
             raise ValueError("this GIM context is already entered; GIM contexts cannot be nested")
         family = check_model(self.model)
         settings = self.settings
-        stack = contextlib.ExitStack()
+        state = ModelState()
         try:
-            stack.enter_context(eval_mode(self.model))
+            state.eval(self.model)
             if tlens.is_transformer_lens_model(self.model):
                 # the bridge computes attention in its own code: GIM goes through its hook points
-                tlens.apply_gim(self.model, settings, stack)
-                self._stack = stack
-                return self
-
-            _use_gim_attention(self.model, stack)
-            for module in self.model.modules():
-                if isinstance(module, family.attention_type()):
-                    hf_attention.activate(module, settings)
-                    stack.callback(hf_attention.deactivate, module)
-
-            if settings.freeze_norm:
-                for module in self.model.modules():
-                    if isinstance(module, family.norm_type()):
-                        _swap_forward(module, _frozen_norm_forward(module, family, settings.backend), stack)
-
-            mlp_type = family.mlp_type()
-            if mlp_type is not None:
-                for module in self.model.modules():
-                    if isinstance(module, mlp_type):
-                        _swap_forward(module, _gated_mlp_forward(module), stack)
-                        _scale_gate_up(module, settings.gate_scale, settings.up_scale, stack)
+                tlens.apply_gim(self.model, settings, state)
+            else:
+                _apply_gim(self.model, family, settings, state)
         except BaseException:
-            stack.close()
+            state.close()
             raise
-        self._stack = stack
+        self._state = state
         return self
 
     def __exit__(self, *exc_info):
-        stack, self._stack = self._stack, None
-        stack.close()
+        state, self._state = self._state, None
+        state.close()
         return False
+
+
+def _apply_gim(model, family: Family, settings: GIMSettings, state: ModelState) -> None:
+    """GIM on a Hugging Face model: its attention function, frozen norms, gated MLPs with scaled gradients."""
+    _use_gim_attention(model, state)
+    for module in model.modules():
+        if isinstance(module, family.attention_type()):
+            hf_attention.activate(module, settings)
+            state.callback(hf_attention.deactivate, module)
+
+    if settings.freeze_norm:
+        for module in model.modules():
+            if isinstance(module, family.norm_type()):
+                state.swap_forward(module, frozen_norm_forward(module, family, settings.backend))
+
+    mlp_type = family.mlp_type()
+    if mlp_type is not None:
+        for module in model.modules():
+            if isinstance(module, mlp_type):
+                state.swap_forward(module, _gated_mlp_forward(module))
+                _scale_gate_up(module, settings.gate_scale, settings.up_scale, state)

@@ -2,17 +2,13 @@
 
 glibc's ``malloc`` serves blocks below its dynamic mmap threshold (up to 32 MiB: a layer's activations at a few
 thousand tokens) from a heap that keeps what is freed and fragments as long-lived tensors and small objects land
-between short-lived ones. On an attribution that is most of the resident memory, and it varies from run to run:
-SmolLM2-135M with checkpointed layers at 1,024 tokens (float32, 0.12 GB of live tensors at the peak) peaked
-at 0.69–0.71 GB resident above the model; with ``malloc_trim(0)`` after each decoder layer and each of its
-sub-modules — forward (forward hooks) and backward (hooks on the gradients of their outputs) — at 0.16–0.17 GB
-(``bench/memory.py``; the README's memory section has the whole grid). It costs time: the pages handed back fault
-in again on the next allocations. SmolLM2-135M, 2,048 tokens, float32, two threads, quiet machine, three
-alternating calls each: ``explain`` 8.55–8.83 s with it, 6.97–7.00 s without (+23 %); after each decoder layer only,
-8.31–8.61 s. Planning it (trimming only when the untrimmed heap would not fit) needs an estimate of the untrimmed
-heap that holds, which is not measured yet: so it always runs on CPU layers, the safe side. Trimming only
-returns free pages to the system: nothing else about the process's allocator changes, and the hooks are
-removed on exit, also after an exception.
+between short-lived ones. On an attribution that is most of the resident memory, and it varies from run to run.
+``malloc_trim(0)`` after each decoder layer and each of its sub-modules — forward (forward hooks) and backward
+(hooks on the gradients of their outputs) — keeps the resident memory close to the live tensors, which is what the
+memory estimate counts on; it costs time, since the pages handed back fault in again on the next allocations
+(docs/memory.md has both measured). Trimming only when the untrimmed heap would not fit would need an estimate of
+that heap, so it always runs on CPU layers, the safe side. Trimming only returns free pages to the system: nothing
+else about the process's allocator changes, and the hooks are removed on exit, also after an exception.
 """
 from __future__ import annotations
 
@@ -24,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from .checkpointing import decoder_layers
+from .state import ModelState
 
 
 def _find_malloc_trim():
@@ -56,15 +53,11 @@ def _after_forward(module, args, output) -> None:
 def released_heap(model: torch.nn.Module):
     """For the duration, release freed heap memory after each CPU decoder layer and each of its direct
     sub-modules (attention, MLP, norms), in the forward and in the backward. A no-op without glibc."""
-    handles = []
-    if can_release_heap():
-        for layer in decoder_layers(model):
-            if next(layer.parameters()).device.type != "cpu":
-                continue
-            for module in (layer, *layer.children()):
-                handles.append(module.register_forward_hook(_after_forward))
-    try:
+    with ModelState() as state:
+        if can_release_heap():
+            for layer in decoder_layers(model):
+                if next(layer.parameters()).device.type != "cpu":
+                    continue
+                for module in (layer, *layer.children()):
+                    state.forward_hook(module, _after_forward)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -34,7 +34,6 @@ frozen norms           where TransformerLens computes the norm, ``hook_scale`` r
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -44,7 +43,8 @@ from ..ops.cotangents import unbatched_forward_only
 from ..ops.grad_scale import scale_grad
 from ..settings import GIMSettings
 from .families import Family, family_of
-from .model_io import ModelIO, hf_model_io
+from .hf_io import ModelIO, hf_model_io
+from .norms import frozen_norm_forward
 
 BRIDGE = "bridge"      # transformer_lens.model_bridge.TransformerBridge
 WRAPPED = "wrapped"    # a Hugging Face model that a TransformerBridge has rebuilt in place
@@ -140,21 +140,16 @@ class PatternWithGIMGradient(torch.autograd.Function):
         return None, grad_s.to(scores.dtype), None
 
 
-def _hook(hook_point: nn.Module, fn, stack: contextlib.ExitStack) -> None:
-    stack.callback(hook_point.register_forward_hook(fn).remove)
-
-
-def _temper(scores_hp: nn.Module, pattern_hp: nn.Module, temperature: float, where: str,
-            stack: contextlib.ExitStack) -> None:
+def _temper(scores_hp: nn.Module, pattern_hp: nn.Module, temperature: float, where: str, state) -> None:
     """hook_attn_scores keeps S; the following hook_pattern of the same attention call turns P into
     ``PatternWithGIMGradient(P, S)``."""
-    state: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
 
     def keep_scores(module, args, scores):
-        state["scores"] = scores
+        kept["scores"] = scores
 
     def temper(module, args, pattern):
-        scores = state.pop("scores", None)
+        scores = kept.pop("scores", None)
         if scores is None or scores.shape != pattern.shape:
             raise RuntimeError(
                 f"gim_fast: {where}.hook_pattern fired without the matching hook_attn_scores (got "
@@ -162,9 +157,9 @@ def _temper(scores_hp: nn.Module, pattern_hp: nn.Module, temperature: float, whe
                 "TransformerLens attention does not compute softmax(hook_attn_scores) the way gim_fast expects")
         return PatternWithGIMGradient.apply(pattern, scores, temperature)
 
-    _hook(scores_hp, keep_scores, stack)
-    _hook(pattern_hp, temper, stack)
-    stack.callback(state.clear)
+    state.forward_hook(scores_hp, keep_scores)
+    state.forward_hook(pattern_hp, temper)
+    state.callback(kept.clear)
 
 
 def _scale_output(scale: float):
@@ -340,30 +335,29 @@ def check_model(model) -> Family | None:
 # --------------------------------------------------------------------------------------------------------------
 # Entering GIM
 
-def apply_gim(model, settings: GIMSettings, stack: contextlib.ExitStack) -> None:
-    """Hook GIM into a TransformerLens model; ``stack`` undoes every hook and swap (the caller closes it)."""
-    from .gim import _frozen_norm_forward, _swap_forward
-
+def apply_gim(model, settings: GIMSettings, state) -> None:
+    """Hook GIM into a TransformerLens model through ``state`` (the ``integration.state.ModelState`` of the GIM
+    context), which undoes every hook and swap on exit."""
     p = plan(model)
     for name, module, q_hp, k_hp, v_hp, scores_hp, pattern_hp in p.attention:
         _ACTIVE.add(module)
-        stack.callback(_ACTIVE.discard, module)
+        state.callback(_ACTIVE.discard, module)
         for hp, scale in ((q_hp, settings.q_scale), (k_hp, settings.k_scale), (v_hp, settings.v_scale)):
             if scale is not None:
-                _hook(hp, _scale_output(scale), stack)
-        if settings.softmax_temperature is not None and settings.softmax_temperature != 1.0:
-            _temper(scores_hp, pattern_hp, settings.softmax_temperature, name, stack)
+                state.forward_hook(hp, _scale_output(scale))
+        if settings.temperature is not None:
+            _temper(scores_hp, pattern_hp, settings.temperature, name, state)
     if settings.freeze_norm:
         for hp in p.norm_hooks:
-            _hook(hp, _freeze_scale, stack)
+            state.forward_hook(hp, _freeze_scale)
         for module in p.norm_swaps:
-            _swap_forward(module, _frozen_norm_forward(module, p.family, settings.backend), stack)
+            state.swap_forward(module, frozen_norm_forward(module, p.family, settings.backend))
         for norm_bridge in p.native_norms:
-            _hook(norm_bridge.hook_scale, _freeze_scale_on_fallback(norm_bridge), stack)
+            state.forward_hook(norm_bridge.hook_scale, _freeze_scale_on_fallback(norm_bridge))
     for gate_hp, up_hp in p.mlps:
         for hp, scale in ((gate_hp, settings.gate_scale), (up_hp, settings.up_scale)):
             if scale is not None:
-                _hook(hp, _scale_output(scale), stack)
+                state.forward_hook(hp, _scale_output(scale))
 
 
 # --------------------------------------------------------------------------------------------------------------

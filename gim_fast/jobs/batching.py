@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..chat import chat_prompt
 from .inputs import RawRow, RowError
 
 __all__ = ["Row", "Batch", "TargetResolver", "max_chars_per_token", "tokenize_rows", "pack", "assign_ranks"]
@@ -25,6 +26,7 @@ class Row:
     token_ids: tuple[int, ...]
     target_id: int | None
     answer_ids: tuple[int, ...] | None = None
+    template: tuple[bool, ...] | None = None   # with a chat template: True at the template's tokens (not scored)
 
     @property
     def size(self) -> int:
@@ -168,14 +170,16 @@ def max_chars_per_token(tokenizer) -> int | None:
 
 
 def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: int | None, vocab_size: int,
-                  targets: TargetResolver, chunk: int = 1024, extra_tokens: int = 0) -> Iterable[Row | RowError]:
+                  targets: TargetResolver, chunk: int = 1024, extra_tokens: int = 0,
+                  chat: bool = False) -> Iterable[Row | RowError]:
     """Rows with token ids (tokenized in chunks with the tokenizer's own defaults; an answer alone, without
     special tokens), checked one by one. ``extra_tokens`` (the tokens a generated answer may add) count towards
     ``max_length``.
 
     A row longer than ``max_length`` tokens is a RowError; when :func:`max_chars_per_token` gives a bound, a row
     with more characters than ``max_length`` tokens can hold is one without being tokenized (bounded time and
-    memory, exact: a row it rejects has more than ``max_length`` tokens)."""
+    memory, exact: a row it rejects has more than ``max_length`` tokens). ``chat``: each text is the user's message,
+    put in the tokenizer's chat template (``gim_fast.chat.chat_prompt``); the rows record the template's tokens."""
     pending: list[RawRow | RowError] = []
     per_token = max_chars_per_token(tokenizer) if max_length is not None else None
     max_chars = None if per_token is None else max_length * per_token
@@ -187,15 +191,26 @@ def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: in
 
     def flush():
         texts = [r.text for r in pending if isinstance(r, RawRow)]
-        encoded = iter(tokenizer(texts)["input_ids"]) if texts else iter(())
+        templates = iter(())
+        if chat:                      # one chat prompt per text: its ids and which tokens are the template's
+            prompts = [_chat_or_error(tokenizer, t) for t in texts]
+            encoded = iter([p if isinstance(p, str) else p.input_ids for p in prompts])
+            templates = iter([None if isinstance(p, str) else tuple(p.template) for p in prompts])
+        else:
+            encoded = iter(tokenizer(texts)["input_ids"]) if texts else iter(())
         answers = [r.answer for r in pending if isinstance(r, RawRow) and r.answer is not None]
         encoded_answers = iter(tokenizer(answers, add_special_tokens=False)["input_ids"]) if answers else iter(())
         for r in pending:
             if isinstance(r, RowError):
                 yield r
                 continue
-            ids = tuple(int(i) for i in next(encoded))
+            ids = next(encoded)
+            template = next(templates, None)
             answer = None if r.answer is None else tuple(int(i) for i in next(encoded_answers))
+            if isinstance(ids, str):          # the chat template refused the text
+                yield RowError(r.line, r.id, ids, r.text)
+                continue
+            ids = tuple(int(i) for i in ids)
             size = len(ids) + len(answer or ()) + extra_tokens
             if not ids:
                 yield RowError(r.line, r.id, "empty after tokenization (no tokens)", r.text)
@@ -210,13 +225,13 @@ def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: in
                 yield RowError(r.line, r.id, f"token ids {bad} outside the model's vocabulary [0, {vocab_size})",
                                r.text)
             elif r.target is None:
-                yield Row(r.line, r.id, r.text, ids, None, answer)
+                yield Row(r.line, r.id, r.text, ids, None, answer, template)
             else:
                 target = targets(r.target)
                 if isinstance(target, str):
                     yield RowError(r.line, r.id, target, r.text)
                 else:
-                    yield Row(r.line, r.id, r.text, ids, target)
+                    yield Row(r.line, r.id, r.text, ids, target, None, template)
         pending.clear()
 
     for r in raw:
@@ -226,6 +241,14 @@ def tokenize_rows(raw: Iterable[RawRow | RowError], tokenizer, *, max_length: in
         if len(pending) >= chunk:
             yield from flush()
     yield from flush()
+
+
+def _chat_or_error(tokenizer, text: str):
+    """The text's chat prompt, or the reason it has none (a string: the row's error)."""
+    try:
+        return chat_prompt(tokenizer, text)
+    except (ValueError, TypeError) as e:
+        return str(e)
 
 
 def pack(rows: list[Row], *, batch_tokens: int, batch_size: int | None = None) -> list[Batch]:

@@ -18,6 +18,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..display import plural
+from ..textfiles import TextFileError, iter_lines
+
 __all__ = ["FORMATS", "DEFAULT_ID_FIELD", "InputError", "RawRow", "RowError", "detect_format", "check_input",
            "read_rows", "fingerprint"]
 
@@ -146,45 +149,39 @@ def _open(path):
 
 
 def _read_jsonl(path, fields: Fields) -> Iterator[RawRow | RowError]:
-    with _open(path) as f:
-        for line, raw in enumerate(_lines(f, path), start=1):
-            if not raw.strip():
-                yield RowError(line, None, "empty line", raw)
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as e:
-                yield RowError(line, None, f"malformed JSON: {e}", raw)
-                continue
-            if isinstance(record, str):      # a bare JSON string is a text
-                record = {fields.text: record}
-            if not isinstance(record, dict):
-                yield RowError(line, None, f"not a JSON object but {type(record).__name__}", raw)
-                continue
-            yield _from_record(record, line, fields, raw)
+    for line, raw in _utf8_lines(path):
+        if not raw.strip():
+            yield RowError(line, None, "empty line", raw)
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError as e:
+            yield RowError(line, None, f"malformed JSON: {e}", raw)
+            continue
+        if isinstance(record, str):      # a bare JSON string is a text
+            record = {fields.text: record}
+        if not isinstance(record, dict):
+            yield RowError(line, None, f"not a JSON object but {type(record).__name__}", raw)
+            continue
+        yield _from_record(record, line, fields, raw)
 
 
-def _lines(f, path) -> Iterator[str]:
-    """The file's lines without their line ending (\\n or \\r\\n); a final newline does not make an empty line."""
+def _utf8_lines(path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (see ``gim_fast.textfiles.iter_lines``); a byte that is not UTF-8
+    is an :class:`InputError` naming its line."""
     try:
-        for raw in f:
-            if raw.endswith("\n"):
-                raw = raw[:-1]
-                if raw.endswith("\r"):
-                    raw = raw[:-1]
-            yield raw
-    except UnicodeDecodeError as e:
-        raise InputError(f"{os.fspath(path)!r} is not UTF-8 text: {e}") from None
+        yield from iter_lines(path)
+    except TextFileError as e:
+        raise InputError(str(e)) from None
 
 
 def _read_text(path, fields: Fields) -> Iterator[RawRow | RowError]:
     _check_text_fields(fields)
-    with _open(path) as f:
-        for line, text in enumerate(_lines(f, path), start=1):
-            if not text.strip():
-                yield RowError(line, str(line), "empty text", text)
-            else:
-                yield RawRow(line, str(line), text)
+    for line, text in _utf8_lines(path):
+        if not text.strip():
+            yield RowError(line, str(line), "empty text", text)
+        else:
+            yield RawRow(line, str(line), text)
 
 
 def _check_text_fields(fields: Fields) -> None:
@@ -244,6 +241,42 @@ def _check_columns(path, columns, fields: Fields) -> None:
                              f"{shown}")
 
 
+_CHECKED_ROWS = 100     # JSON Lines rows read before the model loads, to find a field name that is not there
+
+
+def _check_jsonl_fields(path, fields: Fields) -> None:
+    """JSON Lines have no header: a field name that no row has (a typo in --answer-field) would make every row a
+    bad row after the model loaded. So the first rows that are JSON objects (up to 100) are read now, and a field
+    asked for that none of them has is an :class:`InputError` listing the fields they do have. A line that is not
+    UTF-8 among them is one too (with its line number)."""
+    seen: dict[str, None] = {}
+    objects = 0
+    try:
+        for _, raw in iter_lines(path):
+            if objects >= _CHECKED_ROWS:
+                break
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue                      # a malformed line is that row's error, not the file's
+            if isinstance(record, str):
+                record = {fields.text: record}
+            if isinstance(record, dict):
+                objects += 1
+                seen.update(dict.fromkeys(record))
+    except TextFileError as e:
+        raise InputError(str(e)) from None
+    if not objects:
+        return
+    for option, name in fields.options():
+        if name not in seen:
+            shown = ", ".join(repr(c) for c in list(seen)[:20]) or "none"
+            raise InputError(f"{os.fspath(path)!r}: none of its first {plural(objects, 'row')} has the field {name!r} "
+                             f"(given as {option}); their fields are: {shown}")
+
+
 def _parquet_file(path):
     import pyarrow.parquet as pq
 
@@ -288,6 +321,8 @@ def check_input(path: str | os.PathLike, *, format: str | None = None, text_fiel
         raise InputError(f"no such input file: {os.fspath(path)!r}")
     if kind == "text":
         _check_text_fields(fields)
+    elif kind == "jsonl":
+        _check_jsonl_fields(path, fields)
     elif kind in ("csv", "tsv"):
         with _open(path) as f:
             header = _csv_header(csv.reader(f, delimiter="," if kind == "csv" else "\t"), path)

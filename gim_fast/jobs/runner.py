@@ -10,6 +10,7 @@ the numbers an uninterrupted run gives (each batch has the same neighbours, and 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -21,18 +22,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from ..settings import GIMSettings
+from ..answers import explain_answer_with
+from ..backends import resolve_backend
+from ..context import generate_answers
+from ..display import plural
+from ..engine import attribute
+from ..explain import resolve_baseline
+from ..chat import has_chat_template, special_token_ids
+from ..html import answer_views_from_table, rows_from_table, write_answer_html, write_html
+from ..integration import check_model
+from .. import models
+from ..outputs import check_output_dir
+from ..settings import TARGETS, GIMSettings
 from . import writer
 from .batching import Batch, Row, TargetResolver, assign_ranks, pack, tokenize_rows
-from ..outputs import check_output_dir
-from ..settings import resolve_backend
 from .inputs import InputError, RowError, check_input, detect_format, fingerprint, read_rows
 
 __all__ = ["attribute_dataset", "DatasetRun", "RowResult", "AnswerRowResult", "BadRowError", "DEFAULT_BATCH_TOKENS"]
 
 log = logging.getLogger(__name__)
-_DEFAULTS = GIMSettings()
 DEFAULT_BATCH_TOKENS = 4096
 DEFAULT_SHARD_ROWS = 10_000
 DEFAULT_FLUSH_SECONDS = 600.0
@@ -61,6 +72,7 @@ class RowResult:
     target_logit: float
     target_position: int     # index of the token whose next-token logit is explained (the last one)
     target_given: bool       # True when the data named the target; False for the model's top prediction
+    template: list[bool] | None = None    # with --chat: True at the chat template's tokens (score 0)
 
 
 @dataclass
@@ -79,6 +91,7 @@ class AnswerRowResult:
     scores: np.ndarray        # float32 [M, P + M]: row m attributes answer token m over text and answer tokens
     answer_logits: np.ndarray     # float32 [M]: each answer token's raw logit
     answer_logprobs: np.ndarray   # float32 [M]: its log-probability
+    template: list[bool] | None = None    # with --chat: True at the chat template's tokens of the text (score 0)
 
 
 # ------------------------------------------------------------------------------------------ ranks/devices
@@ -86,15 +99,11 @@ class AnswerRowResult:
 
 def _rank_and_world() -> tuple[int, int, bool]:
     """(rank, world size, whether we started the process group) from torch.distributed or the launcher's env."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
     if world > 1 and dist.is_available() and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        import datetime
-
         # gloo for coordination only (one barrier at the end); the model runs on each rank's own device.
         # Ranks may finish hours apart: the barrier waits long.
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
@@ -157,8 +166,6 @@ def _vocab_out(model) -> int:
 
 
 def _baseline(baseline_token, tokenizer, vocab: int) -> int:
-    from ..explain import resolve_baseline
-
     if isinstance(baseline_token, str) and not baseline_token.strip().lstrip("-").isdigit():
         ids = tokenizer.encode(baseline_token, add_special_tokens=False)
         if len(ids) != 1:
@@ -190,8 +197,6 @@ class _Decoder:
 
 def _compute(model, batch: Batch, baseline: int, settings: GIMSettings, device, decode: _Decoder) -> list[RowResult]:
     """One engine call for the batch, left-padded (every row's last real token is the last position)."""
-    from ..engine import attribute
-
     size, length = len(batch.rows), batch.length
     ids = torch.full((size, length), baseline, dtype=torch.long)
     mask = torch.zeros((size, length), dtype=torch.long)
@@ -209,32 +214,34 @@ def _compute(model, batch: Batch, baseline: int, settings: GIMSettings, device, 
     out = []
     for i, row in enumerate(batch.rows):
         n = len(row.token_ids)
+        row_scores = scores[i, length - n:].copy()
+        if row.template is not None:          # the chat template's tokens are held fixed: not scored
+            row_scores[np.asarray(row.template, dtype=bool)] = 0.0
         out.append(RowResult(
             id=row.id, line=row.line, text=row.text, token_ids=list(row.token_ids),
-            tokens=[decode(t) for t in row.token_ids], scores=scores[i, length - n:].copy(),
+            tokens=[decode(t) for t in row.token_ids], scores=row_scores,
             target_id=int(target_ids[i]), target=decode(int(target_ids[i])), target_logit=float(logits[i]),
-            target_position=n - 1, target_given=given))
+            target_position=n - 1, target_given=given,
+            template=None if row.template is None else list(row.template)))
     return out
 
 
 def _compute_answers(model, batch: Batch, baseline: int, settings: GIMSettings, device, decode: _Decoder,
-                     tokenizer, answer: dict) -> list[AnswerRowResult]:
+                     tokenizer, answer: AnswerMode) -> list[AnswerRowResult]:
     """One ``explain_answer`` call for the batch: texts left-padded, answers right-padded (generated first, greedily,
-    when the data gives none; ``answer``: {"target": "logit"|"logprob", "generate": max new tokens})."""
-    from ..answers import explain_answer
-    from ..context import generate_answers
-
+    when the data gives none)."""
     rows = batch.rows
     given = rows[0].answer_ids is not None
     if given:
         answers = [list(r.answer_ids) for r in rows]
     else:
-        answers = generate_answers(model, tokenizer, [r.token_ids for r in rows], answer["generate"])
+        answers = generate_answers(model, tokenizer, [r.token_ids for r in rows], answer.generate)
     keep = [i for i, a in enumerate(answers) if a]
     # a generation that is only the end-of-sequence token leaves nothing to attribute: a row with an empty answer
     out = [AnswerRowResult(r.id, r.line, r.text, list(r.token_ids), [decode(t) for t in r.token_ids], "", [], [],
                            given, np.zeros((0, len(r.token_ids)), np.float32), np.zeros(0, np.float32),
-                           np.zeros(0, np.float32)) for r in rows]
+                           np.zeros(0, np.float32), None if r.template is None else list(r.template))
+           for r in rows]
     if keep:
         length = max(len(rows[i].token_ids) for i in keep)
         count = max(len(answers[i]) for i in keep)
@@ -247,13 +254,9 @@ def _compute_answers(model, batch: Batch, baseline: int, settings: GIMSettings, 
             ids[r, length - n:], mask[r, length - n:] = torch.tensor(rows[i].token_ids), 1
             answer_ids[r, :m], answer_mask[r, :m] = torch.tensor(answers[i]), 1
         with torch.enable_grad():
-            result = explain_answer(model, ids.to(device), answer_ids.to(device), attention_mask=mask.to(device),
-                                    answer_mask=answer_mask.to(device), baseline_token_id=baseline,
-                                    target=answer["target"], freeze_norm=settings.freeze_norm,
-                                    softmax_temperature=settings.softmax_temperature, q_scale=settings.q_scale,
-                                    k_scale=settings.k_scale, v_scale=settings.v_scale,
-                                    gate_scale=settings.gate_scale, up_scale=settings.up_scale,
-                                    backend=settings.backend)
+            result = explain_answer_with(model, ids.to(device), answer_ids.to(device), settings,
+                                         attention_mask=mask.to(device), answer_mask=answer_mask.to(device),
+                                         baseline_token_id=baseline, target=answer.target)
         scores = result.scores.float().cpu().numpy()                    # [B, count, length + count]
         logits = result.target_logits.float().cpu().numpy()
         logprobs = result.target_logprobs.float().cpu().numpy()
@@ -261,12 +264,16 @@ def _compute_answers(model, batch: Batch, baseline: int, settings: GIMSettings, 
             row, a = rows[i], answers[i]
             n, m = len(row.token_ids), len(a)
             columns = np.r_[length - n:length, length:length + m]           # the row's text, then its answer
+            row_scores = scores[r, :m][:, columns].copy()
+            if row.template is not None:      # the chat template's tokens are held fixed: not scored
+                row_scores[:, :n][:, np.asarray(row.template, dtype=bool)] = 0.0
             out[i] = AnswerRowResult(
                 id=row.id, line=row.line, text=row.text, token_ids=list(row.token_ids),
                 tokens=[decode(t) for t in row.token_ids], answer=tokenizer.decode(a), answer_ids=list(a),
                 answer_tokens=[decode(t) for t in a], answer_given=given,
-                scores=scores[r, :m][:, columns].copy(), answer_logits=logits[r, :m].copy(),
-                answer_logprobs=logprobs[r, :m].copy())
+                scores=row_scores, answer_logits=logits[r, :m].copy(),
+                answer_logprobs=logprobs[r, :m].copy(),
+                template=None if row.template is None else list(row.template))
     return out
 
 
@@ -310,13 +317,11 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
                       text_field: str = "text", target_field: str | None = None, id_field: str | None = None,
                       target_type: str = "auto", batch_tokens: int = DEFAULT_BATCH_TOKENS,
                       batch_size: int | None = None, max_length: int | None = None, strict: bool = False,
-                      freeze_norm=_DEFAULTS.freeze_norm, softmax_temperature=_DEFAULTS.softmax_temperature,
-                      q_scale=_DEFAULTS.q_scale, k_scale=_DEFAULTS.k_scale, v_scale=_DEFAULTS.v_scale,
-                      gate_scale=_DEFAULTS.gate_scale, up_scale=_DEFAULTS.up_scale, backend=_DEFAULTS.backend,
-                      baseline_token=None, dtype=torch.float32, device=None, cache_dir=None,
-                      shard_rows: int = DEFAULT_SHARD_ROWS, flush_seconds: float = DEFAULT_FLUSH_SECONDS,
-                      html_report: int = 0, progress: bool | None = False, answer_field: str | None = None,
-                      generate: int | None = None, answer_target: str = "logit") -> DatasetRun:
+                      settings: GIMSettings | None = None, baseline_token=None, dtype=torch.float32, device=None,
+                      cache_dir=None, shard_rows: int = DEFAULT_SHARD_ROWS,
+                      flush_seconds: float = DEFAULT_FLUSH_SECONDS, html_report: int = 0,
+                      progress: bool | None = False, answer_field: str | None = None, generate: int | None = None,
+                      answer_target: str = "logit", chat: bool = False, **gim_settings) -> DatasetRun:
     """GIM attributions for every row of ``data``; an iterator of :class:`RowResult`, one per good row.
 
     Args:
@@ -334,8 +339,9 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
         batch_tokens, batch_size: the padded-token budget of one batch, and an optional cap on its rows.
         max_length: rows with more tokens are bad rows (default: the model's ``max_position_embeddings``).
         strict: raise :class:`BadRowError` at the first bad row instead of setting bad rows aside.
-        freeze_norm … up_scale, backend: the GIM settings, as in :func:`gim_fast.explain`. ``baseline_token``:
-            an id or a one-token string (default as in ``explain``).
+        settings, **gim_settings: the GIM settings, as one :class:`~gim_fast.settings.GIMSettings` or as its
+            fields by name (the keywords of :func:`gim_fast.explain`); default GIM's. ``baseline_token``: an id
+            or a one-token string (default as in ``explain``).
         dtype, device, cache_dir: how a model given by name is loaded (device default: this rank's GPU, else CPU).
         shard_rows, flush_seconds: a shard is written after this many rows, or this many seconds of work.
         html_report: with ``out``, write ``report.html`` with the first N rows (by input line) at the end.
@@ -346,53 +352,135 @@ def attribute_dataset(data, model="smollm2-135m", *, tokenizer=None, out=None, f
             end-of-sequence token). Results are :class:`AnswerRowResult`: ``scores`` ``[M, P + M]``, every answer
             token over the text's and the answer's tokens. ``answer_target``: ``"logit"`` or ``"logprob"``.
 
+    ``chat``: each row's text is the user's message, put in the tokenizer's chat template with the generation
+    prompt (a model without a template is refused); only the message's tokens are scored: the template's get 0
+    and a ``template`` column (list<bool>) marks them.
+
     Under ``torchrun``/``accelerate launch`` (or an initialised ``torch.distributed``) every process plans the
     same batches and computes its own share; results come out in batch order (longest rows first), not input
     order: sort by ``line`` to restore it.
     """
-    settings = GIMSettings(freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
-                           k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
-                           backend=backend)
-    for name, value, low in (("batch_tokens", batch_tokens, 1), ("shard_rows", shard_rows, 1),
-                             ("html_report", html_report, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
-    if target_type not in ("auto", "token", "id"):
-        raise ValueError(f"target_type must be 'auto', 'token' or 'id', got {target_type!r}")
-    answer = _answer_mode(answer_field, generate, answer_target, target_field)
-    # everything that can be checked without the model fails now, before a model is loaded
-    if isinstance(data, (str, os.PathLike)):
-        check_input(data, format=format, text_field=text_field, target_field=target_field, id_field=id_field,
-                    answer_field=answer_field)
-    if out is not None:
-        check_output_dir(out)
-    if device not in (None, "auto"):
-        _check_device(device)
-    if isinstance(baseline_token, (int, str)) and str(baseline_token).strip().startswith("-") \
-            and str(baseline_token).strip()[1:].isdigit():
-        raise InputError(f"baseline token id {baseline_token} is negative; a token id is >= 0")
-    if isinstance(model, (str, os.PathLike)):
-        from ..models import check_model_name
-
-        check_model_name(model, cache_dir=cache_dir)
-        resolve_backend(settings.backend, _device(device, 0, 1), dtype)
-    options = dict(data=data, model=model, tokenizer=tokenizer, out=out, format=format, text_field=text_field,
-                   target_field=target_field, id_field=id_field, target_type=target_type, batch_tokens=batch_tokens,
-                   batch_size=batch_size, max_length=max_length, strict=strict, settings=settings,
-                   baseline_token=baseline_token, dtype=dtype, device=device, cache_dir=cache_dir,
-                   shard_rows=shard_rows, flush_seconds=flush_seconds, html_report=html_report, progress=progress,
-                   answer=answer)
-    return DatasetRun(lambda run: _run(run, **options))
+    if settings is None:
+        settings = GIMSettings(**gim_settings)
+    elif gim_settings:
+        raise TypeError(f"give the GIM settings as settings=GIMSettings(...) or by name, not both (got "
+                        f"{', '.join(sorted(gim_settings))} beside settings)")
+    elif not isinstance(settings, GIMSettings):
+        raise TypeError(f"settings must be a gim_fast.GIMSettings, got {type(settings).__name__}")
+    job = JobConfig(
+        data=data, model=model, tokenizer=tokenizer, settings=settings, baseline_token=baseline_token,
+        source=SourceOptions(format, text_field, target_field, id_field, target_type),
+        batching=BatchOptions(batch_tokens, batch_size, max_length),
+        loading=LoadOptions(dtype, device, cache_dir),
+        output=OutputOptions(out, shard_rows, flush_seconds, html_report, strict, progress),
+        answer=_answer_mode(answer_field, generate, answer_target, target_field), chat=chat)
+    job.check()
+    return DatasetRun(lambda run: _run(run, job))
 
 
-def _answer_mode(answer_field, generate, answer_target, target_field) -> dict | None:
-    """The answer settings ({"field", "generate", "target"}), None for next-token attribution; a clear error for
-    a combination that cannot be."""
-    if answer_target not in ("logit", "logprob"):
+# ------------------------------------------------------------------------------------------------ the job
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Where the rows come from: the input format and the columns to read."""
+
+    format: str | None = None
+    text_field: str = "text"
+    target_field: str | None = None
+    id_field: str | None = None
+    target_type: str = "auto"
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How rows are grouped: a padded-token budget per batch, an optional row cap, the longest row accepted."""
+
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    batch_size: int | None = None
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model given by name is loaded, and where it runs."""
+
+    dtype: torch.dtype = torch.float32
+    device: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and how results are written (``out=None``: results are only yielded)."""
+
+    out: str | os.PathLike | None = None
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    html_report: int = 0
+    strict: bool = False
+    progress: bool | None = False
+
+
+@dataclass(frozen=True)
+class AnswerMode:
+    """Attribute an answer after each row instead of its next token: from the column ``field``, or generated
+    (at most ``generate`` tokens); ``target``: each answer token's ``"logit"`` or ``"logprob"``."""
+
+    field: str | None
+    generate: int | None
+    target: str
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one dataset job was asked to do (what :func:`attribute_dataset` was given, grouped)."""
+
+    data: object
+    model: object
+    tokenizer: object
+    settings: GIMSettings
+    baseline_token: object
+    source: SourceOptions
+    batching: BatchOptions
+    loading: LoadOptions
+    output: OutputOptions
+    answer: AnswerMode | None
+    chat: bool = False
+
+    def check(self) -> None:
+        """Everything that can be checked without the model, before a model is loaded."""
+        for name, value, low in (("batch_tokens", self.batching.batch_tokens, 1),
+                                 ("shard_rows", self.output.shard_rows, 1),
+                                 ("html_report", self.output.html_report, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("batch_size", self.batching.batch_size), ("max_length", self.batching.max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if self.source.target_type not in ("auto", "token", "id"):
+            raise ValueError(f"target_type must be 'auto', 'token' or 'id', got {self.source.target_type!r}")
+        if isinstance(self.data, (str, os.PathLike)):
+            src = self.source
+            check_input(self.data, format=src.format, text_field=src.text_field, target_field=src.target_field,
+                        id_field=src.id_field, answer_field=self.answer and self.answer.field)
+        if self.output.out is not None:
+            check_output_dir(self.output.out)
+        device = self.loading.device
+        if device not in (None, "auto"):
+            _check_device(device)
+        baseline = self.baseline_token
+        if isinstance(baseline, (int, str)) and str(baseline).strip().startswith("-") \
+                and str(baseline).strip()[1:].isdigit():
+            raise InputError(f"baseline token id {baseline} is negative; a token id is >= 0")
+        if isinstance(self.model, (str, os.PathLike)):
+            models.check_model_name(self.model, cache_dir=self.loading.cache_dir)
+            resolve_backend(self.settings.backend, _device(device, 0, 1), self.loading.dtype)
+
+
+def _answer_mode(answer_field, generate, answer_target, target_field) -> AnswerMode | None:
+    """The answer settings, None for next-token attribution; a clear error for a combination that cannot be."""
+    if answer_target not in TARGETS:
         raise ValueError(f"answer_target must be 'logit' or 'logprob', got {answer_target!r}")
     if generate is not None and (isinstance(generate, bool) or not isinstance(generate, int) or generate < 1):
         raise ValueError(f"generate must be a positive integer (the most tokens to generate) or None, got {generate!r}")
@@ -407,132 +495,167 @@ def _answer_mode(answer_field, generate, answer_target, target_field) -> dict | 
     if target_field is not None:
         raise ValueError("target_field explains one next token; answer_field/generate explain a whole answer: "
                          "give one or the other")
-    return {"field": answer_field, "generate": generate, "target": answer_target}
+    return AnswerMode(answer_field, generate, answer_target)
 
 
-def _load(model, tokenizer, dtype, cache_dir, device, rank, world):
-    """(model on its device, tokenizer, how the model was named). A loaded model stays where it is unless
-    ``device`` is given."""
+@dataclass
+class _Loaded:
+    """The model the job runs, its tokenizer, how it was named, and its device."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    device: torch.device
+
+
+def _load(job: JobConfig, rank: int, world: int) -> _Loaded:
+    """The model on its device. A loaded model stays where it is unless a device is given."""
+    model, tokenizer, device = job.model, job.tokenizer, job.loading.device
     if isinstance(model, (str, os.PathLike)):
-        from ..models import load_pretrained
-
         spec = os.fspath(model)
-        model, tokenizer = load_pretrained(spec, cache_dir=cache_dir, dtype=dtype)
+        model, tokenizer = models.load_pretrained(spec, cache_dir=job.loading.cache_dir, dtype=job.loading.dtype)
         device = _device(device, rank, world)
     else:
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: attribute_dataset(..., tokenizer=tokenizer)")
         spec = getattr(model, "name_or_path", None) or type(model).__name__
         device = _device(device, rank, world) if device is not None else next(model.parameters()).device
-    return model.to(device), tokenizer, spec, device
+    return _Loaded(model.to(device), tokenizer, spec, device)
 
 
-def _run(run: DatasetRun, *, data, model, tokenizer, out, format, text_field, target_field, id_field, target_type,
-         batch_tokens, batch_size, max_length, strict, settings, baseline_token, dtype, device, cache_dir,
-         shard_rows, flush_seconds, html_report, progress, answer):
-    from ..integration import check_model
+@dataclass
+class _Plan:
+    """The job's plan, the same in every process: the good rows batched, each batch's rank, the bad rows."""
 
+    source: dict              # the input as the manifest records it (path, digest, format)
+    batches: list[Batch]
+    owners: list[int]         # the rank computing each batch
+    errors: list[RowError]
+    input_rows: int
+    baseline: int
+    max_length: int | None
+
+
+def _plan(job: JobConfig, loaded: _Loaded, world: int) -> _Plan:
+    """Read and tokenize every row, set bad rows aside, group the good ones into batches, give each a rank."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    vocab_in = model.get_input_embeddings().num_embeddings
+    max_length = job.batching.max_length
+    if max_length is None:
+        max_length = getattr(model.config, "max_position_embeddings", None)
+    baseline = _baseline(job.baseline_token, tokenizer, vocab_in)
+    src, answer_field = job.source, job.answer and job.answer.field
+    if isinstance(job.data, (str, os.PathLike)):
+        source = {"input": os.path.abspath(job.data), "input_sha256": fingerprint(job.data),
+                  "format": detect_format(job.data, src.format)}
+        raw = read_rows(job.data, format=src.format, text_field=src.text_field, target_field=src.target_field,
+                        id_field=src.id_field, answer_field=answer_field)
+    else:
+        records = list(job.data)
+        source = {"input": "<python objects>", "input_sha256": _records_fingerprint(records), "format": None}
+        raw = read_rows(records, text_field=src.text_field, target_field=src.target_field, id_field=src.id_field,
+                        answer_field=answer_field)
+    resolver = TargetResolver(tokenizer, _vocab_out(model), src.target_type)
+    rows: list[Row] = []
+    errors: list[RowError] = []
+    input_rows = 0
+    extra = (job.answer.generate if job.answer else None) or 0
+    if job.chat and not has_chat_template(tokenizer):
+        raise InputError("--chat: this model's tokenizer has no chat template (a base model, not an instruct one); "
+                         "leave out --chat and give the texts as the model should read them")
+    for item in tokenize_rows(raw, tokenizer, max_length=max_length, vocab_size=vocab_in, targets=resolver,
+                              extra_tokens=extra, chat=job.chat):
+        input_rows += 1
+        if isinstance(item, RowError):
+            if job.output.strict:
+                raise BadRowError(item)
+            errors.append(item)
+        else:
+            rows.append(item)
+    batches = pack(rows, batch_tokens=job.batching.batch_tokens, batch_size=job.batching.batch_size)
+    return _Plan(source, batches, assign_ranks(batches, world), errors, input_rows, baseline, max_length)
+
+
+def _job_identity(job: JobConfig, loaded: _Loaded, plan: _Plan) -> tuple[dict, str]:
+    """The manifest's ``config`` and its digest: what the results depend on (not where the input file lies),
+    which shards carry and a resumed job compares."""
+    src = job.source
+    config = {
+        **plan.source, "text_field": src.text_field, "target_field": src.target_field, "id_field": src.id_field,
+        "target_type": src.target_type, **_model_identity(loaded.model),
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "device_type": loaded.device.type, **job.settings.as_dict(), "baseline_token_id": plan.baseline,
+        "batch_tokens": job.batching.batch_tokens, "batch_size": job.batching.batch_size,
+        "max_length": plan.max_length,
+    }
+    if job.chat:                     # only then, for the same reason
+        config["chat"] = True
+    if job.answer is not None:       # only then: a next-token job's settings (and resumes) stay as they were
+        config.update({"answer_field": job.answer.field, "generate": job.answer.generate,
+                       "answer_target": job.answer.target})
+    identity = {k: v for k, v in config.items() if k != "input"}
+    return config, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _run(run: DatasetRun, job: JobConfig):
+    """The job in this process: load, plan, prepare the output directory, compute this rank's missing batches
+    (yielding their rows), complete the manifest, summarise."""
     started = time.perf_counter()
     rank, world, own_group = _rank_and_world()
     try:
         run.rank, run.world_size = rank, world
-        model, tokenizer, spec, device = _load(model, tokenizer, dtype, cache_dir, device, rank, world)
-        check_model(model)
-        vocab_in = model.get_input_embeddings().num_embeddings
-        vocab_out = _vocab_out(model)
-        if max_length is None:
-            max_length = getattr(model.config, "max_position_embeddings", None)
-        baseline = _baseline(baseline_token, tokenizer, vocab_in)
+        loaded = _load(job, rank, world)
+        check_model(loaded.model)
+        plan = _plan(job, loaded, world)
+        run.errors, run.plan = plan.errors, plan.batches
+        config, config_sha = _job_identity(job, loaded, plan)
+        counts = {"input_rows": plan.input_rows, "errors": len(plan.errors), "batches": len(plan.batches)}
 
-        # --- plan: every rank reads and tokenizes everything, and gets the same batches
-        if isinstance(data, (str, os.PathLike)):
-            source = {"input": os.path.abspath(data), "input_sha256": fingerprint(data),
-                      "format": detect_format(data, format)}
-            raw = read_rows(data, format=format, text_field=text_field, target_field=target_field,
-                            id_field=id_field, answer_field=answer and answer["field"])
-        else:
-            records = list(data)
-            source = {"input": "<python objects>", "input_sha256": _records_fingerprint(records), "format": None}
-            raw = read_rows(records, text_field=text_field, target_field=target_field, id_field=id_field,
-                            answer_field=answer and answer["field"])
-        resolver = TargetResolver(tokenizer, vocab_out, target_type)
-        rows: list[Row] = []
-        errors: list[RowError] = []
-        input_rows = 0
-        extra = (answer or {}).get("generate") or 0
-        for item in tokenize_rows(raw, tokenizer, max_length=max_length, vocab_size=vocab_in, targets=resolver,
-                                  extra_tokens=extra):
-            input_rows += 1
-            if isinstance(item, RowError):
-                if strict:
-                    raise BadRowError(item)
-                errors.append(item)
-            else:
-                rows.append(item)
-        plan = pack(rows, batch_tokens=batch_tokens, batch_size=batch_size)
-        owners = assign_ranks(plan, world)
-        run.errors, run.plan = errors, plan
-
-        config = {
-            **source, "text_field": text_field, "target_field": target_field, "id_field": id_field,
-            "target_type": target_type, **_model_identity(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "device_type": device.type, "freeze_norm": settings.freeze_norm,
-            "softmax_temperature": settings.softmax_temperature, "q_scale": settings.q_scale,
-            "k_scale": settings.k_scale, "v_scale": settings.v_scale, "gate_scale": settings.gate_scale,
-            "up_scale": settings.up_scale, "backend": settings.backend, "baseline_token_id": baseline,
-            "batch_tokens": batch_tokens, "batch_size": batch_size, "max_length": max_length,
-        }
-        if answer is not None:       # only then: a next-token job's settings (and resumes) stay as they were
-            config.update({"answer_field": answer["field"], "generate": answer["generate"],
-                           "answer_target": answer["target"]})
-        # what the results depend on (not where the input file lies): shards carry it, a resume compares it
-        identity = {k: v for k, v in config.items() if k != "input"}
-        config_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        counts = {"input_rows": input_rows, "errors": len(errors), "batches": len(plan)}
-
+        out = None if job.output.out is None else Path(job.output.out)
         done: dict[int, Path] = {}
         lock = contextlib.nullcontext()
         if out is not None:
-            out = Path(out)
             run.out = out
-            lock = _prepare_out(out, rank, spec, config, config_sha, counts, errors)
+            lock = _prepare_out(out, rank, loaded.spec, config, config_sha, counts, plan.errors)
         with lock:
             if out is not None:
                 done = writer.done_batches(out, config_sha)
-            todo = [b for b, owner in zip(plan, owners) if owner == rank and b.index not in done]
+            mine = [b for b, owner in zip(plan.batches, plan.owners) if owner == rank]
+            todo = [b for b in mine if b.index not in done]
             compute_started = time.perf_counter()
-            yield from _compute_all(model, todo, baseline, settings, device, tokenizer, out, rank, world, config_sha,
-                                    shard_rows, flush_seconds, progress, run, answer)
-            computed = sum(len(b.rows) for b in todo)
-            computed_tokens = sum(b.tokens for b in todo)
+            yield from _compute_all(loaded, todo, plan.baseline, job, out, rank, world, config_sha, run)
             manifest = None
             if out is not None:
-                special = getattr(tokenizer, "all_special_ids", ()) or ()
-                manifest = _finish(out, plan, html_report, own_group or _group_active(), rank, special)
-            ended = time.perf_counter()
-            elapsed = ended - compute_started
+                special = special_token_ids(loaded.tokenizer)
+                manifest = _finish(out, plan.batches, job.output.html_report, own_group or _group_active(), rank,
+                                   special)
             run.manifest = manifest
-            run.summary = {
-                "rank": rank, "world_size": world, "input_rows": input_rows, "rows": computed,
-                "tokens": computed_tokens, "padded_tokens": sum(b.padded_tokens for b in todo),
-                "errors": len(errors), "batches": len(todo),
-                "already_done_batches": sum(1 for b, o in zip(plan, owners) if o == rank and b.index in done),
-                "seconds": elapsed, "setup_seconds": compute_started - started,
-                "rows_per_s": computed / elapsed if elapsed > 0 else 0.0,
-                "tokens_per_s": computed_tokens / elapsed if elapsed > 0 else 0.0,
-                "out": None if out is None else str(out), "complete": bool(manifest and manifest["status"] == "complete"),
-            }
+            run.summary = _summary(plan, todo, len(mine) - len(todo), rank, world, out, manifest, started,
+                                   compute_started)
     finally:
         if own_group:
-            import torch.distributed as dist
-
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
 
-def _group_active() -> bool:
-    import torch.distributed as dist
+def _summary(plan: _Plan, todo: list[Batch], already_done: int, rank: int, world: int, out: Path | None,
+             manifest: dict | None, started: float, compute_started: float) -> dict:
+    """What this process did: rows, tokens, batches, time, speed."""
+    elapsed = time.perf_counter() - compute_started
+    computed = sum(len(b.rows) for b in todo)
+    computed_tokens = sum(b.tokens for b in todo)
+    return {
+        "rank": rank, "world_size": world, "input_rows": plan.input_rows, "rows": computed,
+        "tokens": computed_tokens, "padded_tokens": sum(b.padded_tokens for b in todo),
+        "errors": len(plan.errors), "batches": len(todo), "already_done_batches": already_done,
+        "seconds": elapsed, "setup_seconds": compute_started - started,
+        "rows_per_s": computed / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": computed_tokens / elapsed if elapsed > 0 else 0.0,
+        "out": None if out is None else str(out), "complete": bool(manifest and manifest["status"] == "complete"),
+    }
 
+
+def _group_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -585,10 +708,13 @@ def _check_same_job(out: Path, manifest: dict, spec: str, config: dict) -> None:
             + ". Run the original command to finish it, or choose a new --out directory (or delete this one).")
 
 
-def _compute_all(model, todo: list[Batch], baseline, settings, device, tokenizer, out, rank, world, config_sha,
-                 shard_rows, flush_seconds, progress, run, answer=None) -> Iterator[RowResult]:
-    from tqdm.auto import tqdm
-
+def _compute_all(loaded: _Loaded, todo: list[Batch], baseline: int, job: JobConfig, out: Path | None, rank: int,
+                 world: int, config_sha: str, run: DatasetRun) -> Iterator[RowResult]:
+    """Compute ``todo`` batch by batch, yield their rows, and write them as shards (every ``shard_rows`` rows or
+    ``flush_seconds`` seconds) when there is an output directory."""
+    model, tokenizer, device, settings = loaded.model, loaded.tokenizer, loaded.device, job.settings
+    answer, progress = job.answer, job.output.progress
+    shard_rows, flush_seconds = job.output.shard_rows, job.output.flush_seconds
     decode = _Decoder(tokenizer)
     total_tokens = sum(b.tokens for b in todo)
     total_rows = sum(len(b.rows) for b in todo)
@@ -632,8 +758,6 @@ def _finish(out: Path, plan: list[Batch], html_report: int, group: bool, rank: i
     if not group:
         manifest = _try_finalize(out, plan, html_report, special_ids)
         return manifest if manifest is not None else writer.read_manifest(out)
-    import torch.distributed as dist
-
     dist.barrier()                  # every rank's shards are on disk
     manifest = _try_finalize(out, plan, html_report, special_ids) if rank == 0 else None
     dist.barrier()                  # the manifest is complete before any rank reports
@@ -653,9 +777,6 @@ def _try_finalize(out: Path, plan: list[Batch], html_report: int, special_ids=()
 
 
 def _write_report(out: Path, n: int, manifest: dict, special_ids=()) -> str:
-    from ..display import plural
-    from ..html import answer_views_from_table, rows_from_table, write_answer_html, write_html
-
     lines = writer.read_results(out, columns=["line"])
     table = None
     if lines is not None and len(lines):

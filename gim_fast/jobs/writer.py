@@ -171,6 +171,8 @@ def _table(results: list, meta: dict):
             "target_position": pa.array([r.target_position for r in results], pa.int32()),
             "target_given": pa.array([r.target_given for r in results], pa.bool_()),
         })
+    if results and getattr(results[0], "template", None) is not None:   # --chat: the template's tokens
+        columns["template"] = pa.array([list(r.template) for r in results], pa.list_(pa.bool_()))
     table = pa.table(columns)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
@@ -179,12 +181,18 @@ def shard_path(out: Path, first_batch: int) -> Path:
     return out / DATA / f"part-{first_batch:06d}.parquet"
 
 
+def _read_tokens(result) -> int:
+    """The tokens the model read for a result: its text's, and its answer's (an answer job): the same count as
+    the run's summary (``Row.size``)."""
+    return len(result.token_ids) + len(getattr(result, "answer_ids", None) or ())
+
+
 def write_shard(out: Path, batches: list[int], results: list, *, rank: int, config_sha256: str) -> Path:
     """Write the results of ``batches`` as one Parquet shard, atomically; named after its first batch."""
     import pyarrow.parquet as pq
 
     path = shard_path(out, batches[0])
-    meta = {"batches": batches, "rank": rank, "rows": len(results), "tokens": sum(len(r.token_ids) for r in results),
+    meta = {"batches": batches, "rank": rank, "rows": len(results), "tokens": sum(_read_tokens(r) for r in results),
             "config_sha256": config_sha256}
     table = _table(results, meta)
     tmp = _tmp_name(path)

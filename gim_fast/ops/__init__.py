@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from ..settings import check_backend, check_scale, check_temperature, resolve_backend
+from ..backends import resolve_backend
+from ..settings import check_backend, check_scale, check_temperature, tempered
 from .attention_chunked import gim_attention_chunked
 from .attention_eager import gim_attention_eager
 from .gated import gated_product
@@ -79,7 +80,7 @@ def gim_attention(q, k, v, *, scale=None, causal=True, sliding_window=None, soft
         ``[B, Hq, S, D]`` in q's dtype; the softmax math runs in float32 (float64 for float64 inputs).
     """
     _check_attention_inputs(q, k, v, key_padding_mask, sliding_window, softcap, causal)
-    temperature = check_temperature(temperature)
+    temperature = tempered(check_temperature(temperature))
     q_scale, k_scale, v_scale = (check_scale(n, s) for n, s in
                                  (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)))
     if scale is None:

@@ -1,6 +1,6 @@
 """The ``torch`` backend of ``gim_attention``: row-tiled GIM attention, O(S) memory, any device.
 
-Routes, by structure (results differ only by float rounding; ``tests/test_attention_torch_routes.py``):
+Routes, by structure (results differ only by float rounding; ``tests/ops/test_attention_torch_routes.py``):
 
     forward    CPU, float32/16-bit, no window, no soft-capping: torch's fused flash op
                ``_scaled_dot_product_flash_attention_for_cpu`` (output and row log-sum-exp LSE; key padding as an
@@ -26,36 +26,21 @@ key padding). A query row with no allowed key (left padding) outputs 0 and passe
 head, so a tile is a plain 2-D slice, K and V are never repeated, and dK, dV sum over the group inside the GEMM.
 The loops are sequential and nothing accumulates with atomics: results are deterministic.
 
-Why these routes (CPU, SmolLM2-135M's attention: q [1,9,2048,64], k/v [1,3,2048,64], causal, float32; one
-thread, CPU time, alternating runs on the shared 2-core machine, so indicative; ``bench/cpu_ratio.py`` and the
-README's performance section). Torch's fused forward costs ~47 ms and its backward ~118 ms. GIM needs two
-softmaxes of one score matrix (P for dV, P_T for dQ, dK) and a fused kernel computes one:
-
-- the previous route, two fused SDPA forward+backward passes (at scale/T for dQ, dK; at scale for dV), does 16
-  GEMM passes where the plain gradient does 7: ~2.3× the plain attention;
-- the best composition of fused ops — the forward at scale/T (O_T, LSE_T), the fused backward at scale/T (dQ,
-  dK; its dV discarded) and dV = Pᵀ dO as one more fused forward with queries and keys swapped (K' = [K, 1],
-  Q' = [Q, −LSE/scale], values dO, the sequence flipped to make it causal; dV = O'·exp(LSE')) — does 11:
-  ~308 ms, 1.9× (correct to 2e-7 in float32);
-- these tiles do the 7 GEMMs of the plain gradient plus four element-wise passes (softmax, add, exp, fused
-  softmax backward): forward + backward ~1.35× the plain attention. Two things made them so: reusing
-  tile-sized buffers (a fresh tile tensor per tile page-faulted on every tile and cost more than its GEMM) and
-  building each mask once per call (together: backward 253 → 178 ms);
-- ``torch.compile`` of the element-wise passes saved ~15% of them (~5% of the backward) for a ~75 s compile on
-  first use and a C++ compiler at run time: not taken.
+Why these routes: GIM needs two softmaxes of one score matrix (P for dV, P_T for dQ, dK) and a fused kernel
+computes one. Two fused SDPA passes do 16 GEMM passes where the plain gradient does 7; these tiles do the 7 GEMMs
+of the plain gradient plus four element-wise passes (softmax, add, exp, fused softmax backward), reusing
+tile-sized buffers and building each mask once per call. docs/performance.md has the measurements behind the
+choice, and the alternatives that were weighed.
 
 Tile size (``auto_chunk_size``): ~96 stacked rows per KV head, at least 32 positions, within a score-tile budget
-at long context (measured: 32 positions for SmolLM2's G = 3, 64–96 for G = 1 and head dim 64, 32–96 for Gemma
-3's head dim 256).
+at long context.
 
 With M cotangents (``grad_out`` ``[M, B, Hq, S, D]``, see ``attention_backward``: ``explain_answer``'s stack
 under ``torch.func.vmap``, handed over by ``gim_fast.ops.cotangents.backward_op``) each tile computes its scores,
 P and P_T once and every GEMM takes the whole stack (``_stacked_backward``: dO stacked as M·c·G rows for dP and dQ,
 side by side as M·D columns for dV; dS = P_T ⊙ (dP − Δ) with Δ = dO · O_T, O_T = P_T V, since a fused softmax
-backward would need P_T copied M times). Measured (SmolLM2-135M, 1,008 tokens, 8 cotangents, 2 threads, quiet):
-one layer's backward 0.14 s against 0.17 s for M GEMMs of each kind per tile; the whole ``explain_answer`` with
-8 answer tokens 13.4 s against 16.0 s (with the gate/up and norm changes of the same commit). The stack holds one
-dP/dS buffer M tiles large (the memory estimate counts M × all tile buffers). The fused plain backward runs once
+backward would need P_T copied M times); this beats M GEMMs of each kind per tile (docs/performance.md). The
+stack holds one dP/dS buffer M tiles large (the memory estimate counts M × all tile buffers). The fused plain backward runs once
 per cotangent on the saved output and LSE.
 """
 from __future__ import annotations
@@ -65,23 +50,23 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..settings import tempered
 from .attention_eager import compute_dtype
 from .cotangents import backward_op, unbatched_forward_only
 from .masks import allowed_tile, key_range
 
 # Query positions per tile: at least _MIN_POSITIONS, and enough for _STACKED_ROWS rows once the G query heads
-# of a KV head are stacked (GEMMs wide enough; measured best on the CPU at SmolLM2's, Gemma 3's and multi-head
-# shapes), but never more than _TILE_ELEMENTS (B·Hq·positions·keys) per score tile: at long context the tile
+# of a KV head are stacked (GEMMs wide enough to run near the CPU's best at the supported shapes), but never more than _TILE_ELEMENTS (B·Hq·positions·keys) per score tile: at long context the tile
 # budget wins, down to one position per tile. The backward holds four or five such tiles.
 _STACKED_ROWS = 96
 _MIN_POSITIONS = 32
 _TILE_ELEMENTS = 1 << 22
 
-# torch's CPU flash attention ops (in torch since 2.2, these signatures unchanged since; run here on 2.13):
+# torch's CPU flash attention ops (torch >= 2.2):
 #   forward  (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (out, logsumexp)
 #   backward (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> (dq, dk, dv)
-# Fewer KV heads than query heads inside the ops: from torch 2.13 (checked by the tests here; the CPU kernels
-# learnt GQA in 2025); before, K/V are repeated for them (a copy of O(S·D)).
+# They take fewer KV heads than query heads from torch 2.13 on (the tests check it); with an older torch K/V are
+# repeated for them (a copy of O(S·D)).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_CPU_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
@@ -127,7 +112,7 @@ def _fused_forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_
 
 def _fused_backward_ok(q, lse, temperature, sliding_window, softcap) -> bool:
     """The plain gradient (T off) after the CPU flash forward: torch's fused backward is exactly it."""
-    return (temperature in (None, 1.0) and lse is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+    return (tempered(temperature) is None and lse is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
             and _FLASH_CPU_BACKWARD is not None and sliding_window is None and softcap is None)
 
 
@@ -302,7 +287,7 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, causal, sliding_wi
         dq, dk, dv = _fused_backward(q, k, v, out, lse, grad_out, scale, causal, key_padding_mask)
         return scaled(dq, q_scale, q), scaled(dk, k_scale, k), scaled(dv, v_scale, v)
 
-    t = 1.0 if temperature is None else float(temperature)
+    t = tempered(temperature) or 1.0
     batch, q_heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -458,13 +443,14 @@ class ChunkedGIMAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse=None):
-        dq, dk, dv = backward_op(_Cotangents(ctx.args), grad_out, *ctx.saved_tensors)
+        dq, dk, dv = backward_op(_ChunkedAttentionRule(ctx.args), grad_out, *ctx.saved_tensors)
         return (dq, dk, dv) + (None,) * 10
 
 
-class _Cotangents:
-    """``attention_backward`` as a ``gim_fast.ops.cotangents`` rule: it takes one cotangent ``[B,Hq,S,D]`` or a
-    stack ``[M,B,Hq,S,D]`` (each tile's scores, P and P_T computed once for the stack), so ``many`` is ``one``."""
+class _ChunkedAttentionRule:
+    """``attention_backward`` as a :class:`~gim_fast.ops.cotangents.CotangentRule`: it takes one cotangent
+    ``[B,Hq,S,D]`` or a stack ``[M,B,Hq,S,D]`` (each tile's scores, P and P_T computed once for the stack), so
+    ``many`` is ``one``."""
 
     grads = 1
 

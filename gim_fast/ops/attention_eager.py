@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..settings import tempered
 from .cotangents import unbatched_forward_only
 from .grad_scale import scale_grad
 from .masks import allowed_tile
@@ -78,9 +79,10 @@ def gim_attention_eager(
     # A query row with no allowed key (a left-padding row) outputs 0 and passes no gradient.
     has_key = allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
-    if temperature is None or temperature == 1.0:
+    temperature = tempered(temperature)
+    if temperature is None:
         probs = torch.softmax(scores, dim=-1)
     else:
-        probs = TemperedSoftmax.apply(scores, float(temperature))
+        probs = TemperedSoftmax.apply(scores, temperature)
     probs = probs * has_key
     return (probs @ v).to(out_dtype)

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from ..kernels.attention import KernelCompileError, attention_backward, attention_forward
+from ..settings import tempered
 from . import attention_chunked
 from .cotangents import backward_op, unbatched_forward_only
 
@@ -34,10 +35,6 @@ def _fall_back(err: KernelCompileError) -> None:
                       "rounding, slower); backend='triton' raises this error", RuntimeWarning, stacklevel=4)
 
 
-def _temperature_on(temperature) -> bool:
-    return temperature is not None and float(temperature) != 1.0
-
-
 class TritonGIMAttention(torch.autograd.Function):
     """Fused attention: ordinary forward, GIM backward (temperature on dS, true P for dV, q/k/v factors).
 
@@ -49,7 +46,7 @@ class TritonGIMAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, scale, causal, sliding_window, softcap, key_padding_mask, temperature, q_scale, k_scale,
                 v_scale, need_backward, fallback):
-        temperature = float(temperature) if _temperature_on(temperature) else None
+        temperature = tempered(temperature)
         return attention_forward(
             q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
             key_padding_mask=key_padding_mask, temperature=temperature, need_backward=need_backward)
@@ -62,20 +59,21 @@ class TritonGIMAttention(torch.autograd.Function):
         if need_backward:
             ctx.save_for_backward(q, k, v, *output, key_padding_mask)
             ctx.args = dict(scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap,
-                            temperature=float(temperature) if _temperature_on(temperature) else None,
+                            temperature=tempered(temperature),
                             q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
             ctx.fallback = fallback
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        dq, dk, dv = backward_op(_Cotangents(ctx.args, ctx.fallback), grad_out, *ctx.saved_tensors)
+        dq, dk, dv = backward_op(_TritonAttentionRule(ctx.args, ctx.fallback), grad_out, *ctx.saved_tensors)
         return (dq, dk, dv) + (None,) * 11
 
 
-class _Cotangents:
-    """The GIM backward for one cotangent ``[B,Hq,S,D]``, or for a stack ``[M,B,Hq,S,D]``: ``attention_backward``
-    takes either, and runs the M backward passes in one set of launches on a grid M times larger, Q, K, V and the
-    forward statistics shared (indexed, never copied)."""
+class _TritonAttentionRule:
+    """The :class:`~gim_fast.ops.cotangents.CotangentRule` of the fused attention: the GIM backward for one
+    cotangent ``[B,Hq,S,D]``, or for a stack ``[M,B,Hq,S,D]``: ``attention_backward`` takes either, and runs the M
+    backward passes in one set of launches on a grid M times larger, Q, K, V and the forward statistics shared
+    (indexed, never copied)."""
 
     grads = 1
 

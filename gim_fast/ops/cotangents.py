@@ -8,19 +8,34 @@ autograd itself, or launches a Triton kernel cannot take vmap's batched tensors,
 ``backward_op(rule, *grads, *saved)``: an ``autograd.Function`` whose ``vmap`` staticmethod receives the
 cotangents unwrapped, with the cotangent dim moved to the front, and calls ``rule.many`` once for the whole
 stack — so the saved tensors (Q, K, V, forward statistics) are shared by the stack, never copied or recomputed
-per cotangent. Outside vmap it calls ``rule.one``.
+per cotangent. Outside vmap it calls ``rule.one``. A rule is a :class:`CotangentRule`.
 
 GIM's forward Functions use the ``setup_context`` form that torch.func requires (a checkpointed layer is
 recomputed, forward Functions included, while the cotangents are being vmapped), with
 ``vmap = unbatched_forward_only``.
-
-A rule is any object with ``grads`` (how many leading arguments are cotangents) and two methods returning a
-tuple of tensors: ``one(*grads, *saved)`` and ``many(*grads_with_leading_cotangent_dim, *saved)`` (each output
-with the leading cotangent dim).
 """
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 import torch
+
+__all__ = ["CotangentRule", "backward_op", "unbatched_forward_only"]
+
+
+class CotangentRule(Protocol):
+    """A GIM backward that serves one cotangent or a stack of them (see the module docstring).
+
+    ``grads``: how many leading arguments of ``one``/``many`` are cotangents; the rest are saved tensors, shared
+    by the whole stack. ``one(*grads, *saved)`` returns the input gradients for one cotangent;
+    ``many(*grads, *saved)``, every cotangent with a leading stack dim M, returns them with that leading dim.
+    """
+
+    grads: ClassVar[int]
+
+    def one(self, *args: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...
+
+    def many(self, *args: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...
 
 
 def unbatched_forward_only(info, in_dims, *args):
@@ -62,6 +77,6 @@ class _BackwardOp(torch.autograd.Function):
         return outputs, (0,) * len(outputs)
 
 
-def backward_op(rule, *args) -> tuple[torch.Tensor, ...]:
+def backward_op(rule: CotangentRule, *args) -> tuple[torch.Tensor, ...]:
     """``rule.one(*args)``, or under ``torch.func.vmap`` over the cotangents, ``rule.many`` once for the stack."""
     return _BackwardOp.apply(rule, *args)

@@ -29,8 +29,8 @@ def _jvp(act, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(act, (g,), (x,))[1]
 
 
-class _Cotangents:
-    """The backward as a ``gim_fast.ops.cotangents`` rule (one cotangent ``dh``, saved g, u, act(g))."""
+class _GatedProductRule:
+    """The backward as a :class:`~gim_fast.ops.cotangents.CotangentRule` (one cotangent ``dh``, saved g, u, act(g))."""
 
     grads = 1
 
@@ -57,7 +57,7 @@ class GatedProduct(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         g, u, act, act_vjp = inputs
-        ctx.rule = _Cotangents(act, act_vjp)
+        ctx.rule = _GatedProductRule(act, act_vjp)
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # act(g) is returned only to be saved: no zeros for its gradient
         ctx.save_for_backward(g, u, output[1])

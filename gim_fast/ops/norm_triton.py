@@ -45,13 +45,14 @@ class TritonFrozenRMSNorm(torch.autograd.Function):
             return grad_x, grad_w, None, None, None
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        (grad_x,) = backward_op(_RMSCotangents(ctx.offset, ctx.x_dtype), grad_out, weight, rstd)
+        (grad_x,) = backward_op(_TritonRMSNormRule(ctx.offset, ctx.x_dtype), grad_out, weight, rstd)
         return grad_x, None, None, None, None
 
 
-class _RMSCotangents:
-    """dx of the frozen RMSNorm for one cotangent, or a stack of them (one kernel launch each, the saved r shared;
-    the backward is memory-bound, so one launch per cotangent moves the same bytes as one for the stack)."""
+class _TritonRMSNormRule:
+    """The :class:`~gim_fast.ops.cotangents.CotangentRule` of the frozen RMSNorm: dx for one cotangent, or a stack
+    of them (one kernel launch each, the saved r shared; the backward is memory-bound, so one launch per cotangent
+    moves the same bytes as one for the stack)."""
 
     grads = 1
 
@@ -94,12 +95,13 @@ class TritonFrozenLayerNorm(torch.autograd.Function):
             return grad_x, grad_w, grad_b, None
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        (grad_x,) = backward_op(_LayerCotangents(ctx.x_dtype), grad_out, weight, rstd)
+        (grad_x,) = backward_op(_TritonLayerNormRule(ctx.x_dtype), grad_out, weight, rstd)
         return grad_x, None, None, None
 
 
-class _LayerCotangents:
-    """dx of the frozen LayerNorm for one cotangent, or a stack of them (one kernel launch each, σ shared)."""
+class _TritonLayerNormRule:
+    """The :class:`~gim_fast.ops.cotangents.CotangentRule` of the frozen LayerNorm: dx for one cotangent, or a stack
+    of them (one kernel launch each, σ shared)."""
 
     grads = 1
 
