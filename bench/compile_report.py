@@ -100,7 +100,8 @@ SERIALISATION = re.compile(r"Potential Performance Loss|serializ", re.IGNORECASE
 
 
 def output_stem(arch: str) -> str:
-    """File stem of an architecture's report: sm_90a keeps the name it had before there were others."""
+    """File stem of an architecture's report: ``compile_report`` for the default target (sm_90a),
+    ``compile_report_<arch>`` for the others."""
     return "compile_report" if arch == DEFAULT_ARCH else f"compile_report_{arch}"
 
 

@@ -860,11 +860,11 @@ _HOPPER_CONFIGS = {
     },
 }
 
-# mma.sync targets (sm_86 and sm_89: 99 KiB of shared memory; sm_80 and sm_120 run their own tables below). Each
-# warp computes 16-row slices of a dot and holds its whole B operand (Kᵀ or V, BLOCK_N × D) in registers, so
-# the key tiles are narrower than on Hopper, and 8 warps over 64 rows split each dot 4 × 2 (16 rows × half the
-# columns a warp), which halves the B operand a warp holds. The dK/dV kernel prefers the keys-major tiling
-# (Sᵀ = K Qᵀ: K and V are the A operands, 16 key rows a warp).
+# mma.sync targets: sm_80, sm_86, sm_89 and sm_120 run this table, each screened for its own limits (99 KiB of
+# shared memory on sm_86/89/120, 163 KiB on sm_80). Each warp computes 16-row slices of a dot and holds its whole
+# B operand (Kᵀ or V, BLOCK_N × D) in registers, so the key tiles are narrower than on Hopper, and 8 warps over 64
+# rows split each dot 4 × 2 (16 rows × half the columns a warp), which halves the B operand a warp holds. The
+# dK/dV kernel prefers the keys-major tiling (Sᵀ = K Qᵀ: K and V are the A operands, 16 key rows a warp).
 _ADA_CONFIGS = {
     64: {
         "fwd": [(128, 64, 8, 2, "T off"), (64, 64, 8, 2), (128, 32, 8, 2)],
