@@ -884,9 +884,14 @@ _ADA_CONFIGS = {
 }
 
 # sm_100a (B200, tcgen05): the dot accumulators live in tensor memory, not registers, and a 128-row tile is one
-# tcgen05 MMA (two warpgroups split its columns when they load it).
+# tcgen05 MMA (two warpgroups split its columns when they load it). A single warpgroup on a 64-wide forward tile,
+# Hopper's third head-dim-64 forward entry, spills with the temperature statistics here, so it is left out.
 _BLACKWELL_CONFIGS = {
-    64: _HOPPER_CONFIGS[64],
+    64: {
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 1), (128, 128, 8, 2, "T off", "no softcap")],
+        "dkdv": [(64, 128, 8, 2), (128, 64, 8, 2, "rows"), (128, 64, 8, 1, "rows")],
+        "dq": [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2)],
+    },
     128: {
         "fwd": [(128, 64, 8, 2, "T off"), (128, 32, 8, 2, "T off"), (128, 64, 8, 1), (128, 32, 8, 1, "T on")],
         "dkdv": [(64, 128, 8, 2), (128, 64, 8, 1, "rows"), (64, 64, 4, 2)],
@@ -896,15 +901,24 @@ _BLACKWELL_CONFIGS = {
 }
 
 # gfx942 (MI300X, MFMA, wave64; 64 KiB of LDS): 4 waves a block (one per SIMD) may use 512 registers a lane, but
-# only the 256 architectural ones for anything that is not an MFMA operand or accumulator.
+# only the 256 architectural ones for anything that is not an MFMA operand or accumulator, so the tiles are
+# narrower than on NVIDIA and the temperature statistics (a second accumulator) take the narrowest.
 _CDNA3_CONFIGS = {
-    64: _ADA_CONFIGS[64],
+    64: {
+        "fwd": [(128, 32, 4, 2), (128, 64, 4, 1, "T off"), (64, 32, 4, 2, "T off")],
+        "dkdv": [(32, 64, 4, 2), (64, 32, 4, 2)],
+        "dq": [(64, 32, 4, 2), (128, 32, 4, 2, "T off")],
+    },
     128: {
         "fwd": [(128, 32, 4, 2, "T off"), (64, 32, 4, 2, "T off"), (128, 16, 4, 2, "T on"), (64, 16, 4, 2, "T on")],
         "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
         "dq": [(128, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     },
-    256: _HOPPER_CONFIGS[256],
+    256: {
+        "fwd": [(64, 16, 4, 2), (32, 16, 4, 2)],
+        "dkdv": [(16, 32, 4, 2), (32, 16, 4, 2)],
+        "dq": [(32, 32, 4, 2), (32, 16, 4, 2)],
+    },
 }
 
 _FP32_CONFIGS = {
