@@ -74,7 +74,7 @@ def overview(reports: dict) -> list:
         stem = output_stem(arch)
         lines.append(f"| {arch} | {a.gpus} | {rep['meta'].get('table', arch)} | {a.shared_bytes // 1024} KiB | "
                      f"{len(ok)} of {len(recs)} | {len(failures(rep['records'], arch))} | {', '.join(fams) or '–'} | "
-                     f"{spills} | [{stem}.md](../bench/results/{stem}.md) |")
+                     f"{spills} | `bench/results/{stem}.md` |")
     return lines
 
 
