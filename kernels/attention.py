@@ -860,11 +860,12 @@ _HOPPER_CONFIGS = {
     },
 }
 
-# mma.sync targets: sm_80, sm_86, sm_89 and sm_120 run this table, each screened for its own limits (99 KiB of
-# shared memory on sm_86/89/120, 163 KiB on sm_80). Each warp computes 16-row slices of a dot and holds its whole
-# B operand (Kᵀ or V, BLOCK_N × D) in registers, so the key tiles are narrower than on Hopper, and 8 warps over 64
-# rows split each dot 4 × 2 (16 rows × half the columns a warp), which halves the B operand a warp holds. The
-# dK/dV kernel prefers the keys-major tiling (Sᵀ = K Qᵀ: K and V are the A operands, 16 key rows a warp).
+# mma.sync targets: sm_80, sm_86 and sm_89 run this table (sm_120 a variant of it), each screened for its own
+# limits (99 KiB of shared memory on sm_86/89/120, 163 KiB on sm_80). Each warp computes 16-row slices of a dot
+# and holds its whole B operand (Kᵀ or V, BLOCK_N × D) in registers, so the key tiles are narrower than on Hopper,
+# and 8 warps over 64 rows split each dot 4 × 2 (16 rows × half the columns a warp), which halves the B operand a
+# warp holds. The dK/dV kernel prefers the keys-major tiling (Sᵀ = K Qᵀ: K and V are the A operands, 16 key rows
+# a warp).
 _ADA_CONFIGS = {
     64: {
         "fwd": [(128, 64, 8, 2, "T off"), (64, 64, 8, 2), (128, 32, 8, 2)],
@@ -881,6 +882,16 @@ _ADA_CONFIGS = {
         "dkdv": [(32, 32, 8, 2), (32, 16, 4, 2)],
         "dq": [(32, 32, 4, 2), (32, 16, 4, 2)],
     },
+}
+
+# sm_120 (consumer Blackwell, mma.sync, 99 KiB): the mma.sync table less the two forward tiles that spill there
+# with soft-capping (128×32 at head dim 128 with T off, 64×64 at head dim 64 with any T other than 2).
+_SM120_CONFIGS = {
+    64: dict(_ADA_CONFIGS[64], fwd=[(128, 64, 8, 2, "T off"), (64, 64, 8, 2, "T off"), (64, 64, 8, 2, "T = 2"),
+                                    (128, 32, 8, 2)]),
+    128: dict(_ADA_CONFIGS[128], fwd=[(64, 64, 8, 2, "T off"), (128, 32, 8, 2, "T off", "no softcap"),
+                                      (64, 64, 8, 1, "T on"), (64, 32, 8, 2, "T on")]),
+    256: _ADA_CONFIGS[256],
 }
 
 # sm_100a (B200, tcgen05): the dot accumulators live in tensor memory, not registers, and a 128-row tile is one
@@ -909,7 +920,7 @@ _BLACKWELL_CONFIGS = {
 # narrower than on NVIDIA and the temperature statistics (a second accumulator) take the narrowest.
 _CDNA3_CONFIGS = {
     64: {
-        "fwd": [(128, 32, 4, 2), (128, 64, 4, 1, "T off"), (64, 32, 4, 2, "T off")],
+        "fwd": [(128, 32, 4, 2), (128, 64, 4, 1, "T off", "no softcap"), (64, 32, 4, 2, "T off")],
         "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2)],
         "dq": [(64, 32, 4, 2, "T off"), (128, 32, 4, 2, "T off"), (128, 16, 4, 2, "T on"), (64, 16, 4, 2, "T on")],
     },
@@ -936,7 +947,7 @@ _FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 # The configuration table of each architecture (``kernels/archs.py`` names them); an architecture listed in
 # _TABLE_OF runs another's table, one in neither the most conservative table of its vendor (archs.CONSERVATIVE).
 _CONFIGS = {"sm_80": _ADA_CONFIGS, "sm_89": _ADA_CONFIGS, "sm_90a": _HOPPER_CONFIGS, "sm_100a": _BLACKWELL_CONFIGS,
-            "sm_120": _ADA_CONFIGS, "gfx942": _CDNA3_CONFIGS}
+            "sm_120": _SM120_CONFIGS, "gfx942": _CDNA3_CONFIGS}
 _TABLE_OF = {"sm_86": "sm_89", "gfx950": "gfx942"}
 
 
