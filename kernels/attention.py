@@ -920,7 +920,7 @@ _BLACKWELL_CONFIGS = {
 # narrower than on NVIDIA and the temperature statistics (a second accumulator) take the narrowest.
 _CDNA3_CONFIGS = {
     64: {
-        "fwd": [(128, 32, 4, 2), (128, 64, 4, 1, "T off", "no softcap"), (64, 32, 4, 2, "T off")],
+        "fwd": [(128, 32, 4, 2), (128, 64, 4, 1, "T off"), (64, 32, 4, 2, "T off")],
         "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2)],
         "dq": [(64, 32, 4, 2, "T off"), (128, 32, 4, 2, "T off"), (128, 16, 4, 2, "T on"), (64, 16, 4, 2, "T on")],
     },
@@ -936,6 +936,15 @@ _CDNA3_CONFIGS = {
     },
 }
 
+# gfx950 (MI350X/MI355X, MFMA, 160 KiB of LDS): gfx942's table less the head-dim-64 forward tiles that spill there
+# with soft-capping; with the temperature on and soft-capping a 16-key tile serves instead.
+_CDNA4_CONFIGS = {
+    64: dict(_CDNA3_CONFIGS[64], fwd=[(128, 32, 4, 2, "no softcap"), (128, 64, 4, 1, "T off", "no softcap"),
+                                      (64, 32, 4, 2, "T off"), (64, 16, 4, 2, "T on")]),
+    128: _CDNA3_CONFIGS[128],
+    256: _CDNA3_CONFIGS[256],
+}
+
 _FP32_CONFIGS = {
     64: {"fwd": [(32, 32, 8, 1), (32, 16, 4, 1), (64, 32, 8, 1)], "dkdv": [(16, 16, 4, 1), (32, 32, 8, 1)],
          "dq": [(64, 32, 8, 1), (32, 16, 4, 1)]},
@@ -947,8 +956,8 @@ _FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 # The configuration table of each architecture (``kernels/archs.py`` names them); an architecture listed in
 # _TABLE_OF runs another's table, one in neither the most conservative table of its vendor (archs.CONSERVATIVE).
 _CONFIGS = {"sm_80": _ADA_CONFIGS, "sm_89": _ADA_CONFIGS, "sm_90a": _HOPPER_CONFIGS, "sm_100a": _BLACKWELL_CONFIGS,
-            "sm_120": _SM120_CONFIGS, "gfx942": _CDNA3_CONFIGS}
-_TABLE_OF = {"sm_86": "sm_89", "gfx950": "gfx942"}
+            "sm_120": _SM120_CONFIGS, "gfx942": _CDNA3_CONFIGS, "gfx950": _CDNA4_CONFIGS}
+_TABLE_OF = {"sm_86": "sm_89"}
 
 
 def config_table(arch: str) -> str:
