@@ -669,7 +669,10 @@ def markdown(records: list, meta: dict) -> str:
     compiler = f"ptxas {meta['ptxas']}" if nvidia else "the AMDGPU LLVM backend bundled with Triton"
     lines = [f"# Attention kernels compiled for {arch.name} ({arch.gpus}) — compiled facts, not timings", "",
              f"`{meta['command']}` — Triton {meta['triton']}, {compiler}, {meta['date']}, "
-             f"{len(records)} kernels in {meta['seconds']:.0f} s. Shape: B = {SHAPE['batch']}, "
+             f"{len(records)} kernels in {meta['seconds']:.0f} s"
+             + (f" ({meta['reused_records']} of them records of earlier compiles, reused from the cache)"
+                if meta.get("reused_records") else "")
+             + f". Shape: B = {SHAPE['batch']}, "
              f"Hq = {SHAPE['q_heads']}, Hkv = {SHAPE['kv_heads']}, S = {SHAPE['seq']}. Limits per block: "
              f"{arch.shared_bytes} B of {'shared memory' if nvidia else 'LDS'}, {arch.registers} registers a "
              f"{'thread' if nvidia else 'lane'}; tensor-core instruction: {arch.mma}. Configuration table: "
