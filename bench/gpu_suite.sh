@@ -2,8 +2,10 @@
 # The whole GPU suite on a lent machine, in stages that each fit the device tool's 10-minute limit:
 #
 #   bench/gpu_suite.sh install      pip install -e . (no deps: the machine's own torch/triton/transformers)
-#   bench/gpu_suite.sh compile      bench/compile_report.py: every kernel x config x feature set for sm_90a
-#                                   (registers, spills, ptxas warnings, HGMMA shapes, inner-loop length; no GPU used)
+#   bench/gpu_suite.sh arch         the GPU's architecture (sm_80, sm_89, sm_90a, sm_100a, sm_120, gfx942, ...) and
+#                                   the kernels' configuration table it runs
+#   bench/gpu_suite.sh compile      bench/compile_report.py --arch <this GPU's arch>: every kernel x config x feature
+#                                   set (registers, spills, warnings, tensor-core instructions, inner-loop length)
 #   bench/gpu_suite.sh tests        CUDA test suite (real kernel compilation, bf16 at realistic sizes)
 #   bench/gpu_suite.sh attention    bench/attention.py: GIM kernel vs SDPA flash vs eager, S = 1k…32k
 #   bench/gpu_suite.sh explain      bench/explain.py: Llama-3.1-8B config, bf16, up to 128k tokens + longest
@@ -16,26 +18,50 @@
 #                                   spread over every GPU with device_map="auto", explain of 8k tokens
 #   bench/gpu_suite.sh all          every stage in turn (about 20 minutes on an H100; multi only with >= 2 GPUs)
 #
-# Results go to $OUT (the device tool's fetch folder) or bench/results/gpu-<date>/; commit them under
-# bench/results/. Each file carries the device, versions and date.
+# Works on any NVIDIA or AMD GPU the kernels have a table for (kernels/archs.py); every stage starts by printing
+# the architecture it runs on. Results go to $OUT (the device tool's fetch folder) or bench/results/gpu-<date>/;
+# commit them under bench/results/. Each file carries the device, versions and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-$(date -u +%Y%m%d)}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
+# The GPU's architecture as the kernels name it (kernels/archs.py), its name, and the configuration table it runs.
+ARCH_PY='import torch
+from gim_fast.kernels.archs import ARCHS, device_arch
+from gim_fast.kernels.attention import config_table
+if not torch.cuda.is_available():
+    print("none - no GPU visible to torch"); raise SystemExit
+arch = device_arch(0)
+known = "screened by bench/compile_report.py" if arch in ARCHS else "no compile report for it"
+print(f"{arch} {torch.cuda.get_device_name(0)!r}, configuration table {config_table(arch)} ({known})")'
+ARCH_LINE=$($PY -c "$ARCH_PY" 2>/dev/null || echo "unknown (gim_fast or torch not importable yet)")
+ARCH=${ARCH_LINE%% *}
+
 stage() {
+  echo "== $1 on $ARCH_LINE"
   case "$1" in
     install)
       $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; return 1; }
-      { nvidia-smi; $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } > "$OUT/machine.txt" 2>&1
+      ARCH_LINE=$($PY -c "$ARCH_PY" 2>&1 | tail -1); ARCH=${ARCH_LINE%% *}
+      { nvidia-smi 2>/dev/null || rocm-smi 2>/dev/null; echo "arch: $ARCH_LINE"
+        $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } > "$OUT/machine.txt" 2>&1
       cat "$OUT/machine.txt" ;;
+    arch)
+      echo "$ARCH_LINE" | tee "$OUT/arch.txt" ;;
     compile)
-      timeout 560 $PY bench/compile_report.py --jobs 8 --out "$OUT" 2>&1 | tee "$OUT/compile_report.log" | tail -12 ;;
+      if $PY -c "import sys; from gim_fast.kernels.archs import ARCHS; sys.exit('$ARCH' not in ARCHS)" 2>/dev/null; then
+        timeout 560 $PY bench/compile_report.py --arch "$ARCH" --jobs 8 --out "$OUT" 2>&1 | tee "$OUT/compile_report.log" | tail -12
+      else
+        echo "compile: bench/compile_report.py has no target '$ARCH'; compiling for the table it runs instead"
+        timeout 560 $PY bench/compile_report.py --arch "$($PY -c "from gim_fast.kernels.attention import config_table; print(config_table('$ARCH'))")" \
+          --jobs 8 --out "$OUT" 2>&1 | tee "$OUT/compile_report.log" | tail -12
+      fi ;;
     tests)
       timeout 560 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py tests/kernels/test_triton_norm.py \
-        tests/ops/test_ops.py tests/integration/test_model_gim.py tests/integration/test_engine.py \
-        tests/api/test_answers.py tests/ops/test_cotangents.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
+        tests/kernels/test_triton_fallback.py tests/ops/test_ops.py tests/integration/test_model_gim.py \
+        tests/integration/test_engine.py tests/api/test_answers.py tests/ops/test_cotangents.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25 ;;
     attention)
       timeout 560 $PY bench/attention.py --seqlens 1024 2048 4096 8192 16384 32768 --head-dims 64 128 \
         --out "$OUT" 2>&1 | tee "$OUT/attention.log" | tail -40 ;;
@@ -61,9 +87,9 @@ stage() {
         tests/cli/test_cli_attribute.py -k "gpu or offload or torchrun" 2>&1 | tee "$OUT/pytest_multi.txt" | tail -25
       timeout 150 $PY bench/offload.py --multi-gpu --out "$OUT" 2>&1 | tee "$OUT/multi_gpu.log" | tail -20 ;;
     all)
-      for s in install compile tests attention explain explain-more throughput answers; do echo "== $s"; stage "$s"; done ;;
+      for s in install compile tests attention explain explain-more throughput answers multi; do stage "$s"; done ;;
     *)
-      echo "usage: $0 install|compile|tests|attention|explain|explain-more|throughput|answers|multi|all" >&2; return 2 ;;
+      echo "usage: $0 install|arch|compile|tests|attention|explain|explain-more|throughput|answers|multi|all" >&2; return 2 ;;
   esac
 }
 

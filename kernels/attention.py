@@ -22,8 +22,8 @@ u = exp2 of it gives P_T ∝ u and P ∝ u²). Without soft-capping the scale is
 score costs one FFMA and one EX2. LSE and LSE_T are stored in natural-log units (comparable with the torch
 backend); the kernels convert with one multiply per row.
 
-Two-stage loops (what makes these kernels compile well on Hopper; see bench/results/compile_report.md). Every
-kernel walks the tiles of the other sequence axis in two stages: an *unmasked* stage over the tiles that lie
+Two-stage loops (masking every tile costs instructions in every iteration, and on Hopper a mask built from the
+causal bound serialises the warpgroup MMA chain). Every kernel walks the tiles of the other sequence axis in two stages: an *unmasked* stage over the tiles that lie
 entirely inside the causal/window band, inside the sequence and inside the key span known to be all real tokens —
 no mask is built, no bound is checked — and a *masked* stage over the rest (the diagonal, the window's edge, the
 ragged end, tiles touching padding). Tiles outside the band, or made only of padded keys, are never visited.
@@ -43,21 +43,25 @@ Kernels (no float atomics anywhere, so gradients are bit-identical run to run):
                             query sees, is launched first (heaviest first).
     _attn_bwd_dq_kernel     grid (M·B·Hq, query blocks): loops over the key tiles its queries can see
 
+Targets: every architecture of ``kernels/archs.py`` (NVIDIA sm_80 to sm_120, AMD gfx942/gfx950), each with its own
+configuration table (``_CONFIGS``; the launcher picks it from the device: :func:`config_table`). Two constexpr flags
+carry what the source must know of the target: ``PTX`` (an NVIDIA target: 1/x as one inline-PTX ``rcp.approx``)
+and ``TMEM`` (the sm_100 family, whose dot accumulators live in tensor memory: see :func:`_block_max`).
+``bench/compile_report.py --arch ARCH`` compiles every shipped configuration for any of them without a GPU.
+
 Interpreter notes (TRITON_INTERPRET=1, how the CPU tests run): every load is upcast to float32 at once (bf16
 loads/dots give garbage there), dots are float32 "ieee", one fixed small block configuration (autotune needs a
 GPU; small blocks make the tests cross every kind of tile cheaply), tanh is written with exp2, and O/dQ/dK/dV are
 stored in float32 and rounded by torch (the interpreter's float32 → bf16 cast truncates). On a GPU with fp16/bf16
 inputs (``FAST_MMA``) the dot operands stay 16-bit (P and dS are cast to the input dtype before their dots) and
-the accumulators stay float32; fp32 inputs use exact ("ieee") dots, not TF32. The GPU path is compiled for sm_90a
-by ``bench/compile_report.py`` (registers, spills, ptxas warnings, HGMMA shapes, inner-loop length) but has not
-yet run on a GPU.
+the accumulators stay float32; fp32 inputs use exact ("ieee") dots, not TF32.
 
 Why Δ_T from O_T, accumulated in the forward pass, rather than a first backward pass over the keys: the extra
 forward work is one [BLOCK_M, BLOCK_N] × [BLOCK_N, D] matmul per tile (P_T V; the exp for P_T is needed anyway
 for LSE_T), and Δ_T then costs one cheap elementwise kernel reading O_T. A separate backward pass would recompute
 both Q Kᵀ and dO Vᵀ per tile (two matmuls and an exp): twice the extra matmul work. The price is one fp32
 [B, Hq, S, D] buffer per layer (fp32 so that Δ_T, whose error enters every dS, is not rounded to 16 bits),
-paid only when a backward follows and the temperature is on. (FLOP argument; not yet timed on a GPU.)
+paid only when a backward follows and the temperature is on. (The argument counts FLOPs.)
 """
 from __future__ import annotations
 
@@ -70,10 +74,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_forward", "attention_backward"]
+from .archs import ARCHS, CONSERVATIVE, KernelCompileError, device_arch
+
+__all__ = ["attention_forward", "attention_backward", "KernelCompileError"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERPRET_C = tl.constexpr(_INTERPRET)
 
 _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): exp(x) = exp2(x·log2 e)
 
@@ -83,13 +88,14 @@ _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): exp(x) = exp2(x·log2 e)
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rcp(x):
-    """1/x: one MUFU.RCP (rcp.approx.ftz, ≤ 1 ulp) on a GPU; a plain division under the interpreter."""
-    if _INTERPRET_C:
-        return 1.0 / x
-    else:
+def _rcp(x, PTX: tl.constexpr):
+    """1/x: one MUFU.RCP (rcp.approx.ftz, ≤ 1 ulp) on NVIDIA targets (``PTX``: inline PTX allowed); a plain
+    division elsewhere (AMD, the interpreter)."""
+    if PTX:
         return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
+    else:
+        return 1.0 / x
 
 
 @triton.jit
@@ -109,10 +115,10 @@ def _exp_factors(scale, softcap, unit, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x):
+def _tanh(x, PTX: tl.constexpr):
     """tanh(x) = 1 − 2/(1 + e^{2x}): an EX2, an RCP and three FMA-class instructions; ±1 for large |x| (e → ∞
     or 0), absolute error ~1e-7 (what the scores need: they enter exponentials and 1 − tanh², both absolute)."""
-    return 1.0 - 2.0 * _rcp(1.0 + tl.exp2(x * (2.0 * _LOG2E)))
+    return 1.0 - 2.0 * _rcp(1.0 + tl.exp2(x * (2.0 * _LOG2E)), PTX)
 
 
 @triton.jit
@@ -228,7 +234,7 @@ def _query_stages(start_n, seq_len, window, kvr, BLOCK_N: tl.constexpr, POS: tl.
 def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs, stride_ms,
               seq_len, window, cap_in, cap_out, MASKED: tl.constexpr, MASK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-              FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, PTX: tl.constexpr):
     """For the row-major kernels (forward, dQ): load the key tile at ``start_n`` of K and V and return
     (k, v, x, tanh): x the scores — raw q·k, or soft-capped in log2 units — masked to −inf where a query of
     ``offs_m`` may not attend (in the masked stage only), tanh for the soft-cap derivative 1 − tanh²."""
@@ -237,7 +243,7 @@ def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_k
     k, v = _load_pair(k_tile + off * stride_ks, v_tile + off * stride_vs, col_ok, d_ok, MASKED, MASK_D, FAST_MMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:   # x = cap·tanh(scale·qk/cap) in the kernel's log2 units (cap_out = cap·log2e·unit)
-        tanh = _tanh(qk * cap_in)
+        tanh = _tanh(qk * cap_in, PTX)
         x = tanh * cap_out
     else:             # x = qk: the caller folds scale·log2e·unit into its exponent (tanh: unused placeholder)
         tanh = qk
@@ -258,8 +264,26 @@ def _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_k
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _block_max(v, TMEM: tl.constexpr):
+    """max of a [BLOCK_M] row vector: one scalar for the whole block. ``TMEM``: the vector first passes through a
+    scan along a length-1 axis (a no-op on the values) because Triton's tensor-memory layout pass
+    (``TritonNvidiaGPUOptimizeTMemLayoutsPass``) follows a tensor-memory load's users through elementwise ops and
+    reductions and, on a reduction of a rank-1 tensor to a scalar, builds a slice layout of a rank-1 parent:
+    the compiler asserts (``parent layout must have at least rank >= 2``) and may take the process with it. A
+    scan of a non-blocked layout ends that walk. Minimal reproducer: ``bench/results/triton_tmem_reduce_repro.py``."""
+    if TMEM:
+        v = tl.max(tl.associative_scan(v[:, None], 1, _max_combine), 1)
+    return tl.max(v, 0)
+
+
+@triton.jit
 def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, MASKED: tl.constexpr,
-              TEMP_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              TEMP_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMEM: tl.constexpr):
     """One key tile of the online softmax. The exponent of a score is x·c in the kernel's log2 units (S·log2e,
     or S·log2e/2 for T = 2), and x·ct that of S/T (TEMP_MODE 1: ct = c/T); x = −inf where masked. m is the
     reference the accumulators are taken against (shared by S and S/T: max(S/T) = max(S)/T).
@@ -271,7 +295,7 @@ def _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, MASK
     Masked stage: m follows the running max and the accumulators are rescaled on every tile (FlashAttention-2)."""
     m_new = tl.maximum(m_i, tl.max(x, 1) * c)
     if not MASKED:
-        if tl.max(m_new - m_i, 0) > rescale_at:   # block-uniform: the whole tile moves to its rows' maxima
+        if _block_max(m_new - m_i, TMEM) > rescale_at:   # block-uniform: the whole tile moves to its rows' maxima
             if TEMP_MODE == 2:
                 alpha_t = tl.exp2(m_i - m_new)
                 alpha = alpha_t * alpha_t
@@ -339,6 +363,8 @@ def _attn_fwd_kernel(
     TEMP_MODE: tl.constexpr,     # 0: no temperature statistics; 1: any T; 2: T = 2 (one exp serves P and P_T)
     FAST_MMA: tl.constexpr,      # GPU + 16-bit inputs: dot operands stay 16-bit
     DOT_PRECISION: tl.constexpr,
+    PTX: tl.constexpr,           # NVIDIA target: inline PTX allowed
+    TMEM: tl.constexpr,          # tcgen05 target (sm_100 family): dot accumulators live in tensor memory
 ):
     """Online softmax over key tiles, one program per (batch·query head, query block).
 
@@ -396,16 +422,16 @@ def _attn_fwd_kernel(
     for start_n in tl.range(u_lo, u_hi, BLOCK_N):            # unmasked stage
         k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                stride_ms, seq_len, window, cap_in, cap_out, False, MASK_D, CAUSAL, HAS_WINDOW,
-                               HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+                               HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION, PTX)
         m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, False,
-                                              TEMP_MODE, DOT_PRECISION)
+                                              TEMP_MODE, DOT_PRECISION, TMEM)
     for it in tl.range(0, n_masked):                         # masked stage
         start_n = tl.where(it < n_left, lo + it * BLOCK_N, u_hi + (it - n_left) * BLOCK_N)
         k, v, x, _ = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                stride_ms, seq_len, window, cap_in, cap_out, True, MASK_D, CAUSAL, HAS_WINDOW,
-                               HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+                               HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION, PTX)
         m_i, l_i, acc, l_t, acc_t = _fwd_tile(x, v, m_i, l_i, acc, l_t, acc_t, c, ct, inv_temp, rescale_at, True,
-                                              TEMP_MODE, DOT_PRECISION)
+                                              TEMP_MODE, DOT_PRECISION, TMEM)
 
     empty = l_i == 0.0          # no allowed key: output 0, LSE = +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -462,7 +488,8 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_probs(qk, stat, lset2, rel, cols, window, c, ct, cap_in, cap_out, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr,
+                PTX: tl.constexpr):
     """(P, P_T, tanh) of a dK/dV score tile, in either orientation: qk the raw scores, stat / lset2 / rel / cols
     the per-row statistics (LSE·log2e, or R for T = 2; LSE_T·log2e), row positions less the key block's start and
     column numbers, each already broadcast to the tile's orientation. x = cap·tanh(qk·cap_in) in log2 units (or
@@ -470,7 +497,7 @@ def _dkdv_probs(qk, stat, lset2, rel, cols, window, c, ct, cap_in, cap_out, MASK
     LSE = +inf, R = 0; a padded key, or one past the end, only touches its own dK/dV row, zeroed or not stored at
     the end); P = exp2(x·c − stat) (T = 2: P_T²·R, one exponential per score), P_T = exp2(x·ct − lset2)."""
     if HAS_SOFTCAP:
-        tanh = _tanh(qk * cap_in)
+        tanh = _tanh(qk * cap_in, PTX)
         x = tanh * cap_out
     else:
         tanh = qk
@@ -495,7 +522,8 @@ def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off,
                cap_in, cap_out,
                MASKED: tl.constexpr, FULL: tl.constexpr, MASK_D: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TEMP_MODE: tl.constexpr,
-               FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS_MAJOR: tl.constexpr):
+               FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS_MAJOR: tl.constexpr,
+               PTX: tl.constexpr):
     """One stacked query tile (positions p0 + pos_r of the heads the rows stand for) against the program's key
     block: P = exp2(S·log2e − LSE·log2e) (T = 2: P_T²·R), P_T = exp2(S·log2e/T − LSE_T·log2e),
     dS = P_T ⊙ (dP − Δ_T) (⊙ (1 − tanh²)), dV += Pᵀ dO, dK += dSᵀ Q. ROWS_MAJOR: S = Q Kᵀ and dP = dO Vᵀ with
@@ -541,7 +569,7 @@ def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off,
     if ROWS_MAJOR:   # S = Q Kᵀ [BLOCK_M, BLOCK_N]: row statistics per row; Pᵀ, dSᵀ go through shared memory
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p, pt, tanh = _dkdv_probs(qk, stat[:, None], lset2[:, None], (i - start_n)[:, None], cols[None, :], window,
-                                  c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE)
+                                  c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, TEMP_MODE, PTX)
         if HAS_SOFTCAP:   # fold the soft-cap derivative in now: one tile live across the dP GEMM, not two
             pt = pt * (1.0 - tanh * tanh)
         dv = tl.dot(tl.trans(do), p.to(do.dtype), dv, input_precision=DOT_PRECISION)     # dVᵀ += dOᵀ P
@@ -552,7 +580,7 @@ def _dkdv_tile(k, v, dk, dv, q_c, do_c, lse_c, lset_c, delta_c, q_off, stat_off,
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t, pt_t, tanh_t = _dkdv_probs(qk_t, stat[None, :], lset2[None, :], (i - start_n)[None, :], cols[:, None],
                                         window, c, ct, cap_in, cap_out, MASKED, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                                        TEMP_MODE)
+                                        TEMP_MODE, PTX)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO (true P)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)          # dPᵀ = V dOᵀ
         ds_t = pt_t * (dp_t - delta[None, :])
@@ -586,11 +614,17 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
     TEMP_MODE: tl.constexpr, FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PTX: tl.constexpr, TMEM: tl.constexpr,     # the target's flags, as in the forward
     ROWS_MAJOR: tl.constexpr,    # the tiling (a configuration choice): see the docstring
 ):
     """dK, dV of one key block of one KV head (and cotangent), one program per (cotangent·batch·KV head, key
-    block): the sums over the G query heads of the group and every query position that sees these keys, done
-    in registers in a fixed order (no atomics: deterministic). Its loops mask only the causal/window band: a
+    block): for the keys j of the block,
+
+        dV[j] = v_scale · Σ_{h,i} P[h,i,j] · dO[h,i]                  (the true P)
+        dK[j] = k_scale · scale · Σ_{h,i} dS[h,i,j] · Q[h,i],  dS = P_T ⊙ (dP − Δ_T) (⊙ (1 − tanh²)),  dP = dO Vᵀ
+
+    over the G query heads h of the group and every query position i that sees key j, summed in registers in a
+    fixed order (no atomics: deterministic). Its loops mask only the causal/window band: a
     padded key (or one past the end) touches nothing but its own dK/dV row, which is zeroed (or not stored).
 
     The G heads' rows are stacked position-major: row r of a BLOCK_M-row tile stands for head chunk·HEADS + r % HEADS
@@ -649,13 +683,13 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off,
                                 stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd,
                                 seq_len, window, c, ct, cap_in, cap_out, False, FULL, MASK_D, CAUSAL, HAS_WINDOW,
-                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
+                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR, PTX)
         for it in tl.range(0, n_masked):                                       # masked stage
             p0 = tl.where(it < n_left, lo + it * POS, u_hi + (it - n_left) * POS)
             dk, dv = _dkdv_tile(k, v, dk, dv, q_c, do_c, LSE + stat_c, LSE_T + stat_c, delta_c, q_off,
                                 stat_off, p0, pos_r, row_used, start_n, cols, offs_d, d_ok, stride_qs, stride_qd,
                                 seq_len, window, c, ct, cap_in, cap_out, True, FULL, MASK_D, CAUSAL, HAS_WINDOW,
-                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR)
+                                HAS_SOFTCAP, TEMP_MODE, FAST_MMA, DOT_PRECISION, ROWS_MAJOR, PTX)
 
     # Everything the stores need is recomputed here from scalars: nothing vector-valued lives across the loops.
     out_off = (z.to(tl.int64) * seq_len + start_n) * HEAD_DIM + (cols[:, None] * HEAD_DIM + offs_d[None, :])
@@ -708,10 +742,14 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
     TEMP_MODE: tl.constexpr, FAST_MMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PTX: tl.constexpr, TMEM: tl.constexpr,     # the target's flags, as in the forward
 ):
     """dQ of one query block, one program per (cotangent·batch·query head, query block); causal: the last
-    (heaviest) query blocks first. Loops over the key tiles its queries see: dQ = Σ dS K, times scale·q_scale at
-    the store (only P_T is needed here)."""
+    (heaviest) query blocks first. Over the key tiles its queries see:
+
+        dQ[i] = q_scale · scale · Σ_j dS[i,j] · K[j],   dS = P_T ⊙ (dP − Δ_T) (⊙ (1 − tanh²)),  dP = dO Vᵀ
+
+    (only P_T is needed here; the factor is applied at the store)."""
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     z = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -753,13 +791,13 @@ def _attn_bwd_dq_kernel(
     for start_n in tl.range(u_lo, u_hi, BLOCK_N):            # unmasked stage
         k, v, x, tanh = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                   stride_ms, seq_len, window, cap_in, cap_out, False, MASK_D, CAUSAL, HAS_WINDOW,
-                                  HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+                                  HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION, PTX)
         dq = _dq_tile(q, do, k, v, x, tanh, lset2, delta, dq, ct, HAS_SOFTCAP, DOT_PRECISION)
     for it in tl.range(0, n_masked):                         # masked stage
         start_n = tl.where(it < n_left, lo + it * BLOCK_N, u_hi + (it - n_left) * BLOCK_N)
         k, v, x, tanh = _key_tile(q, k_tile, v_tile, start_n, offs_m, offs_n0, d_ok, kpm_b, stride_ks, stride_vs,
                                   stride_ms, seq_len, window, cap_in, cap_out, True, MASK_D, CAUSAL, HAS_WINDOW,
-                                  HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION)
+                                  HAS_SOFTCAP, HAS_PAD, FAST_MMA, DOT_PRECISION, PTX)
         dq = _dq_tile(q, do, k, v, x, tanh, lset2, delta, dq, ct, HAS_SOFTCAP, DOT_PRECISION)
 
     dq_off = (z.to(tl.int64) * seq_len + start_m) * HEAD_DIM + (tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM
@@ -782,25 +820,26 @@ _INTERPRET_CONFIGS = {
 }
 
 
-# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *tags) per operand type, padded head dim
-# (≤ 64, 128, 256) and kernel. Tags restrict an entry to "T off" / "T on" / "T = 2" (the temperature statistics:
-# none, any T, the one-exp T = 2 path), to causal attention ("causal") and/or to "no softcap"; "rows" picks the
-# dK/dV kernel's S = Q Kᵀ tiling (ROWS_MAJOR), else it runs Sᵀ = K Qᵀ. dK/dV: BLOCK_M = stacked query rows,
-# BLOCK_N = keys.
+# Block configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, *tags), one table per architecture, by padded
+# head dim (≤ 64, 128, 256) and kernel. Tags restrict an entry to "T off" / "T on" / "T = 2" (the temperature
+# statistics: none, any T, the one-exp T = 2 path), to causal attention ("causal") and/or to "no softcap"; "rows"
+# picks the dK/dV kernel's S = Q Kᵀ tiling (ROWS_MAJOR), else it runs Sᵀ = K Qᵀ. dK/dV: BLOCK_M = stacked query
+# rows, BLOCK_N = keys.
 #
-# Screened without a GPU by ``bench/compile_report.py`` (sm_90a; bench/results/compile_report.md): every entry
-# compiles with no register spill and no ptxas serialisation warning for every feature combination it serves.
-# A warpgroup (4 warps) gets 64 accumulator rows of its own; no entry lays 8 warps over 64 rows (both warpgroups
-# would compute the same S tile and its exponentials) except at head dim 256, where it is the only spill-free
-# layout: the second warpgroup holds half of the 256-wide accumulators. Bigger tiles that spill are left out (a
-# spilling config cannot win on the device and fails the report): the forward's 128×128 with two accumulators
-# (T = 2 at head dim 64 spills 16 B), the head-dim-256 forward on one warpgroup (44 B with T off) and 64×32 with
-# soft-capping at T ≠ 2 (8 B). At head dim 256 no S/dP tile 64 keys wide fits in 255 registers a thread (dQ
-# 128×64: 296–572 B of spills, dK/dV 64 or 128 stacked rows × 64 keys, either tiling: 844–6740 B), so the dQ
-# tile is 32 keys wide and the dK/dV tiles 16 keys (rows) or 32 stacked rows (keys, Ampere-style mma.sync):
-# register pressure, not choice (also with K/V through TMA descriptors or dK and dV in separate kernels:
-# bench/results/compile_d256_search.md). fp32 operands go through "ieee" dots (FMA, no tensor cores: a correctness path,
-# not a fast one) and need small tiles.
+# Every 16-bit entry is screened without a GPU by ``bench/compile_report.py --arch ARCH`` for each architecture
+# that runs its table: it compiles with no register spill, within the architecture's shared memory (LDS), with no
+# ptxas serialisation warning and — at head dims up to 128 — with every dot on the architecture's own tensor-core
+# instruction, for every feature combination it serves (bench/results/compile_report*.md; docs/gpus.md). A
+# spilling configuration cannot win on the device, so the tables leave out every tile that spills there.
+# fp32 operands go through "ieee" dots (FMA, no tensor cores: a correctness path, not a fast one) and need small
+# tiles, the same on every architecture.
+#
+# Hopper (sm_90a, wgmma): a warpgroup (4 warps) gets 64 accumulator rows of its own; no entry lays 8 warps over 64
+# rows (both warpgroups would compute the same S tile and its exponentials) except at head dim 256, where it is the
+# only spill-free layout: the second warpgroup holds half of the 256-wide accumulators. At head dim 256 no S/dP
+# tile 64 keys wide fits in 255 registers a thread, so the dQ tile is 32 keys wide and the dK/dV tiles 16 keys
+# (rows) or 32 stacked rows (keys, on mma.sync): register pressure, not choice (the search:
+# bench/results/compile_d256_search.md).
 _HOPPER_CONFIGS = {
     64: {
         "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2, "T off", "no softcap")],
@@ -820,6 +859,92 @@ _HOPPER_CONFIGS = {
         "dq": [(128, 32, 8, 2)],
     },
 }
+
+# mma.sync targets: sm_80, sm_86 and sm_89 run this table (sm_120 a variant of it), each screened for its own
+# limits (99 KiB of shared memory on sm_86/89/120, 163 KiB on sm_80). Each warp computes 16-row slices of a dot
+# and holds its whole B operand (Kᵀ or V, BLOCK_N × D) in registers, so the key tiles are narrower than on Hopper,
+# and 8 warps over 64 rows split each dot 4 × 2 (16 rows × half the columns a warp), which halves the B operand a
+# warp holds. The dK/dV kernel prefers the keys-major tiling (Sᵀ = K Qᵀ: K and V are the A operands, 16 key rows
+# a warp).
+_ADA_CONFIGS = {
+    64: {
+        "fwd": [(128, 64, 8, 2, "T off"), (64, 64, 8, 2), (128, 32, 8, 2)],
+        "dkdv": [(128, 32, 8, 2, "rows"), (64, 64, 8, 2, "T off"), (64, 64, 8, 2, "T = 2"), (32, 64, 4, 2)],
+        "dq": [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    },
+    128: {
+        "fwd": [(64, 64, 8, 2, "T off"), (128, 32, 8, 2, "T off"), (64, 64, 8, 1, "T on"), (64, 32, 8, 2, "T on")],
+        "dkdv": [(64, 64, 8, 2), (128, 32, 8, 2, "rows")],
+        "dq": [(64, 64, 8, 2), (128, 32, 8, 2)],
+    },
+    256: {
+        "fwd": [(64, 32, 8, 2, "T off"), (32, 32, 4, 2, "T off"), (32, 16, 4, 2, "T on"), (16, 32, 4, 2, "T on")],
+        "dkdv": [(32, 32, 8, 2)],
+        "dq": [(32, 32, 4, 2), (32, 16, 4, 2)],
+    },
+}
+
+# sm_120 (consumer Blackwell, mma.sync, 99 KiB): the mma.sync table less the two forward tiles that spill there
+# with soft-capping (128×32 at head dim 128 with T off, 64×64 at head dim 64 with any T other than 2).
+_SM120_CONFIGS = {
+    64: dict(_ADA_CONFIGS[64], fwd=[(128, 64, 8, 2, "T off"), (64, 64, 8, 2, "T off"), (64, 64, 8, 2, "T = 2"),
+                                    (128, 32, 8, 2)]),
+    128: dict(_ADA_CONFIGS[128], fwd=[(64, 64, 8, 2, "T off"), (128, 32, 8, 2, "T off", "no softcap"),
+                                      (64, 64, 8, 1, "T on"), (64, 32, 8, 2, "T on")]),
+    256: _ADA_CONFIGS[256],
+}
+
+# sm_100a (B200, tcgen05): the dot accumulators live in tensor memory, not registers, and a 128-row tile is one
+# tcgen05 MMA (two warpgroups split its columns when they load it). A single warpgroup on a 64-wide forward tile,
+# Hopper's third head-dim-64 forward entry, spills with the temperature statistics here, so it is left out.
+_BLACKWELL_CONFIGS = {
+    64: {
+        "fwd": [(128, 64, 8, 2), (128, 64, 8, 1), (128, 128, 8, 2, "T off", "no softcap")],
+        "dkdv": [(64, 128, 8, 2), (128, 64, 8, 2, "rows", "causal"), (128, 64, 8, 1, "rows")],
+        "dq": [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2)],
+    },
+    128: {
+        "fwd": [(128, 64, 8, 2, "T off"), (128, 32, 8, 2, "T off"), (128, 64, 8, 1), (128, 32, 8, 1, "T on")],
+        "dkdv": [(64, 128, 8, 2), (128, 64, 8, 1, "rows"), (64, 64, 4, 2)],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)],
+    },
+    256: {   # with the temperature statistics every 64-row forward tile spills: 16 or 32 rows on mma.sync
+        "fwd": [(64, 32, 8, 2, "T off"), (64, 64, 8, 2, "T off"), (32, 16, 4, 2, "T on"), (16, 32, 4, 2, "T on")],
+        "dkdv": _HOPPER_CONFIGS[256]["dkdv"],
+        "dq": _HOPPER_CONFIGS[256]["dq"],
+    },
+}
+
+# gfx942 (MI300X, MFMA, wave64; 64 KiB of LDS): 4 waves a block (one per SIMD) may use 512 registers a lane, but
+# only the 256 architectural ones for anything that is not an MFMA operand or accumulator, so the tiles are
+# narrower than on NVIDIA and the temperature statistics (a second accumulator) take the narrowest.
+_CDNA3_CONFIGS = {
+    64: {
+        "fwd": [(128, 32, 4, 2), (128, 64, 4, 1, "T off"), (64, 32, 4, 2, "T off")],
+        "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2)],
+        "dq": [(64, 32, 4, 2, "T off"), (128, 32, 4, 2, "T off"), (128, 16, 4, 2, "T on"), (64, 16, 4, 2, "T on")],
+    },
+    128: {
+        "fwd": [(128, 32, 4, 2, "T off"), (64, 32, 4, 2, "T off"), (128, 16, 4, 2, "T on"), (64, 16, 4, 2, "T on")],
+        "dkdv": [(32, 32, 4, 2), (16, 64, 4, 2)],
+        "dq": [(128, 32, 4, 2), (64, 32, 4, 2)],
+    },
+    256: {
+        "fwd": [(64, 16, 4, 2), (32, 16, 4, 2)],
+        "dkdv": [(16, 32, 4, 2)],
+        "dq": [(32, 16, 4, 2)],
+    },
+}
+
+# gfx950 (MI350X/MI355X, MFMA, 160 KiB of LDS): gfx942's table less the head-dim-64 forward tiles that spill there
+# with soft-capping; with the temperature on and soft-capping a 16-key tile serves instead.
+_CDNA4_CONFIGS = {
+    64: dict(_CDNA3_CONFIGS[64], fwd=[(128, 32, 4, 2, "no softcap"), (128, 64, 4, 1, "T off", "no softcap"),
+                                      (64, 32, 4, 2, "T off"), (64, 16, 4, 2, "T on")]),
+    128: _CDNA3_CONFIGS[128],
+    256: _CDNA3_CONFIGS[256],
+}
+
 _FP32_CONFIGS = {
     64: {"fwd": [(32, 32, 8, 1), (32, 16, 4, 1), (64, 32, 8, 1)], "dkdv": [(16, 16, 4, 1), (32, 32, 8, 1)],
          "dq": [(64, 32, 8, 1), (32, 16, 4, 1)]},
@@ -828,9 +953,27 @@ _FP32_CONFIGS = {
 _FP32_CONFIGS[128] = _FP32_CONFIGS[64]
 
 
-def _gpu_configs(kind: str, block_d: int, fp32: bool, meta: dict) -> list:
-    """The autotuner's candidates for kernel ``kind`` (see ``_HOPPER_CONFIGS``) under the launch flags ``meta``."""
-    table = _FP32_CONFIGS if fp32 else _HOPPER_CONFIGS
+# The configuration table of each architecture (``kernels/archs.py`` names them); an architecture listed in
+# _TABLE_OF runs another's table, one in neither the most conservative table of its vendor (archs.CONSERVATIVE).
+_CONFIGS = {"sm_80": _ADA_CONFIGS, "sm_89": _ADA_CONFIGS, "sm_90a": _HOPPER_CONFIGS, "sm_100a": _BLACKWELL_CONFIGS,
+            "sm_120": _SM120_CONFIGS, "gfx942": _CDNA3_CONFIGS, "gfx950": _CDNA4_CONFIGS}
+_TABLE_OF = {"sm_86": "sm_89"}
+
+
+def config_table(arch: str) -> str:
+    """The name of the configuration table a device of architecture ``arch`` runs: its own, one it shares with
+    a screened architecture, or the most conservative screened table of its vendor."""
+    if arch in _CONFIGS:
+        return arch
+    if arch in _TABLE_OF:
+        return _TABLE_OF[arch]
+    return CONSERVATIVE["hip" if arch.startswith("gfx") else "cuda"]
+
+
+def _gpu_configs(kind: str, block_d: int, fp32: bool, meta: dict, arch: str) -> list:
+    """The autotuner's candidates for kernel ``kind`` on ``arch`` (see ``_HOPPER_CONFIGS`` for the entries' form)
+    under the launch flags ``meta``."""
+    table = _FP32_CONFIGS if fp32 else _CONFIGS[config_table(arch)]
     entries = table[64 if block_d <= 64 else block_d][kind]
     temp_mode = meta["TEMP_MODE"]
     skip = ({"T on", "T = 2"} if temp_mode == 0 else {"T off"} | ({"T = 2"} if temp_mode == 1 else set()))
@@ -843,7 +986,8 @@ def _gpu_configs(kind: str, block_d: int, fp32: bool, meta: dict) -> list:
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel,
             "delta": _attn_bwd_delta_kernel}
-_TUNERS: dict = {}
+_TUNERS: dict = {}      # (arch, kind, flags) -> the autotuner over the configurations that compiled and fit
+_FAILED: dict = {}      # (arch, kind, flags) -> the KernelCompileError of a launch none of whose configs compiled
 _TUNE_KEY = ["seq_bucket", "HEAD_DIM", "GROUP", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_PAD", "TEMP_MODE",
              "FAST_MMA"]
 # Tuning results persist in Triton's cache directory across processes (triton ≥ 3.2 has the option).
@@ -855,42 +999,117 @@ _DELTA_BLOCK = 32 if _INTERPRET else 64
 class Launch(NamedTuple):
     """One kernel launch, as the launchers plan it: kernel ``kind`` on the grid
     ``(programs, cdiv(tiled_len, BLOCK))`` with these arguments and constexpr flags (block sizes excluded:
-    they come from the configuration). ``bench/compile_report.py`` compiles exactly these for sm_90a."""
+    they come from the configuration), for the architecture ``arch``. ``bench/compile_report.py`` compiles
+    exactly these."""
     kind: str            # "fwd", "dkdv", "dq" (autotuned) or "delta" (one fixed block)
     block_d: int         # padded head dim: selects the configuration table
     tiled_len: int       # the sequence axis the BLOCK tiles (grid axis 1)
     programs: int        # grid axis 0: (cotangent·)batch·heads
     args: tuple
     meta: dict
+    arch: str | None     # the target architecture ("sm_90a", "gfx942", …); None under the interpreter
 
     def configs(self) -> list:
         """The block configurations this launch may run with on a GPU (the autotuner's candidates)."""
         if self.kind == "delta":
             return [triton.Config(dict(BLOCK_M=_DELTA_BLOCK), num_warps=4, num_stages=1)]
-        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta)
+        if self.arch is None:
+            raise ValueError("Launch.configs: no target architecture (planned under the interpreter)")
+        return _gpu_configs(self.kind, self.block_d, not self.meta["FAST_MMA"], self.meta, self.arch)
+
+
+def config_name(cfg) -> str:
+    """``"128x64 w8 s2"``: a configuration as the reports and the errors name it."""
+    kw = cfg.kwargs
+    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N") if k in kw)
+    tiling = {True: " rows", False: " keys"}.get(kw.get("ROWS_MAJOR"), "")
+    return f"{blocks} w{cfg.num_warps} s{cfg.num_stages}{tiling}"
+
+
+def screen_configs(configs: list, compile_config, shared_limit: int) -> tuple[list, list]:
+    """``(kept, rejected)``: the configurations that compile (``compile_config(cfg)`` returns the compiled kernel,
+    whose ``metadata.shared`` is its shared memory in bytes) and fit ``shared_limit``, and one line per other
+    configuration saying why not. Nothing is launched."""
+    kept, rejected = [], []
+    for cfg in configs:
+        try:
+            compiled = compile_config(cfg)
+        except Exception as err:  # noqa: BLE001 - any compiler failure rejects the configuration, not the process
+            lines = [line for line in str(err).strip().splitlines() if line.strip()] or [""]
+            rejected.append(f"{config_name(cfg)}: {type(err).__name__}: {lines[-1][:300]}")
+            continue
+        shared = int(compiled.metadata.shared)
+        if shared > shared_limit:
+            rejected.append(f"{config_name(cfg)}: needs {shared} B of shared memory, the device has {shared_limit} B")
+            continue
+        kept.append(cfg)
+    return kept, rejected
+
+
+_SHARED_LIMITS: dict = {}
+
+
+def _shared_limit(arch: str | None) -> int:
+    """Shared memory one block of the current device may use, in bytes: the driver's figure (Triton's driver
+    utilities), else the architecture's table value, else no limit."""
+    device = torch.cuda.current_device()
+    if device not in _SHARED_LIMITS:
+        try:
+            limit = int(triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"])
+        except Exception:  # noqa: BLE001 - an old or unusual driver: fall back to the table
+            limit = ARCHS[arch].shared_bytes if arch in ARCHS else 1 << 62
+        _SHARED_LIMITS[device] = limit
+    return _SHARED_LIMITS[device]
+
+
+def _ready(launch: Launch, key: tuple) -> list:
+    """The configurations of ``launch`` that compile for the current device and fit its shared memory, compiled
+    now (the autotuner then finds them in Triton's cache and times only these). Raises
+    :class:`KernelCompileError` when none does; the verdict is kept per key, so a failing kernel is compiled once
+    per process."""
+    if key in _FAILED:
+        raise _FAILED[key]
+    kernel = _KERNELS[launch.kind]
+
+    def compile_config(cfg):
+        return kernel.warmup(*launch.args, grid=(1,), **launch.meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages)
+
+    kept, rejected = screen_configs(launch.configs(), compile_config, _shared_limit(launch.arch))
+    if not kept:
+        _FAILED[key] = KernelCompileError(launch.arch, f"attention {launch.kind}", "; ".join(rejected))
+        raise _FAILED[key]
+    return kept
 
 
 def _run(launch: Launch) -> None:
-    """Run a planned launch: fixed blocks under the interpreter, autotuned on a GPU (one autotuner per kernel,
-    padded head dim, operand type, temperature mode and soft-capping on/off, built on first use; it re-tunes per power-of-two
-    sequence-length bucket and feature set, and keeps its results in Triton's cache across processes)."""
+    """Run a planned launch: fixed blocks under the interpreter; on a GPU, autotuned over the configurations of
+    the device's table that compile and fit its shared memory (one autotuner per architecture, kernel, padded
+    head dim, operand type, temperature mode, soft-capping and causality, built on first use; it re-tunes per
+    power-of-two sequence-length bucket and feature set, and keeps its results in Triton's cache across
+    processes). Raises :class:`KernelCompileError` when the kernel does not compile for the device."""
     kind, tiled_len, programs = launch.kind, launch.tiled_len, launch.programs
     block_name = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    if kind == "delta":
-        _KERNELS[kind][(programs, triton.cdiv(tiled_len, _DELTA_BLOCK))](
-            *launch.args, **launch.meta, BLOCK_M=_DELTA_BLOCK)
-        return
     if _INTERPRET:
-        cfg = _INTERPRET_CONFIGS[kind]
+        cfg = dict(BLOCK_M=_DELTA_BLOCK) if kind == "delta" else _INTERPRET_CONFIGS[kind]
         _KERNELS[kind][(programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta, **cfg)
         return
-    key = (kind, launch.block_d, not launch.meta["FAST_MMA"], launch.meta["TEMP_MODE"], launch.meta["HAS_SOFTCAP"],
-           launch.meta["CAUSAL"])
+    meta = launch.meta
+    key = (launch.arch, kind, launch.block_d, meta.get("FAST_MMA"), meta.get("TEMP_MODE"), meta.get("HAS_SOFTCAP"),
+           meta.get("CAUSAL"), meta.get("HAS_WINDOW"), meta.get("HAS_PAD"))
     tuner = _TUNERS.get(key)
     if tuner is None:
-        tuner = triton.autotune(configs=launch.configs(), key=_TUNE_KEY, **_CACHE_RESULTS)(_KERNELS[kind])
+        configs = _ready(launch, key)
+        if kind == "delta":
+            tuner = _KERNELS[kind]
+        else:
+            tuner = triton.autotune(configs=configs, key=_TUNE_KEY, **_CACHE_RESULTS)(_KERNELS[kind])
         _TUNERS[key] = tuner
-    tuner[lambda cfg: (programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **launch.meta)
+    if kind == "delta":
+        tuner[(programs, triton.cdiv(tiled_len, _DELTA_BLOCK))](*launch.args, **meta, BLOCK_M=_DELTA_BLOCK,
+                                                                num_warps=4, num_stages=1)
+        return
+    tuner[lambda cfg: (programs, triton.cdiv(tiled_len, cfg[block_name]))](*launch.args, **meta)
 
 
 def _check_inputs(q: torch.Tensor) -> None:
@@ -956,7 +1175,31 @@ def _shared_layout(q: torch.Tensor, g5: torch.Tensor):
     return q, g5.contiguous()
 
 
-def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature):
+class _Common(NamedTuple):
+    """What the forward and the backward launches share (from :func:`_common`)."""
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+    block_d: int          # head dim padded to a power of two (≥ 16)
+    kpm: torch.Tensor     # uint8 [B, S] key padding mask (a 1×1 placeholder without padding: never read)
+    kvr: torch.Tensor     # int32 [B, 4] padding spans (a placeholder without padding)
+    mode: int             # temperature mode: 0 off, 1 any T, 2 T = 2
+    scalars: dict         # runtime scalars: scale, softcap, inv_temp, window, seq_bucket
+    meta: dict            # constexpr flags shared by the kernels
+    arch: str | None      # target architecture; None under the interpreter
+
+
+def _plan_arch(q: torch.Tensor, arch: str | None) -> str | None:
+    """The architecture a launch is planned for: ``arch`` when given (the compile report plans for any target
+    on ``meta`` tensors), else q's device's; None under the interpreter."""
+    if arch is not None or _INTERPRET:
+        return arch
+    return device_arch(q.device) if q.is_cuda else None
+
+
+def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature, arch) -> _Common:
     """Launch arguments shared by the kernels: flags, runtime scalars, the padding mask and its spans. (The
     launchers have checked that q is a CUDA tensor unless interpreting, so 16-bit inputs mean tensor-core dots.)"""
     batch, q_heads, seq_len, head_dim = q.shape
@@ -970,6 +1213,7 @@ def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temp
     else:   # never read
         kpm = torch.ones(1, 1, dtype=torch.uint8, device=q.device)
         kvr = torch.zeros(1, 4, dtype=torch.int32, device=q.device)
+    arch = _plan_arch(q, arch)
     fast_mma = (not _INTERPRET) and q.dtype in (torch.float16, torch.bfloat16)
     mode = _temperature_mode(temperature)
     scalars = dict(
@@ -979,13 +1223,18 @@ def _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temp
         window=int(sliding_window) if sliding_window is not None else 0,
         seq_bucket=triton.next_power_of_2(seq_len),
     )
+    nvidia = arch is not None and not arch.startswith("gfx")
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         CAUSAL=bool(causal), HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_PAD=key_padding_mask is not None, FAST_MMA=fast_mma,
-        DOT_PRECISION="tf32" if fast_mma else "ieee",   # 16-bit operands ignore it; fp32 operands stay exact
+        # 16-bit operands ignore it (NVIDIA keeps Triton's default, tf32; AMD's gfx950 accepts only ieee/bf16xN);
+        # fp32 operands stay exact
+        DOT_PRECISION="tf32" if fast_mma and nvidia else "ieee",
+        PTX=nvidia,                                      # inline PTX (NVIDIA targets only)
+        TMEM=nvidia and arch.startswith("sm_10"),        # the sm_100 family: tcgen05, tensor memory
     )
-    return batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, scalars, meta
+    return _Common(batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, scalars, meta, arch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1012,12 +1261,13 @@ def attention_forward(q, k, v, *, scale, causal, sliding_window=None, softcap=No
 
 
 def forward_plan(q, k, v, *, scale, causal, sliding_window=None, softcap=None, key_padding_mask=None,
-                 temperature=None, need_backward=True):
+                 temperature=None, need_backward=True, arch=None):
     """The outputs :func:`attention_forward` will fill (allocated, not yet written; ``out`` possibly in float32
-    under the interpreter) and the list of :class:`Launch` that fill them. Works on ``meta`` tensors too."""
-    batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, s, meta = _common(
-        q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature)
-    mode = mode if need_backward else 0      # the forward value does not depend on T
+    under the interpreter) and the list of :class:`Launch` that fill them. Works on ``meta`` tensors too, for any
+    target ``arch`` (default: q's device's)."""
+    c = _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature, arch)
+    batch, q_heads, kv_heads, seq_len, head_dim, s = c.batch, c.q_heads, c.kv_heads, c.seq_len, c.head_dim, c.scalars
+    mode = c.mode if need_backward else 0      # the forward value does not depend on T
     out = torch.empty(batch, q_heads, seq_len, head_dim, dtype=_store_dtype(q.dtype), device=q.device)
     lse = torch.empty(batch, q_heads, seq_len, dtype=torch.float32, device=q.device)
     if mode:
@@ -1027,11 +1277,12 @@ def forward_plan(q, k, v, *, scale, causal, sliding_window=None, softcap=None, k
         lse_t, o_t = None, None
     if out.numel() == 0:
         return (out, lse, lse_t, o_t), []
-    args = (q, k, v, kpm, kvr, out, lse, lse if lse_t is None else lse_t, out if o_t is None else o_t,
-            *q.stride(), *k.stride(), *v.stride(), *kpm.stride(),
+    args = (q, k, v, c.kpm, c.kvr, out, lse, lse if lse_t is None else lse_t, out if o_t is None else o_t,
+            *q.stride(), *k.stride(), *v.stride(), *c.kpm.stride(),
             q_heads, q_heads // kv_heads, seq_len,
             s["scale"], s["softcap"], s["inv_temp"] if mode else 1.0, s["window"], s["seq_bucket"])
-    return (out, lse, lse_t, o_t), [Launch("fwd", block_d, seq_len, batch * q_heads, args, dict(meta, TEMP_MODE=mode))]
+    launch = Launch("fwd", c.block_d, seq_len, batch * q_heads, args, dict(c.meta, TEMP_MODE=mode), c.arch)
+    return (out, lse, lse_t, o_t), [launch]
 
 
 def attention_backward(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, causal, sliding_window=None,
@@ -1062,11 +1313,13 @@ def attention_backward(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, sca
 
 
 def backward_plan(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, causal, sliding_window=None,
-                  softcap=None, key_padding_mask=None, temperature=None, q_scale=None, k_scale=None, v_scale=None):
+                  softcap=None, key_padding_mask=None, temperature=None, q_scale=None, k_scale=None, v_scale=None,
+                  arch=None):
     """``(dq, dk, dv)`` as :func:`attention_backward` will fill them, and the :class:`Launch` list (Δ_T, dK/dV,
-    dQ) that fills them. Works on ``meta`` tensors too."""
-    batch, q_heads, kv_heads, seq_len, head_dim, block_d, kpm, kvr, mode, s, meta = _common(
-        q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature)
+    dQ) that fills them. Works on ``meta`` tensors too, for any target ``arch`` (default: q's device's)."""
+    c = _common(q, k, key_padding_mask, scale, causal, sliding_window, softcap, temperature, arch)
+    batch, q_heads, kv_heads, seq_len, head_dim = c.batch, c.q_heads, c.kv_heads, c.seq_len, c.head_dim
+    block_d, kpm, kvr, mode, s, meta, arch = c.block_d, c.kpm, c.kvr, c.mode, c.scalars, c.meta, c.arch
     if mode and (lse_t is None or o_t is None):
         raise ValueError("attention_backward: the temperature is on but the forward saved no lse_t/o_t "
                          "(call attention_forward with need_backward=True)")
@@ -1090,7 +1343,7 @@ def backward_plan(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, c
     launches = [Launch("delta", block_d, seq_len, n_cot * batch * q_heads,
                        (o_src, g5, delta, *o_src.stride(), g5.stride(0), *q.stride(), q_heads, batch * q_heads,
                         seq_len),
-                       dict(HEAD_DIM=head_dim, BLOCK_D=block_d))]
+                       dict(HEAD_DIM=head_dim, BLOCK_D=block_d), arch)]
     meta = dict(meta, TEMP_MODE=mode)
     strides = (*q.stride(), *k.stride(), *v.stride(), g5.stride(0), *kpm.stride())
     runtime = (s["scale"], s["softcap"], s["inv_temp"], s["window"])
@@ -1103,10 +1356,10 @@ def backward_plan(grad_out, q, k, v, out, lse, lse_t=None, o_t=None, *, scale, c
         (q, k, v, g5, kpm, kvr, p_stat, lse_t_arg, delta, dk, dv, *strides, kv_heads, batch * kv_heads, seq_len,
          *runtime, s["scale"] * (1.0 if k_scale is None else float(k_scale)),
          1.0 if v_scale is None else float(v_scale), s["seq_bucket"]),
-        dict(meta, GROUP=group)))
+        dict(meta, GROUP=group), arch))
     launches.append(Launch(
         "dq", block_d, seq_len, n_cot * batch * q_heads,
         (q, k, v, g5, kpm, kvr, lse_t_arg, delta, dq, *strides, q_heads, batch * q_heads, group, seq_len,
          *runtime, s["scale"] * (1.0 if q_scale is None else float(q_scale)), s["seq_bucket"]),
-        meta))
+        meta, arch))
     return (dq, dk, dv), launches

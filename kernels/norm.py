@@ -17,7 +17,7 @@ LayerNorm (float64 inputs in float64, everything else in float32):
 
 Numerics. Divisions and square roots are correctly rounded (``div_rn``, ``sqrt_rn``). The RMSNorm forward
 differs from torch's only through r: the row sum runs in another order (and torch's vectorised CPU rsqrt is not
-always 1/sqrt), so r is within 2 ulp of torch's (equal in ~77% of rows on CPU; see tests/test_triton_norm.py).
+always 1/sqrt), so r is within 2 ulp of torch's (tests/kernels/test_triton_norm.py checks it).
 ``rms_norm_forward(..., rstd=)`` takes torch's own r and then matches torch bit for bit. Casts to bfloat16
 round to nearest even by integer arithmetic (``_round_to``): Triton's interpreter truncates on fp32 → bf16,
 and doing it one way everywhere keeps GPU and interpreter alike.

@@ -6,8 +6,9 @@
 ``gated_product``     a gated MLP's act(g) · u, with a backward that shares its factors across stacked cotangents
 
 Each takes ``backend=``: ``"eager"`` (materialised, the reference), ``"torch"`` (row-chunked, O(S) memory,
-any device), ``"triton"`` (fused kernels, CUDA) or ``"auto"`` (``triton`` on CUDA, ``torch`` elsewhere). Results do not depend on the backend beyond
-floating-point rounding.
+any device), ``"triton"`` (fused kernels, CUDA) or ``"auto"`` (``triton`` on CUDA, ``torch`` elsewhere, and
+``torch`` too when a Triton attention kernel does not compile for the GPU: one warning names the architecture and
+the compiler's error). Results do not depend on the backend beyond floating-point rounding.
 """
 from __future__ import annotations
 
@@ -87,13 +88,15 @@ def gim_attention(q, k, v, *, scale=None, causal=True, sliding_window=None, soft
     args = dict(scale=float(scale), causal=bool(causal), sliding_window=sliding_window,
                 softcap=None if softcap is None else float(softcap), key_padding_mask=key_padding_mask,
                 temperature=temperature, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
-    backend = resolve_backend(check_backend(backend), q.device, q.dtype)
+    requested = check_backend(backend)
+    backend = resolve_backend(requested, q.device, q.dtype)
     if backend == "eager":
         return gim_attention_eager(q, k, v, **args)
     if backend == "triton":
         from .attention_triton import gim_attention_triton  # imports triton: only when asked for
 
-        return gim_attention_triton(q, k, v, **args)
+        # "auto": a kernel that does not compile for this GPU runs the torch backend instead (one warning)
+        return gim_attention_triton(q, k, v, **args, fallback=requested == "auto")
     return gim_attention_chunked(q, k, v, **args)
 
 

@@ -456,8 +456,9 @@ def test_stacked_cotangents_match_separate_calls(shape, opts):
 
 
 def test_signature_matches_torch_backend():
-    def keywords(fn):
-        return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values() if p.name != "chunk_size"]
+    def keywords(fn):   # each backend's own option left out: the torch backend's chunk size, the fallback switch
+        return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()
+                if p.name not in ("chunk_size", "fallback")]
     assert keywords(gim_attention_triton) == keywords(gim_attention_chunked)
 
 
