@@ -46,7 +46,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, is_oom, write_rows  # noqa: E402
+from common import environment, is_oom, proc_status, write_rows  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BOUND = 1.3  # an estimate may over-estimate the measured peak by at most this factor
@@ -109,17 +109,6 @@ def build_model(spec: str, dtype: torch.dtype, device: str, offload: str = "none
     return model.to(device)
 
 
-def _proc_status() -> dict[str, int]:
-    """Bytes of VmRSS and VmHWM (peak resident set) of this process."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def _reset_cpu_peak() -> int:
     """Hand freed heap memory back to the system, reset the peak-RSS counter; return the resident bytes."""
     gc.collect()
@@ -129,7 +118,7 @@ def _reset_cpu_peak() -> int:
         pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to VmRSS (Linux ≥ 4.0)
-    return _proc_status()["VmRSS"]
+    return proc_status()["VmRSS"]
 
 
 class LiveTensors:
@@ -224,7 +213,7 @@ def child(args) -> dict:
         row["measured_bytes"] = torch.cuda.max_memory_allocated() - base
         row["reserved_bytes"] = torch.cuda.max_memory_reserved() - base_reserved
     else:
-        row["measured_bytes"] = _proc_status()["VmHWM"] - base
+        row["measured_bytes"] = proc_status()["VmHWM"] - base
     if tracker is not None:
         row["tensor_bytes"] = tracker.peak
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -248,7 +237,7 @@ def llama8b_child(args) -> None:
     loaded = {"model": f"llama-3.1-8b, {model.config.num_hidden_layers} layers (random bf16 weights)", "batch": 1,
               "dtype": "bf16",
               "available_before_load_bytes": before, "load_seconds": round(time.perf_counter() - start, 1),
-              "resident_after_load_bytes": _proc_status()["VmRSS"]}
+              "resident_after_load_bytes": proc_status()["VmRSS"]}
     backend = "triton" if device == "cuda" else "torch"
     for seq in args.llama8b_lengths:
         row = {**loaded, "seq": seq, "available_bytes": available_memory(torch.device(device))}
@@ -272,7 +261,7 @@ def llama8b_child(args) -> None:
             print(json.dumps({**row, "status": "refused", "detail": str(err).splitlines()[0]}), flush=True)
             continue
         row["seconds"] = round(time.perf_counter() - start, 1)
-        peak = _proc_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()
+        peak = proc_status()["VmHWM"] if device == "cpu" else torch.cuda.max_memory_allocated()
         row["measured_bytes"] = peak - base
         row["estimate_bytes"] = row[f"estimate_{'with' if row['checkpointing'] else 'without'}_checkpointing_bytes"]
         row["finite_scores"] = bool(torch.isfinite(scores).all())

@@ -45,7 +45,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment  # noqa: E402
+from common import environment, proc_status  # noqa: E402
 from configs import CONFIGS  # noqa: E402
 
 DEFAULT_FOLDER = Path("/work/scratch/offload/llama-3.1-8b-fp32")
@@ -146,16 +146,6 @@ def write_weights(folder: Path, config) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ child: one run
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def _device_map(layout: str, config, cpu_memory: str):
     """``(device_map, max_memory)`` of a layout."""
     if layout == "max-memory":
@@ -193,11 +183,11 @@ def child(args) -> dict:
     checkpointing = plan_checkpointing(model, args.tokens, 1, backend="torch", num_targets=1)
     estimate = model_estimates(model, args.tokens, 1, backend="torch", checkpointing=checkpointing)
     estimate = estimate[torch.device("cpu")]
-    before = _status()
+    before = proc_status()
     started = time.perf_counter()
     scores = gim_fast.explain(model, ids, baseline_token_id=0)
     seconds = time.perf_counter() - started
-    after = _status()
+    after = proc_status()
     torch.save(scores, args.scores)
     shutil.rmtree(offload_folder, ignore_errors=True)
     return {"layout": args.layout, "device_map": device_map if isinstance(device_map, str) else "every layer on disk",

@@ -152,6 +152,19 @@ def evaluate_example(model, tokenizer, example, prompt, answer_ids, methods, *, 
     return row
 
 
+def _prepare(model_name: str, methods, cache_dir, model_and_tokenizer, placement: dict | None):
+    """What both evaluations do first: check ``methods``, load the model (unless given) and read its prompt
+    format; returns (model, tokenizer, format)."""
+    for name in methods:
+        if name not in CONTEXT_METHODS:
+            raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
+    if model_and_tokenizer is None:
+        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir, **(placement or {}))
+    else:
+        model, tokenizer = model_and_tokenizer
+    return model, tokenizer, PromptFormat.resolve(tokenizer)
+
+
 def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev", seed: int = 0,
                    backend: str = "auto", cache_dir=None, model_and_tokenizer=None, batch_tokens: int | None = None,
                    progress=None, checkpoint=None, placement: dict | None = None) -> ContextModelResult:
@@ -159,15 +172,8 @@ def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev
     examples of ``tasks[i]``, each with its fixed answer (no generation, no selection). ``placement`` as for
     :func:`evaluate_context`."""
     say = progress or (lambda _msg: None)
-    for name in methods:
-        if name not in CONTEXT_METHODS:
-            raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     t0 = time.perf_counter()
-    if model_and_tokenizer is None:
-        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir, **(placement or {}))
-    else:
-        model, tokenizer = model_and_tokenizer
-    fmt = PromptFormat.resolve(tokenizer)
+    model, tokenizer, fmt = _prepare(model_name, methods, cache_dir, model_and_tokenizer, placement)
     t_load = time.perf_counter() - t0
     rows, selections = [], []
     t_eval = 0.0
@@ -204,15 +210,8 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
     ``load_pretrained``.
     ``checkpoint(partial result)`` is called after each size (e.g. to write the files so far)."""
     say = progress or (lambda _msg: None)
-    for name in methods:
-        if name not in CONTEXT_METHODS:
-            raise ValueError(f"unknown context method {name!r}; accepted: {', '.join(CONTEXT_METHODS)}")
     t0 = time.perf_counter()
-    if model_and_tokenizer is None:
-        model, tokenizer = models.load_pretrained(model_name, cache_dir=cache_dir, **(placement or {}))
-    else:
-        model, tokenizer = model_and_tokenizer
-    fmt = PromptFormat.resolve(tokenizer)
+    model, tokenizer, fmt = _prepare(model_name, methods, cache_dir, model_and_tokenizer, placement)
     t_load = time.perf_counter() - t0
     selections, rows = [], []
     t_select = t_eval = 0.0
