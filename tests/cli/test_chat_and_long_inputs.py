@@ -5,8 +5,6 @@ The references are independent of the chat code: the same prompt tokenized by ha
 attribution by ``gim_fast.explain``/``explain_answer`` without ``chat``, and the message's characters located with
 ``str.find``.
 """
-import contextlib
-import io
 import re
 
 import pytest
@@ -14,8 +12,8 @@ import torch
 
 import gim_fast
 from gim_fast.chat import chat_prompt, special_mask, special_token_ids
-from gim_fast.cli import main
 
+from cli_support import run_main as _run
 from jobs_support import char_tokenizer, save_tiny
 
 CHAT = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
@@ -36,18 +34,6 @@ def chat_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("plain") / "tiny")
-
-
-def _run(argv, stdin: str | None = None, monkeypatch=None):
-    out, err = io.StringIO(), io.StringIO()
-    if stdin is not None:
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _chat_ids(tok):
@@ -145,11 +131,10 @@ def test_cli_explain_chat(chat_dir, plain_dir):
     assert code == 2 and "has no chat template" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_explain_reads_stdin_and_a_file(plain_dir, tmp_path, monkeypatch):
+def test_cli_explain_reads_stdin_and_a_file(plain_dir, tmp_path):
     text = "Lima is in Peru."
     _, expected, _ = _run(["explain", text, "--model", plain_dir, "--color", "never"])
-    code, out, err = _run(["explain", "-", "--model", plain_dir, "--color", "never"], stdin=text + "\n",
-                          monkeypatch=monkeypatch)
+    code, out, err = _run(["explain", "-", "--model", plain_dir, "--color", "never"], stdin=text + "\n")
     assert code == 0 and out == expected, err
     path = tmp_path / "prompt.txt"
     path.write_text(text + "\n", encoding="utf-8")

@@ -1,8 +1,6 @@
 """Every command-line argument is checked before anything loads: a bad one is a one-line error with exit code 2,
 never a traceback after minutes of loading; and the messages a new user reads (plurals, what a model folder lacks,
 a .gguf file that is not one)."""
-import contextlib
-import io
 import json
 import os
 import warnings
@@ -13,33 +11,8 @@ import pytest
 import gim_fast.models
 from gim_fast.cli import main
 
+from cli_support import refused as _refused
 from jobs_support import run_cli, save_tiny, write_jsonl
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model load fails the test: the arguments must be refused before it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a model was loaded: {args}")
-    monkeypatch.setattr(gim_fast.models, "load_pretrained", refuse)
-
-
-def _run(argv):
-    """(exit code, stderr) of ``gim-fast ARGV`` in this process (argparse errors included)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
-
-
-def _refused(argv, *messages):
-    code, err = _run(argv)
-    assert code == 2, (argv, err)
-    assert "Traceback" not in err and all(m in err for m in messages), (argv, messages, err)
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ code before the fix.
 9. list options had two conventions, and argparse took ``--shard`` for ``--shard-rows``; texts: "a apple", the
    answer job's token count, a repeated error.
 """
-import contextlib
-import io
 import json
 import re
 import time
@@ -18,34 +16,14 @@ import time
 import pytest
 
 import gim_fast.models
-from gim_fast.cli import build_parser, main
+from gim_fast.cli import build_parser
 
+from cli_support import refused, run_main as _run
 from jobs_support import save_tiny, write_jsonl
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model load fails the test: the arguments must be refused before it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a model was loaded: {args}")
-    monkeypatch.setattr(gim_fast.models, "load_pretrained", refuse)
-
-
-def _run(argv):
-    """(exit code, stdout, stderr) of ``gim-fast ARGV`` in this process (argparse errors included)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
-
-
 def _refused(argv, *messages):
-    code, _, err = _run(argv)
-    assert code == 2, (argv, err)
-    assert "Traceback" not in err and all(m in err for m in messages), (argv, messages, err)
+    err = refused(argv, *messages)
     assert len(err.strip().splitlines()) == 1 or "usage:" in err, err
     return err
 
