@@ -43,6 +43,16 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
+def random_records(seed: int, count: int) -> list[dict]:
+    """``count`` job rows ``{"id": "r<i>", "text": ..., "target": ...}`` drawn from ``random.Random(seed)``: texts of
+    1-40 characters of the tiny tokenizer's alphabet, targets absent, a character or a token id."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"id": f"r{i}", "text": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40))),
+             "target": rng.choice([None, "a", "b", 17])} for i in range(count)]
+
+
 def run_cli(args, env=None, timeout=300):
     """``python -m gim_fast ARGS`` in a fresh process (so that it can be killed like a real job)."""
     import os

@@ -6,7 +6,6 @@ rename, right after a shard, during the final manifest write), and once from out
 """
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 
 from gim_fast.cli import main
 
-from jobs_support import ROOT, run_cli, save_tiny, table_rows, write_jsonl
+from jobs_support import ROOT, random_records, run_cli, save_tiny, table_rows, write_jsonl
 
 
 # Bit-identical comparisons between processes: one thread everywhere, pinned (conftest's module-scoped one_thread)
@@ -31,9 +30,7 @@ def job(one_thread, tmp_path_factory):
     """The uninterrupted reference run, computed under the same single thread as the runs compared with it."""
     root = tmp_path_factory.mktemp("resume")
     model = save_tiny(root / "model")
-    rng = random.Random(0)
-    records = [{"id": f"r{i}", "text": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40))),
-                "target": rng.choice([None, "a", "b", 17])} for i in range(60)]
+    records = random_records(0, 60)
     records[5]["text"] = ""                 # bad rows are reported identically by every run
     records[9]["target"] = "not one token"
     data = write_jsonl(root / "in.jsonl", records)

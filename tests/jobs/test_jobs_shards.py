@@ -8,7 +8,6 @@ complete data set (exit 0).
 """
 import json
 import os
-import random
 import signal
 
 import pytest
@@ -19,7 +18,7 @@ from gim_fast.jobs.batching import owners_for
 from gim_fast.jobs.inputs import InputError
 from gim_fast.jobs.ranks import Ranks, parse_shard, rank_gpus, resolve_ranks
 
-from jobs_support import run_cli, save_tiny, table_rows, write_jsonl
+from jobs_support import random_records, run_cli, save_tiny, table_rows, write_jsonl
 
 # bit-identical comparisons between processes: one thread everywhere (see conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +31,7 @@ def job(one_thread, tmp_path_factory):
     """The data, the command and the one-process reference run (computed under the pinned single thread)."""
     root = tmp_path_factory.mktemp("shards")
     model = save_tiny(root / "model")
-    rng = random.Random(1)
-    records = [{"id": f"r{i}", "text": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40))),
-                "target": rng.choice([None, "a", "b", 17])} for i in range(ROWS)]
+    records = random_records(1, ROWS)
     records[7]["text"] = ""                          # a bad row: in errors.jsonl of every run alike
     data = write_jsonl(root / "in.jsonl", records)
     args = ["attribute", "--data", data, "--model", model, "--id-field", "id", "--target-field", "target",
