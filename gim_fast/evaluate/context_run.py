@@ -165,6 +165,18 @@ def _prepare(model_name: str, methods, cache_dir, model_and_tokenizer, placement
     return model, tokenizer, PromptFormat.resolve(tokenizer)
 
 
+def _evaluate_all(model, tokenizer, items, methods, rows: list, *, label: str, say, seed: int, backend,
+                  batch_tokens) -> float:
+    """:func:`evaluate_example` on each (example, prompt, answer ids) of ``items``, its row appended to ``rows`` and
+    a progress line said after each; returns the seconds it took."""
+    start = time.perf_counter()
+    for i, (ex, prompt, answer_ids) in enumerate(items, 1):
+        rows.append(evaluate_example(model, tokenizer, ex, prompt, answer_ids, methods, seed=seed, backend=backend,
+                                     batch_tokens=batch_tokens))
+        say(f"{label}: example {i}/{len(items)} done ({time.perf_counter() - start:.0f} s)")
+    return time.perf_counter() - start
+
+
 def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev", seed: int = 0,
                    backend: str = "auto", cache_dir=None, model_and_tokenizer=None, batch_tokens: int | None = None,
                    progress=None, checkpoint=None, placement: dict | None = None) -> ContextModelResult:
@@ -180,18 +192,13 @@ def evaluate_tasks(model_name: str, methods, tasks, *, counts, split: str = "dev
     result = None
     for task, count in zip(tasks, counts):
         examples = task_examples(task, count, split=split, seed=seed)
-        selections.append(ContextSelection(examples[0].sources.__len__(), len(examples), len(examples),
+        selections.append(ContextSelection(len(examples[0].sources), len(examples), len(examples),
                                            len(examples), 0.0))
-        t2 = time.perf_counter()
-        for i, ex in enumerate(examples, 1):
-            prompt = build_prompt(tokenizer, list(ex.sources), ex.query, template=fmt.template,
-                                  separator=fmt.separator, chat=fmt.chat)
-            answer_ids = [int(t) for t in tokenizer.encode(ex.response, add_special_tokens=False)]
-            rows.append(evaluate_example(model, tokenizer, ex, prompt, answer_ids, methods, seed=seed,
-                                         backend=backend, batch_tokens=batch_tokens))
-            say(f"{model_name}, {task} ({split}): example {i}/{len(examples)} done "
-                f"({time.perf_counter() - t2:.0f} s)")
-        t_eval += time.perf_counter() - t2
+        items = [(ex, build_prompt(tokenizer, list(ex.sources), ex.query, template=fmt.template,
+                                   separator=fmt.separator, chat=fmt.chat),
+                  [int(t) for t in tokenizer.encode(ex.response, add_special_tokens=False)]) for ex in examples]
+        t_eval += _evaluate_all(model, tokenizer, items, methods, rows, label=f"{model_name}, {task} ({split})",
+                                say=say, seed=seed, backend=backend, batch_tokens=batch_tokens)
         result = ContextModelResult(model_name, fmt.chat, selections, rows,
                                     {"load": t_load, "select": 0.0, "evaluate": t_eval,
                                      "total": time.perf_counter() - t0})
@@ -223,13 +230,8 @@ def evaluate_context(model_name: str, methods, *, sizes=DEFAULT_SIZES, counts=DE
         selections.append(selection)
         say(f"{model_name}, {documents} documents: {len(kept)} examples ({selection.correct} of {selection.asked} "
             f"answered right)")
-        t2 = time.perf_counter()
-        for i, (ex, prompt, answer_ids) in enumerate(kept, 1):
-            rows.append(evaluate_example(model, tokenizer, ex, prompt, answer_ids, methods, seed=seed,
-                                         backend=backend, batch_tokens=batch_tokens))
-            say(f"{model_name}, {documents} documents: example {i}/{len(kept)} done "
-                f"({time.perf_counter() - t2:.0f} s)")
-        t_eval += time.perf_counter() - t2
+        t_eval += _evaluate_all(model, tokenizer, kept, methods, rows, label=f"{model_name}, {documents} documents",
+                                say=say, seed=seed, backend=backend, batch_tokens=batch_tokens)
         result = ContextModelResult(model_name, fmt.chat, selections, rows,
                                     {"load": t_load, "select": t_select, "evaluate": t_eval,
                                      "total": time.perf_counter() - t0})
